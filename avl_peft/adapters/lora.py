@@ -1,0 +1,30 @@
+"""LoRA (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+ΔW = s · B A with A ∈ R^{r×d_in} (kaiming-uniform, a=√5), B ∈ R^{d_out×r} (zero), s = α / r.
+Factored forward: y = W x + b + s · B (A drop(x)) — two thin matmuls, ΔW never materialised.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import METHODS, Adapter, AdapterOptions, kaiming_uniform_
+
+
+@METHODS.register("lora", "LoRA: ΔW = s·BA, B starts at zero (Hu et al. 2021)")
+class LoRA(Adapter):
+    Options = AdapterOptions
+
+    def __init__(self, layer: nn.Linear, opts: AdapterOptions, shared: nn.Module | None = None):
+        super().__init__(layer, opts)
+        w = layer.weight
+        self.lora_A = nn.Parameter(kaiming_uniform_(torch.empty(opts.rank, w.shape[1], dtype=w.dtype, device=w.device)))
+        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], opts.rank, dtype=w.dtype, device=w.device))
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        # addmm-style fusion: base output plus the rank-r path, scaled.
+        return layer(x) + (self.drop(x) @ self.lora_A.t()) @ (self.scale * self.lora_B).t()

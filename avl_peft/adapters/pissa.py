@@ -1,0 +1,80 @@
+"""PiSSA (Meng et al., 2024, "PiSSA: Principal Singular Values and Singular Vectors Adaptation").
+
+LoRA whose factors start as the principal rank-r part of the pretrained weight W = U S Vᵀ:
+    B₀ = U_r S_r^{1/2} / √s   (d_out × r),   A₀ = S_r^{1/2} V_rᵀ / √s   (r × d_in),   s B₀ A₀ = U_r S_r V_rᵀ.
+The reference implementation rewrites W to the residual W − s B₀A₀, which would silently change a shared
+backbone. Here W stays untouched and frozen copies A₀, B₀ are kept (buffers), so
+    ΔW = s (B A − B₀ A₀)   — zero at initialisation, and the same function as the reference.
+Factored forward: y = W x + b + s · [B, −B₀] ([A; A₀] x)  (one rank-2r path when dropout is off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import METHODS, Adapter, AdapterOptions
+
+
+@dataclasses.dataclass
+class PiSSAOptions(AdapterOptions):
+    # None: exact SVD (torch.linalg.svd). An int: randomized torch.svd_lowrank with that many subspace
+    # iterations — far faster on large layers and close to exact for the top-r directions.
+    svd_niter: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.svd_niter is not None and (
+            isinstance(self.svd_niter, bool) or not isinstance(self.svd_niter, int) or self.svd_niter < 0
+        ):
+            raise ConfigError(f"svd_niter must be null (exact SVD) or an integer >= 0, got {self.svd_niter!r}")
+
+
+def principal_factors(weight: torch.Tensor, rank: int, svd_niter: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_r S_r^{1/2}, S_r^{1/2} V_rᵀ) of W, computed in float32 for accuracy."""
+    w = weight.detach().float()
+    if svd_niter is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    else:
+        # Oversampling (q > r) is what makes a few power iterations accurate for the top-r directions.
+        q = min(rank + max(rank, 10), *w.shape)
+        u, s, v = torch.svd_lowrank(w, q=q, niter=svd_niter)
+        u, s, vh = u[:, :rank], s[:rank], v[:, :rank].t()
+    root = s.sqrt()
+    return u * root, root[:, None] * vh
+
+
+@METHODS.register("pissa", "PiSSA: LoRA initialised on W's principal singular directions (Meng et al. 2024)")
+class PiSSA(Adapter):
+    Options = PiSSAOptions
+
+    def __init__(self, layer: nn.Linear, opts: PiSSAOptions, shared: nn.Module | None = None):
+        super().__init__(layer, opts)
+        b0, a0 = principal_factors(layer.weight, opts.rank, opts.svd_niter)
+        root_s = opts.scale**0.5
+        dt = layer.weight.dtype
+        b0, a0 = (b0 / root_s).to(dt), (a0 / root_s).to(dt)
+        self.lora_A = nn.Parameter(a0.clone())
+        self.lora_B = nn.Parameter(b0.clone())
+        # Frozen starting point, saved with the adapter so a reload reproduces ΔW exactly.
+        self.register_buffer("A0", a0)
+        self.register_buffer("B0", b0)
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.scale * (self.lora_B @ self.lora_A - self.B0 @ self.A0)
+
+    def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        if isinstance(self.drop, nn.Identity):
+            a = torch.cat([self.lora_A, self.A0], dim=0)  # (2r, d_in)
+            b = torch.cat([self.lora_B, -self.B0], dim=1)  # (d_out, 2r)
+            return layer(x) + (x @ a.t()) @ (self.scale * b).t()
+        # With dropout the frozen part must see the clean input to match the reference residual W.
+        return (
+            layer(x)
+            + (self.drop(x) @ self.lora_A.t()) @ (self.scale * self.lora_B).t()
+            - (x @ self.A0.t()) @ (self.scale * self.B0).t()
+        )

@@ -1,0 +1,124 @@
+"""The frozen backbone: a timm model by its full tag, optionally loaded from a local checkpoint."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from .errors import ConfigError, DataError
+
+
+def _closest_models(name: str) -> str:
+    arch = name.split(".")[0]
+    close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+    return f" Closest timm names: {', '.join(close)}." if close else " See timm.list_models()."
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise DataError(f"checkpoint '{path}' does not exist; give the path of a local .pth or .safetensors file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle with code, wrong format: all the user's to fix
+        raise DataError(f"checkpoint '{path}' could not be read as a state dict ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model", "state_dict_ema"):  # common training-script wrappers
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise DataError(f"checkpoint '{path}' does not hold a state dict (a mapping of names to tensors)")
+    return sd
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a local state dict into a timm model, resizing as timm does for pretrained weights:
+    position embeddings are resampled (timm's checkpoint_filter_fn) and a head of another size is dropped."""
+    path = Path(path).expanduser()
+    sd = _read_state_dict(path)
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            sd = filter_fn(sd, model)
+        except Exception as e:
+            raise DataError(
+                f"checkpoint '{path}' does not fit {type(model).__name__} ({type(e).__name__}: {e}); "
+                "is it for another architecture?"
+            ) from None
+    own = model.state_dict()
+    heads = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    heads = [heads] if isinstance(heads, str) else list(heads)
+    mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    for k in mismatched:
+        if any(k.startswith(h + ".") for h in heads):
+            del sd[k]  # another number of classes: keep the fresh head, like timm's pretrained loading
+    bad = [k for k in mismatched if k in sd]
+    missing = [k for k in own if k not in sd and not any(k.startswith(h + ".") for h in heads)]
+    unexpected = [k for k in sd if k not in own]
+    if bad or missing or unexpected:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
+            for label, keys in (("shape mismatch", bad), ("missing", missing), ("unexpected", unexpected))
+            if keys
+        )
+        raise DataError(
+            f"checkpoint '{path}' is for another architecture than {type(model).__name__} ({detail}). "
+            "Pick the backbone name the checkpoint was trained with."
+        )
+    model.load_state_dict(sd, strict=False)
+    return model
+
+
+def create_backbone(
+    name: str,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    num_classes: int,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """A timm model by its full tag (e.g. ``vit_base_patch16_224.augreg_in21k``).
+
+    ``pretrained`` downloads timm's weights (needs network); ``checkpoint`` loads a local state dict
+    instead, so offline use works. ``timm_kwargs`` go to ``timm.create_model`` (``img_size``, ``depth``…).
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if pretrained and checkpoint is not None:
+        raise ConfigError("give either pretrained=True (download) or checkpoint=PATH (local file), not both")
+    if not timm.is_model(name.split(".")[0]):
+        raise ConfigError(f"unknown backbone '{name}'.{_closest_models(name)}")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
+    except TypeError as e:
+        raise ConfigError(f"backbone '{name}' does not accept these options {sorted(timm_kwargs)}: {e}") from None
+    except (OSError, RuntimeError) as e:
+        if pretrained:
+            raise DataError(
+                f"could not fetch pretrained weights for '{name}' ({type(e).__name__}: {e}). Without network, "
+                "download them elsewhere and pass checkpoint: /path/to/weights.safetensors"
+            ) from None
+        raise
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """Input size and normalisation from the backbone's timm data config (img_size honoured)."""
+    cfg = timm.data.resolve_data_config({}, model=model)
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        cfg["input_size"] = (3, *tuple(size))
+    return {"img_size": int(cfg["input_size"][-1]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}

@@ -1,0 +1,13 @@
+"""Exception types. Every user-facing failure is one of these, with a message that says what to do."""
+
+
+class AvlPeftError(Exception):
+    """Base class of avl-peft's own errors (the CLI turns them into exit code 2, no traceback)."""
+
+
+class ConfigError(AvlPeftError, ValueError):
+    """A bad argument or configuration value: the message names the key, what is allowed and the fix."""
+
+
+class DataError(AvlPeftError, RuntimeError):
+    """A dataset or file is missing/unreadable: the message names it, where we looked and how to get it."""
