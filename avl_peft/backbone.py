@@ -122,3 +122,59 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     if size is not None:
         cfg["input_size"] = (3, *tuple(size))
     return {"img_size": int(cfg["input_size"][-1]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+
+
+class ContinualViT(nn.Module):
+    """A feature backbone (timm model with ``num_classes=0``) plus a class-incremental head.
+
+    The head is Avalanche's ``IncrementalClassifier``: it grows with the classes seen and masks the
+    logits of classes not trained yet, so argmax runs over every class seen so far.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _multi_head_class():
+    from avalanche.models import MultiTaskModule
+
+    class MultiHeadViT(MultiTaskModule):
+        """Task-incremental variant: one head per task (Avalanche ``MultiHeadClassifier``)."""
+
+        def __init__(self, backbone: nn.Module, head: nn.Module):
+            super().__init__()
+            self.backbone, self.head = backbone, head
+
+        def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
+            return self.head(self.backbone(x), task_label)
+
+    return MultiHeadViT
+
+
+HEADS = ("incremental", "multi")
+
+
+def create_continual_model(
+    name: str,
+    *,
+    head: str = "incremental",
+    initial_classes: int = 2,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """A timm backbone with an Avalanche incremental (``incremental``) or multi-task (``multi``) head."""
+    from avalanche.models import IncrementalClassifier, MultiHeadClassifier
+
+    if head not in HEADS:
+        raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+    backbone = create_backbone(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=1, **timm_kwargs)
+    backbone.reset_classifier(0)  # features only; the continual head lives outside the backbone
+    dim = backbone.num_features
+    if head == "incremental":
+        return ContinualViT(backbone, IncrementalClassifier(dim, initial_out_features=initial_classes))
+    return _multi_head_class()(backbone, MultiHeadClassifier(dim, initial_out_features=initial_classes))

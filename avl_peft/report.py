@@ -259,7 +259,7 @@ def _read_subspace(entries: Any, run: _Run) -> None:
     run.overlap = _mean([v for v in overlaps if v is not None])
     run.alignment = _mean([v for v in alignments if v is not None])
     # "Final" means the last experience, taken by its index rather than list order in case a writer
-    # appended entries out of order; entries without an index keep their list position.
+    # appended entries out of order; entries without an index rank below indexed ones, ties by position.
     order = [
         (_number(e.get("experience"), "subspace[].experience"), position)
         for position, e in enumerate(entries)
@@ -451,8 +451,10 @@ def _write_plots(runs: list[_Run], rows: list[dict[str, Any]], plots_dir: Path) 
         ("overlap_mean", "mean subspace overlap", "forgetting_vs_overlap.png", False),
         ("alignment_mean", "mean subspace alignment", "forgetting_vs_alignment.png", False),
     ]
+    # Colours are assigned once over all methods so a method looks the same in every plot.
+    methods = sorted({row["method"] for row in finished_rows})
     for x_key, x_label, filename, log_x in scatters:
-        if _plot_forgetting_scatter(finished_rows, x_key, x_label, plots_dir / filename, log_x):
+        if _plot_forgetting_scatter(finished_rows, methods, x_key, x_label, plots_dir / filename, log_x):
             written.append(plots_dir / filename)
 
     used_names: set[str] = set()
@@ -529,7 +531,7 @@ def _plot_accuracy_matrices(matrices: dict[str, np.ndarray], run_id: str, path: 
 
 
 def _plot_forgetting_scatter(
-    rows: list[dict[str, Any]], x_key: str, x_label: str, path: Path, log_x: bool
+    rows: list[dict[str, Any]], all_methods: list[str], x_key: str, x_label: str, path: Path, log_x: bool
 ) -> bool:
     """Forgetting (mean ± std over seeds) against one column, one colour per method; False if no data."""
     import matplotlib
@@ -544,10 +546,10 @@ def _plot_forgetting_scatter(
     if not points:
         return False
     methods = sorted({row["method"] for row in points})
-    cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    cmap = matplotlib.colormaps["tab10" if len(all_methods) <= 10 else "tab20"]
     figure = _new_figure(7.0, 4.5)
     ax = figure.subplots()
-    for index, method in enumerate(methods):
+    for method in methods:
         mine = [row for row in points if row["method"] == method]
         ax.errorbar(
             [row[x_key] for row in mine],
@@ -555,7 +557,7 @@ def _plot_forgetting_scatter(
             yerr=[(row["forgetting_std"] or 0.0) * 100 for row in mine],
             fmt="o",
             capsize=3,
-            color=cmap(index % cmap.N),
+            color=cmap(all_methods.index(method) % cmap.N),
             label=method,
         )
         for row in mine:

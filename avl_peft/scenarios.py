@@ -244,12 +244,11 @@ def build_scenario(
 
 
 def _prepare_images(images: torch.Tensor, cfg: _Common) -> torch.Tensor:
-    """(N, C, h, w) floats in [0, 1], C in {1, 3} -> normalised (N, 3, img_size, img_size).
+    """(N, C, h, w) floats in [0, 1], C in {1, 3} -> normalised (N, 1 or 3, img_size, img_size).
 
     Done once for the whole set so that training does no per-item transform (per-item PIL work
-    dominated the epoch time). Grey images with equal per-channel mean/std are returned as an
-    ``expand``-ed view of a single channel: three times less memory, and the DataLoader's collate
-    copies each batch into a contiguous tensor anyway.
+    dominated the epoch time). Grey images with equal per-channel mean/std keep a single channel
+    here; ``_tensor_dataset`` expands it to 3 as a view (three times less memory).
     """
     n, c = images.shape[:2]
     size = cfg.img_size
@@ -266,10 +265,13 @@ def _prepare_images(images: torch.Tensor, cfg: _Common) -> torch.Tensor:
                 chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking
             )
         out[start : start + 512] = (chunk.clamp(0, 1) - mean) / std
-    return out.expand(-1, 3, -1, -1) if grey_view else out
+    return out
 
 
 def _tensor_dataset(x: torch.Tensor, y: np.ndarray | torch.Tensor) -> TensorDataset:
+    # A 1-channel x becomes 3 channels as a stride-0 view (fancy indexing would materialise it, so
+    # nothing indexes it before this point). The DataLoader's collate copies each batch anyway.
+    x = x.expand(-1, 3, -1, -1)
     targets = torch.as_tensor(y, dtype=torch.long)
     dataset = TensorDataset(x, targets)
     dataset.targets = targets.tolist()  # Avalanche reads the labels from here without touching images
@@ -300,11 +302,12 @@ def _in_memory_benchmark(
 ) -> CLScenario:
     n_exp = _n_experiences(cfg, n_classes, default_n_experiences)
     order = _class_order(cfg, n_classes, class_order)
-    x = _prepare_images(images, cfg)
-    train_idx_t, test_idx_t = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
+    # Split the small raw images, then resize each part: indexing the resized tensor would copy it.
+    train_x = _prepare_images(images[torch.as_tensor(train_idx)], cfg)
+    test_x = _prepare_images(images[torch.as_tensor(test_idx)], cfg)
     return nc_benchmark(
-        _tensor_dataset(x[train_idx_t], labels[train_idx]),
-        _tensor_dataset(x[test_idx_t], labels[test_idx]),
+        _tensor_dataset(train_x, labels[train_idx]),
+        _tensor_dataset(test_x, labels[test_idx]),
         n_experiences=n_exp,
         task_labels=cfg.task_labels,
         shuffle=False,
@@ -481,7 +484,11 @@ def _core50(
 
     folder = cfg.folder("core50")
     files = [core50_data.extra_data[1] if mini else core50_data.data[0], *core50_data.data[1:]]
-    how_to = "Download and extract into that folder: " + ", ".join(url for _, url, _ in files) + "."
+    how_to = (
+        "Download these into that folder and unzip the .zip files there: "
+        + ", ".join(url for _, url, _ in files)
+        + "."
+    )
     benchmark = _fetch(
         "CORe50",
         folder,

@@ -1,0 +1,329 @@
+"""Study configuration: the schema, validation with actionable errors, and grid expansion.
+
+A study YAML has one base run (the sections below) plus optional ``grid`` (cartesian axes) and
+``variants`` (a list of override sets, e.g. per-method options and learning rates). Both use dotted keys
+into the base run (``method.options.rank``, ``training.lr``). Everything is validated before anything
+trains: unknown keys, wrong types, out-of-range values and impossible combinations raise ConfigError
+naming the key, what is allowed and, for typos, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .adapters import METHODS
+from .adapters.base import parse_options
+from .adapters.baselines import Baseline
+from .errors import ConfigError
+from .registry import suggest
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    types: tuple[type, ...]
+    default: Any = None
+    doc: str = ""
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    nullable: bool = False
+    exclusive_min: bool = False
+
+
+def F(types, default=None, doc="", **kw) -> Field:
+    return Field(types if isinstance(types, tuple) else (types,), default, doc, **kw)
+
+
+NUM = (int, float)
+
+# The schema: section -> key -> Field. Defaults are the quickstart-scale choices; each has its reason.
+SCHEMA: dict[str, Any] = {
+    "name": F(str, "study", "study name, used in the report title"),
+    "seed": F(int, 0, "seeds the class order, initialisation and data order", minimum=0),
+    "backbone": {
+        "name": F(str, "vit_tiny_patch16_224", "timm model, with its full tag for pretrained weights"),
+        "pretrained": F(bool, False, "download timm's pretrained weights (needs network)"),
+        "checkpoint": F(str, None, "local .pth/.safetensors state dict (offline pretrained weights)", nullable=True),
+        "kwargs": F(dict, {}, "extra timm.create_model arguments, e.g. img_size, patch_size, depth"),
+    },
+    "scenario": {
+        "name": F(str, "digits", "a scenario from `avl-peft list`"),
+        "n_experiences": F(int, None, "number of experiences (null: the scenario's default)", minimum=1, nullable=True),
+        "root": F(str, None, "dataset folder (null: the scenario's default)", nullable=True),
+        "options": F(dict, {}, "scenario-specific options"),
+    },
+    "training": {
+        "optimizer": F(str, "adamw", "optimizer", choices=("sgd", "adam", "adamw")),
+        "lr": F(NUM, 1e-3, "learning rate (methods differ: sweep it for fair comparisons)", minimum=0, exclusive_min=True),
+        "weight_decay": F(NUM, 0.0, "weight decay", minimum=0),
+        "momentum": F(NUM, 0.9, "SGD momentum", minimum=0, maximum=1),
+        "epochs": F(int, 1, "epochs per experience", minimum=1),
+        "batch_size": F(int, 32, "training mini-batch size", minimum=1),
+        "eval_batch_size": F(int, 128, "evaluation mini-batch size", minimum=1),
+        "device": F(str, "cpu", "cpu, cuda, cuda:N or auto"),
+        "train_mask": F(str, "current", "logits entering the training loss", choices=("current", "seen")),
+        "head": F(str, "incremental", "class-incremental or task-incremental head", choices=("incremental", "multi")),
+        "pretrain": F(bool, False, "base session: train experience 0 with full fine-tuning"),
+        "pretrain_epochs": F(int, None, "epochs of the base session (null: epochs)", minimum=1, nullable=True),
+        "pretrain_lr": F(NUM, None, "lr of the base session (null: lr)", minimum=0, exclusive_min=True, nullable=True),
+        "num_workers": F(int, 0, "data-loader worker processes", minimum=0),
+    },
+    "method": {
+        "name": F(str, "lora", "a method from `avl-peft list`"),
+        "policy": F(str, "continue", "adapter lifecycle across experiences", choices=("continue", "merge")),
+        "targets": F(list, None, "module-name suffixes or regexes (null: qkv, proj, fc1, fc2)", nullable=True),
+        "options": F(dict, {}, "method options: rank, alpha, dropout, svd_niter, share, tt_rank, init"),
+    },
+    "strategy": {
+        "name": F(str, "naive", "a strategy from `avl-peft list`"),
+        "options": F(dict, {}, "strategy options, e.g. mem_size for replay"),
+    },
+    "grid": F(dict, {}, "cartesian axes: dotted key -> list of values"),
+    "variants": F(list, [], "list of override sets (dotted key -> value), crossed with the grid"),
+}
+FREE_FORM = {"backbone.kwargs", "scenario.options", "method.options", "strategy.options"}
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping",
+             list: "a list"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _check_value(key: str, field: Field, value: Any) -> Any:
+    if value is None:
+        if field.nullable:
+            return None
+        raise ConfigError(f"{key}: must be {_type_name(field.types)}, got null")
+    ok = isinstance(value, field.types) and not (isinstance(value, bool) and bool not in field.types)
+    if not ok and float in field.types and isinstance(value, str):
+        try:  # YAML reads 1e-3 (without a dot) as a string
+            value, ok = float(value), True
+        except ValueError:
+            pass
+    if not ok:
+        raise ConfigError(f"{key}: must be {_type_name(field.types)}, got {value!r} ({type(value).__name__})")
+    if field.choices is not None and value not in field.choices:
+        raise ConfigError(
+            f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, field.choices))}."
+            f"{suggest(str(value), list(map(str, field.choices)))}"
+        )
+    if field.minimum is not None and (value < field.minimum or (field.exclusive_min and value == field.minimum)):
+        op = ">" if field.exclusive_min else ">="
+        raise ConfigError(f"{key}: must be {op} {field.minimum}, got {value!r}")
+    if field.maximum is not None and value > field.maximum:
+        raise ConfigError(f"{key}: must be <= {field.maximum}, got {value!r}")
+    return value
+
+
+def _validate_section(prefix: str, schema: dict, data: Any) -> dict:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: must be a mapping of keys to values, got {type(data).__name__}")
+    out = {}
+    for key in data:
+        if not isinstance(key, str) or key not in schema:
+            where = f"in '{prefix}'" if prefix else "at the top level"
+            raise ConfigError(
+                f"unknown key '{key}' {where}. Allowed: {', '.join(schema)}.{suggest(str(key), list(schema))}"
+            )
+    for key, spec in schema.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if isinstance(spec, dict):
+            out[key] = _validate_section(full, spec, data.get(key, {}) if data.get(key) is not None else {})
+        else:
+            out[key] = _check_value(full, spec, data.get(key, copy.deepcopy(spec.default)))
+    return out
+
+
+def _field_at(path: str) -> Field | None:
+    """The schema field a dotted key names; None for keys inside free-form mappings."""
+    parts = path.split(".")
+    node: Any = SCHEMA
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[:i])
+        if prefix in FREE_FORM:
+            return None
+        if not isinstance(node, dict) or part not in node:
+            choices = _all_keys()
+            raise ConfigError(f"unknown key '{path}'. Valid keys look like: training.lr, method.options.rank, "
+                              f"seed.{suggest(path, choices)}")
+        node = node[part]
+    if isinstance(node, dict):
+        raise ConfigError(f"'{path}' is a section; override one of its keys, e.g. '{path}.{next(iter(node))}'")
+    return node
+
+
+def _all_keys(node: Any = None, prefix: str = "") -> list[str]:
+    node = SCHEMA if node is None else node
+    keys = []
+    for k, v in node.items():
+        full = f"{prefix}.{k}" if prefix else k
+        keys.extend(_all_keys(v, full) if isinstance(v, dict) else [full])
+    return keys
+
+
+def set_dotted(cfg: dict, path: str, value: Any) -> None:
+    parts = path.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{path}': '{part}' is not a mapping")
+    node[parts[-1]] = value
+
+
+def get_dotted(cfg: dict, path: str) -> Any:
+    node = cfg
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _check_overrides(where: str, overrides: Any, *, lists: bool) -> None:
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: must be a mapping of dotted keys to {'lists of values' if lists else 'values'}")
+    for key, value in overrides.items():
+        if key in ("grid", "variants"):
+            raise ConfigError(f"{where}: '{key}' cannot be overridden")
+        _field_at(str(key))
+        if lists and (not isinstance(value, list) or not value):
+            raise ConfigError(f"{where}.{key}: must be a non-empty list of values, got {value!r}")
+
+
+def _check_run(cfg: dict) -> None:
+    """Cross-field checks and registry lookups for one resolved run."""
+    from .scenarios import SCENARIOS
+    from .strategies import STRATEGIES, strategy_options
+
+    SCENARIOS.get(cfg["scenario"]["name"])
+    STRATEGIES.get(cfg["strategy"]["name"])
+    strategy_options(cfg["strategy"]["name"], cfg["strategy"]["options"])
+    cls = METHODS.get(cfg["method"]["name"])
+    if issubclass(cls, Baseline):
+        if cfg["method"]["options"]:
+            raise ConfigError(f"method.options: method '{cfg['method']['name']}' takes no options")
+    else:
+        try:
+            parse_options(cls.Options, cfg["method"]["name"], cfg["method"]["options"])
+        except ConfigError as e:
+            raise ConfigError(f"method.options: {e}") from None
+    targets = cfg["method"]["targets"]
+    if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
+        raise ConfigError(f"method.targets: must be a non-empty list of strings, got {targets!r}")
+    device = cfg["training"]["device"]
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", device):
+        raise ConfigError(f"training.device: {device!r} is not a device; use cpu, cuda, cuda:N, mps or auto")
+    if cfg["backbone"]["pretrained"] and cfg["backbone"]["checkpoint"]:
+        raise ConfigError("backbone: set either pretrained: true (download) or checkpoint: PATH (local), not both")
+    if cfg["strategy"]["name"] == "l2p" and cfg["training"]["head"] == "multi":
+        raise ConfigError("strategy l2p brings its own class-incremental head; use training.head: incremental")
+    n = cfg["scenario"]["n_experiences"]
+    if cfg["training"]["pretrain"] and n is not None and n < 2:
+        raise ConfigError("training.pretrain needs at least 2 experiences (the base session plus one more)")
+
+
+def _accepts(method: Any, option: str) -> bool:
+    """Whether a method takes an option; unknown methods say yes so the later check names them."""
+    if not isinstance(method, str) or method not in METHODS:
+        return True
+    cls = METHODS.get(method)
+    return not issubclass(cls, Baseline) and option in {f.name for f in dataclasses.fields(cls.Options)}
+
+
+def run_id(cfg: dict, axes: list[str]) -> str:
+    """Readable, unique id from the method, its options, the strategy, varied axes and the seed."""
+    parts = [cfg["method"]["name"]]
+    parts += [f"{k}{v}" for k, v in sorted(cfg["method"]["options"].items())]
+    parts.append(cfg["strategy"]["name"])
+    for key in axes:
+        if key.startswith(("method.", "strategy.name", "seed")):
+            continue
+        parts.append(f"{key.split('.')[-1]}{get_dotted(cfg, key)}")
+    parts.append(f"s{cfg['seed']}")
+    return re.sub(r"[^A-Za-z0-9._=+-]", "", "-".join(str(p) for p in parts))
+
+
+def expand(study: dict) -> list[tuple[str, dict]]:
+    """All runs of a validated study: (run id, resolved config), duplicates removed, order stable."""
+    grid, variants = study["grid"], study["variants"] or [{}]
+    base = {k: v for k, v in study.items() if k not in ("grid", "variants")}
+    axes = list(grid) + sorted({k for v in variants for k in v})
+    runs, seen = [], set()
+    for values in itertools.product(*grid.values()):
+        for variant in variants:
+            cfg = copy.deepcopy(base)
+            overrides = [*zip(grid, values), *variant.items()]
+            for key, value in overrides:
+                if not key.startswith("method.options."):
+                    set_dotted(cfg, key, copy.deepcopy(value))
+            for key, value in overrides:
+                # A grid axis like method.options.rank crossed with full/head: skip where it does not apply.
+                from_grid = key in grid and key not in variant
+                if key.startswith("method.options.") and (not from_grid or _accepts(
+                        (cfg.get("method") or {}).get("name", "lora"), key.split(".", 2)[2])):
+                    set_dotted(cfg, key, copy.deepcopy(value))
+            cfg = _validate_section("", {k: v for k, v in SCHEMA.items() if k not in ("grid", "variants")}, cfg)
+            _check_run(cfg)
+            rid = run_id(cfg, axes)
+            key = yaml.safe_dump(cfg, sort_keys=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            runs.append((rid, cfg))
+    ids = [r for r, _ in runs]
+    dupes = {r for r in ids if ids.count(r) > 1}
+    if dupes:
+        runs = [(f"{rid}-{i}" if rid in dupes else rid, cfg) for i, (rid, cfg) in enumerate(runs)]
+    return runs
+
+
+def validate_study(data: Any) -> dict:
+    """Validate a whole study (top-level mapping from YAML) and every run it expands to."""
+    study = _validate_section("", SCHEMA, data if data is not None else {})
+    _check_overrides("grid", study["grid"], lists=True)
+    for i, variant in enumerate(study["variants"]):
+        _check_overrides(f"variants[{i}]", variant, lists=False)
+    expand(study)  # every run must validate before anything trains
+    return study
+
+
+def apply_set(data: dict, assignments: list[str]) -> dict:
+    """Apply ``--set key=value`` (value parsed as YAML) to the raw config mapping."""
+    data = copy.deepcopy(data or {})
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set training.lr=0.001")
+        _field_at(key) if not key.startswith(("grid.", "variants")) else None
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+        if key.startswith("grid."):
+            data.setdefault("grid", {})[key[5:]] = value
+        else:
+            set_dotted(data, key, value)
+    return data
+
+
+def load_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{path}' could not be read: {e}") from None
+
+
+def load_study(path: str | Path, assignments: list[str] | None = None) -> dict:
+    return validate_study(apply_set(load_yaml(path), assignments or []))
