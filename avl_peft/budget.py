@@ -1,0 +1,217 @@
+"""Equal-budget comparisons: the largest adapter of each method that fits a parameter budget.
+
+``select_for_budget("lora", 50_000, backbone_model=m)`` returns ``{"rank": r, "adapter_params": n}``
+with n the largest adapter parameter count not above the budget (LoRETTA also chooses ``tt_rank``).
+Counts are exact: each method's adapters are built on the ``meta`` device (no memory, no SVD) for every
+distinct target-layer shape exactly as :func:`avl_peft.inject` builds them, including WeGeFT's
+generators shared per target type, and counted as ``parameter_counts(model)["adapter"]`` counts them
+(unique trainable adapter parameters; PiSSA's frozen A₀, B₀ are buffers, not parameters).
+
+Search spaces: rank 1 … the largest rank every target layer allows (LoRA, PiSSA, WeGeFT; their counts
+grow with rank, so a binary search is exact); LoRETTA rank 1 … ``LORETTA_MAX_RANK`` × tt_rank in
+``TT_RANKS`` (its count is not monotone in rank — the tensor-train shape of r·d_in depends on r's prime
+factors — so every pair is counted). Ties: larger rank, then smaller tt_rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+from torch import nn
+
+from .adapters import METHODS
+from .adapters.base import parse_options
+from .adapters.baselines import Baseline
+from .adapters.loretta import tt_param_count
+from .errors import ConfigError
+from .peft import find_targets
+
+TT_RANKS = tuple(range(2, 17))  # LoRETTA inner TT-ranks searched (the paper uses single digits)
+LORETTA_MAX_RANK = 64  # LoRETTA's r only adds a small mode to the tensor train: beyond this nothing changes much
+SEARCHED = ("rank", "tt_rank")
+
+
+def adapter_methods() -> list[str]:
+    """Registered methods that add adapters (every method except the ``full``/``head`` baselines)."""
+    return [m for m in METHODS.names() if not issubclass(METHODS.get(m), Baseline)]
+
+
+def _target_layers(model: nn.Module, targets: list[str] | None) -> list[tuple[str, int, int]]:
+    """(target, d_out, d_in) of every layer ``inject`` would wrap, in module order."""
+    chosen = find_targets(model, targets)
+    modules = dict(model.named_modules())
+    return [(target, *modules[name].weight.shape) for name, target in chosen.items()]
+
+
+def _freeze(options: dict[str, Any]) -> tuple:
+    return tuple(sorted(options.items()))
+
+
+def _loretta_closed_form(d_out: int, d_in: int, opts: Any) -> int:
+    # Two tensor trains: A (r × d_in) and B (d_out × r), over the same automatic shapes TensorTrain uses.
+    return tt_param_count(opts.rank * d_in, opts.tt_rank) + tt_param_count(d_out * opts.rank, opts.tt_rank)
+
+
+# Per-adapter counts in closed form where building the modules (even on meta) is too slow for an
+# exhaustive search. select_for_budget re-checks its answer against the built modules.
+CLOSED_FORM = {"loretta": _loretta_closed_form}
+
+
+@lru_cache(maxsize=8192)
+def _own_params(
+    method: str, d_out: int, d_in: int, frozen_opts: tuple, shared: bool, fast: bool = True
+) -> tuple[int, int]:
+    """(parameters of one adapter not in a shared generator, parameters of one shared generator)."""
+    cls = METHODS.get(method)
+    if fast and method in CLOSED_FORM and not shared:
+        return CLOSED_FORM[method](d_out, d_in, parse_options(cls.Options, method, dict(frozen_opts))), 0
+    opts = parse_options(cls.Options, method, dict(frozen_opts))
+    layer = nn.Linear(d_in, d_out, device="meta")
+    gen = cls.new_shared(layer, opts) if shared else None
+    adapter = cls(layer, opts, gen)
+    gen_ids = {id(p) for p in gen.parameters()} if gen is not None else set()
+    own = {id(p): p for p in adapter.parameters() if id(p) not in gen_ids}
+    return sum(p.numel() for p in own.values()), sum(p.numel() for p in gen.parameters()) if gen is not None else 0
+
+
+def count_adapter_params(
+    method: str, *, backbone_model: nn.Module, targets: list[str] | None = None, **options: Any
+) -> int:
+    """Exactly ``parameter_counts(inject(copy, method, targets=targets, **options))["adapter"]``,
+    without touching ``backbone_model`` or allocating the adapters."""
+    return _count(method, _target_layers(backbone_model, targets), options)
+
+
+def _count(method: str, layers: list[tuple[str, int, int]], options: dict[str, Any], fast: bool = True) -> int:
+    cls = METHODS.get(method)
+    if issubclass(cls, Baseline):
+        raise ConfigError(f"method '{method}' adds no adapter; parameter budgets apply to adapter methods only")
+    opts = parse_options(cls.Options, method, options)  # validates names and values
+    for _, d_out, d_in in layers:
+        limit = cls.max_rank(d_out, d_in)
+        if opts.rank > limit:
+            raise ConfigError(
+                f"rank {opts.rank} is too large for a {d_out}×{d_in} layer: {method} allows at most {limit}"
+            )
+    frozen = _freeze(dataclasses.asdict(opts))
+    share = bool(cls.shared and getattr(opts, "share", False))
+    total, groups = 0, set()
+    for target, d_out, d_in in layers:
+        own, gen = _own_params(method, d_out, d_in, frozen, share, fast)
+        total += own
+        if share and (target, d_in) not in groups:  # inject shares one generator per (target, d_in)
+            groups.add((target, d_in))
+            total += gen
+    return total
+
+
+def _candidates(method: str, layers: list[tuple[str, int, int]], fixed: dict[str, Any]) -> list[dict[str, int]]:
+    cls = METHODS.get(method)
+    max_rank = min(cls.max_rank(d_out, d_in) for _, d_out, d_in in layers)
+    fields = {f.name for f in dataclasses.fields(cls.Options)}
+    if "tt_rank" in fields:
+        ranks = [fixed["rank"]] if "rank" in fixed else range(1, min(max_rank, LORETTA_MAX_RANK) + 1)
+        tts = [fixed["tt_rank"]] if "tt_rank" in fixed else TT_RANKS
+        return [{"rank": r, "tt_rank": t} for r in ranks for t in tts]
+    ranks = [fixed["rank"]] if "rank" in fixed else range(1, max_rank + 1)
+    return [{"rank": r} for r in ranks]
+
+
+def _monotone(method: str) -> bool:
+    return "tt_rank" not in {f.name for f in dataclasses.fields(METHODS.get(method).Options)}
+
+
+def select_for_budget(
+    method: str,
+    budget: int,
+    *,
+    backbone_model: nn.Module,
+    targets: list[str] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """The ``method`` options whose adapter parameter count is the largest not above ``budget``.
+
+    Returns the options to pass to :func:`avl_peft.inject` / ``method.options`` — ``{"rank": r}``
+    (LoRETTA: ``{"rank": r, "tt_rank": t}``), plus any fixed ``options`` given (e.g. ``share=False``,
+    ``alpha``; a given ``rank``/``tt_rank`` is kept and only the other is searched) — and
+    ``"adapter_params"``, the exact count. ``full``/``head`` have no budget: ConfigError. A budget below
+    the method's smallest adapter: ConfigError naming that minimum.
+    """
+    cls = METHODS.get(method)
+    if issubclass(cls, Baseline):
+        raise ConfigError(
+            f"method '{method}' has no parameter budget (it adds no adapter); choose one of "
+            f"{', '.join(adapter_methods())}"
+        )
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        raise ConfigError(f"budget must be a positive integer number of parameters, got {budget!r}")
+    fixed = dict(options)
+    parse_options(cls.Options, method, fixed)  # unknown or invalid fixed options fail here, by name
+    layers = _target_layers(backbone_model, targets)
+    candidates = _candidates(method, layers, fixed)
+
+    def counter(fast: bool):
+        return lambda c: _count(method, layers, {**fixed, **c}, fast)
+
+    count = counter(True)
+    chosen = _search(method, budget, candidates, count)
+    if chosen is not None and method in CLOSED_FORM and count(chosen) != counter(False)(chosen):
+        count = counter(False)  # the closed form disagrees with the built modules: trust the modules
+        chosen = _search(method, budget, candidates, count)
+    if chosen is None:
+        smallest = candidates[0] if _monotone(method) else min(candidates, key=count)
+        raise ConfigError(
+            f"budget {budget:,} is below the smallest {method} adapter on these targets: {count(smallest):,} "
+            f"parameters ({', '.join(f'{k}={v}' for k, v in smallest.items())}). Raise the budget or target "
+            "fewer layers."
+        )
+    return {**fixed, **chosen, "adapter_params": count(chosen)}
+
+
+def _search(
+    method: str, budget: int, candidates: list[dict[str, int]], count: Callable[[dict[str, int]], int]
+) -> dict[str, int] | None:
+    """The candidate with the largest count not above budget (ties: larger rank, smaller tt_rank)."""
+    if _monotone(method):  # counts grow with rank: binary search for the last candidate that fits
+        if count(candidates[0]) > budget:
+            return None
+        lo, hi = 0, len(candidates) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if count(candidates[mid]) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return candidates[lo]
+    best: tuple[tuple[int, int, int], dict[str, int]] | None = None
+    for c in candidates:
+        n = count(c)
+        key = (n, c["rank"], -c.get("tt_rank", 0))
+        if n <= budget and (best is None or key > best[0]):
+            best = (key, c)
+    return None if best is None else best[1]
+
+
+def budget_table(
+    backbone_model: nn.Module, budget: int, targets: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """One row per adapter method: ``{"method", "options", "adapter_params", "error"}`` at ``budget``.
+
+    A method whose smallest adapter exceeds the budget gets ``options``/``adapter_params`` None and the
+    reason in ``error`` (None otherwise).
+    """
+    rows = []
+    for method in adapter_methods():
+        try:
+            chosen = select_for_budget(method, budget, backbone_model=backbone_model, targets=targets)
+        except ConfigError as e:
+            if "below the smallest" not in str(e):
+                raise
+            rows.append({"method": method, "options": None, "adapter_params": None, "error": str(e)})
+            continue
+        n = chosen.pop("adapter_params")
+        rows.append({"method": method, "options": chosen, "adapter_params": n, "error": None})
+    return rows

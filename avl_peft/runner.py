@@ -1,0 +1,103 @@
+"""Running a study: every run of the grid in turn, each in its own folder, nothing finished ever lost.
+
+A run whose ``results.json`` says ``finished`` is complete. ``resume`` skips those; without ``resume``
+or ``force`` an existing finished run is never overwritten. A run that crashes (NaN loss, a bug, out of
+memory) is recorded as ``failed`` with its error and the study goes on; bad configuration or missing
+data stop the study, since every run would fail the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from .config import expand
+from .errors import AvlPeftError, ConfigError
+from .study import SCHEMA_VERSION, run_experiment, write_json_atomic, write_text_atomic
+
+
+def read_status(run_dir: Path) -> str | None:
+    """'finished', 'failed' or None (never started, interrupted or unreadable)."""
+    try:
+        return json.loads((run_dir / "results.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def plan(study: dict, out_dir: Path, *, resume: bool = False, force: bool = False) -> list[tuple[str, dict, str]]:
+    """(run id, config, action) for every run; action is 'run' or 'skip'. Refuses silent overwrites."""
+    runs = []
+    clashes = []
+    for rid, cfg in expand(study):
+        status = read_status(out_dir / rid)
+        if status == "finished" and resume and not force:
+            runs.append((rid, cfg, "skip"))
+            continue
+        if status is not None and not resume and not force:
+            clashes.append(rid)
+        runs.append((rid, cfg, "run"))
+    if clashes:
+        raise ConfigError(
+            f"{len(clashes)} run(s) already have results in '{out_dir}' (e.g. {clashes[0]}). Use --resume to "
+            "skip finished runs and redo the rest, --force to redo everything, or another --out folder."
+        )
+    return runs
+
+
+def check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".avl-peft-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output folder '{out_dir}' is not writable ({e.strerror}); choose another with --out") from None
+
+
+def run_study(
+    study: dict, out_dir: str | Path, *, resume: bool = False, force: bool = False, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Run every run of a validated study into ``out_dir``; return one summary dict per run."""
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    runs = plan(study, out_dir, resume=resume, force=force)
+    write_text_atomic(out_dir / "study.yaml", yaml.safe_dump(study, sort_keys=False))
+    summary = []
+    bar = tqdm(runs, desc="study", unit="run", disable=not progress)
+    for rid, cfg, action in bar:
+        bar.set_postfix_str(rid)
+        run_dir = out_dir / rid
+        if action == "skip":
+            summary.append({"id": rid, "status": "skipped"})
+            continue
+        try:
+            results = run_experiment(cfg, run_dir, run_id=rid, progress=progress)
+            summary.append({"id": rid, "status": "finished", "acc": results["metrics"]["acc"]})
+        except AvlPeftError:
+            raise  # the user's to fix (config, data): every other run would fail the same way
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # this run failed; record it and let the others run
+            message = f"{type(e).__name__}: {e}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / "error.txt", traceback.format_exc())
+            write_json_atomic(
+                run_dir / "results.json",
+                {
+                    "schema": SCHEMA_VERSION,
+                    "status": "failed",
+                    "error": message,
+                    "run": {"id": rid, "method": cfg["method"]["name"], "strategy": cfg["strategy"]["name"],
+                            "seed": cfg["seed"], "policy": cfg["method"]["policy"],
+                            "options": cfg["method"]["options"]},
+                    "config": cfg,
+                },
+            )
+            summary.append({"id": rid, "status": "failed", "error": message})
+            tqdm.write(f"run {rid} failed: {message} (details in {run_dir / 'error.txt'})")
+    return summary
