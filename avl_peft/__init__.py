@@ -1,21 +1,45 @@
 """avl-peft: low-rank parameter-efficient fine-tuning (LoRA, PiSSA, WeGeFT, LoRETTA) as Avalanche
 continual learners over frozen timm Vision Transformers."""
 
+from importlib import import_module
+from typing import Any
+
 from .backbone import create_backbone
 from .errors import AvlPeftError, ConfigError, DataError
 from .peft import delta_weights, inject, merge, methods, parameter_counts, trainable_state_dict
 
 __version__ = "0.1.0"
 
+# Avalanche-side names load on first use, so `import avl_peft` stays light for adapter-only users.
+_LAZY = {
+    "PEFTPlugin": "plugin",
+    "build_scenario": "scenarios",
+    "summarize": "metrics",
+    "summarize_both": "metrics",
+    "run_experiment": "study",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'avl_peft' has no attribute '{name}'")
+
+
 __all__ = [
     "AvlPeftError",
     "ConfigError",
     "DataError",
+    "PEFTPlugin",
+    "build_scenario",
     "create_backbone",
     "delta_weights",
     "inject",
     "merge",
     "methods",
     "parameter_counts",
+    "run_experiment",
+    "summarize",
+    "summarize_both",
     "trainable_state_dict",
 ]
