@@ -57,6 +57,12 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _adapter_methods() -> set[str]:
+    from .adapters.baselines import Baseline
+
+    return {m for m in METHODS.names() if not issubclass(METHODS.get(m), Baseline)}
+
+
 def checkpoint_state(model: torch.nn.Module, experience: int, **meta: Any) -> dict[str, Any]:
     """What ``exp_<t>.pt`` holds: the model's trainable/adapter tensors plus the head's buffers, and metadata.
 
@@ -76,12 +82,6 @@ def checkpoint_state(model: torch.nn.Module, experience: int, **meta: Any) -> di
             "options": dict(config["options"]),
         }
     return {"experience": int(experience), **meta, "injected": injected, "model": state}
-
-
-def _adapter_methods() -> set[str]:
-    from .adapters.baselines import Baseline
-
-    return {m for m in METHODS.names() if not issubclass(METHODS.get(m), Baseline)}
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, experience: int, **meta: Any) -> Path:

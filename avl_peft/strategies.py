@@ -48,21 +48,31 @@ def strategy_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return {**allowed, **options}
 
 
-def _simple(cls: type) -> Callable[..., Any]:
+def _simple(cls: type, *, memory: bool = False) -> Callable[..., Any]:
     def build(model, optimizer, criterion, **kw):
+        if memory and getattr(criterion, "mask", None) in ("new", "old"):
+            # MaskedCrossEntropy(mask="new") keeps only the current classes' logits AND targets: a stored
+            # sample of an earlier class gets an all-zero target row, so it adds no loss (replay) and no
+            # reference gradient (GEM/A-GEM). The memory would silently do nothing.
+            warnings.warn(
+                f"strategy '{cls.__name__}' replays stored samples of earlier classes, but the loss only sees "
+                "the current experience's classes (training.train_mask: current), so the memory has no effect; "
+                "use training.train_mask: seen",
+                stacklevel=2,
+            )
         return cls(model=model, optimizer=optimizer, criterion=criterion, **kw)
 
     return build
 
 
 STRATEGIES.register("naive", "fine-tune on each experience in turn (Avalanche Naive)")(_simple(Naive))
-STRATEGIES.register("replay", "experience replay with a class-balanced memory (mem_size)")(_simple(Replay))
+STRATEGIES.register("replay", "experience replay with a class-balanced memory (mem_size)")(_simple(Replay, memory=True))
 STRATEGIES.register("ewc", "Elastic Weight Consolidation (ewc_lambda)")(_simple(EWC))
 STRATEGIES.register("lwf", "Learning without Forgetting distillation (alpha, temperature)")(_simple(AvalancheLwF))
 STRATEGIES.register("si", "Synaptic Intelligence (si_lambda)")(_simple(SynapticIntelligence))
-STRATEGIES.register("agem", "Averaged GEM (patterns_per_exp, sample_size)")(_simple(AGEM))
+STRATEGIES.register("agem", "Averaged GEM (patterns_per_exp, sample_size)")(_simple(AGEM, memory=True))
 STRATEGIES.register("gem", "Gradient Episodic Memory, needs quadprog (patterns_per_exp, memory_strength)")(
-    _simple(GEM)
+    _simple(GEM, memory=True)
 )
 
 
@@ -184,12 +194,16 @@ def build_prompted_vits(
         use_prompt_mask=use_prompt_mask,
     )
     _load_backbone(prompted, vit)
-    query = ViTWithPrompt(**arch, num_classes=0)  # head_type "token": pre_logits is the [CLS] feature
-    _load_backbone(query, vit)
-    for p in query.parameters():
-        p.requires_grad_(False)
     for n, p in prompted.named_parameters():  # as LearningToPrompt: only prompts (+ keys) and the head train
         p.requires_grad_(n.startswith(("prompt.", "head.")))
+    query = ViTWithPrompt(**arch, num_classes=0)  # head_type "token": pre_logits is the [CLS] feature
+    _load_backbone(query, vit)
+    # Both ViTs are the same frozen backbone: share its modules (one copy in memory, as for the other
+    # methods); only the position embeddings differ (the prompted one has slots for the prompts).
+    query.patch_embed, query.blocks, query.norm = prompted.patch_embed, prompted.blocks, prompted.norm
+    query.cls_token = prompted.cls_token
+    for p in query.parameters():
+        p.requires_grad_(False)
     prompted.head = IncrementalClassifier(arch["embed_dim"], initial_out_features=num_classes or 2)
     return prompted, query
 

@@ -89,6 +89,25 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; whole process
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: this run stops and is recorded as failed."""
+
+
+def _divergence_guard():
+    from avalanche.core import SupervisedPlugin
+
+    class DivergenceGuard(SupervisedPlugin):
+        def before_backward(self, strategy, **kw):
+            if not torch.isfinite(strategy.loss).all():
+                t = strategy.experience.current_experience
+                raise TrainingDiverged(
+                    f"training diverged: loss is {float(strategy.loss.detach())} at experience {t}, epoch "
+                    f"{strategy.clock.train_exp_epochs}; lower training.lr or check the data"
+                )
+
+    return DivergenceGuard()
+
+
 class _BatchProgress:
     """A per-experience progress bar (batches, with ETA) driven by Avalanche's iteration callbacks."""
 
@@ -107,7 +126,7 @@ class _BatchProgress:
 
             def after_training_iteration(self, strategy, **kw):
                 self.bar.update(1)
-                self.bar.set_postfix(loss=f"{float(strategy.loss):.3f}", refresh=False)
+                self.bar.set_postfix(loss=f"{float(strategy.loss.detach()):.3f}", refresh=False)
 
             def after_training_exp(self, strategy, **kw):
                 self.bar.close()
@@ -150,7 +169,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> dict[st
         checkpoint_dir=run_dir / "checkpoints" if run_dir is not None else None,
         **method["options"],
     )
-    plugins = [peft, matrix, criterion]
+    plugins = [peft, matrix, criterion, _divergence_guard()]
     if progress:
         plugins.append(_BatchProgress(method["name"], True))
     evaluator = make_evaluator(str(run_dir / "tb") if run_dir is not None else None)

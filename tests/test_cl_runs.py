@@ -117,6 +117,7 @@ def test_l2p_rebuilds_the_harness_backbone():
     trainable = {n for n, p in prompted.named_parameters() if p.requires_grad}
     assert trainable == {"prompt.prompt", "prompt.prompt_key", "head.classifier.weight", "head.classifier.bias"}
     assert not any(p.requires_grad for p in query.parameters())
+    assert query.blocks is prompted.blocks  # one frozen backbone in memory
 
 
 def test_l2p_rejects_what_it_cannot_rebuild():

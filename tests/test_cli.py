@@ -72,3 +72,20 @@ def test_bad_config_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "training.epochs" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_diverging_run_is_recorded_failed_and_others_continue(tmp_path):
+    from avl_peft.config import validate_study
+    from avl_peft.report import build_report
+    from avl_peft.runner import run_study
+
+    study = validate_study({**TINY_STUDY, "training": {"epochs": 1, "batch_size": 16, "lr": 0.003},
+                            "variants": [{"method.name": "lora"}, {"method.name": "head", "training.lr": 1e30}],
+                            "grid": {}})
+    summary = run_study(study, tmp_path / "out", progress=False)
+    status = {s["id"]: s["status"] for s in summary}
+    assert status == {"lora-rank2-naive-lr0.003-s0": "finished", "head-naive-lr1e+30-s0": "failed"}
+    failed = json.loads((tmp_path / "out" / "head-naive-lr1e+30-s0" / "results.json").read_text())
+    assert failed["status"] == "failed" and "diverged" in failed["error"]
+    rows = build_report(tmp_path / "out")
+    assert any(r.get("status") == "failed" for r in rows)

@@ -26,14 +26,15 @@ BACKBONE = {
 
 
 def make_cfg(method="lora", *, strategy="naive", n_experiences=2, policy="continue", pretrain=False, head="incremental",
-             options=None, strategy_options=None, epochs=2, lr=3e-3, seed=0):
+             options=None, strategy_options=None, epochs=2, lr=3e-3, seed=0, train_mask="current"):
     if options is None:
         options = {"rank": 4} if method not in ("full", "head") else {}
     data = {
         "seed": seed,
         "backbone": BACKBONE,
         "scenario": {"name": "synthetic", "n_experiences": n_experiences},
-        "training": {"epochs": epochs, "batch_size": 16, "lr": lr, "pretrain": pretrain, "head": head},
+        "training": {"epochs": epochs, "batch_size": 16, "lr": lr, "pretrain": pretrain, "head": head,
+                     "train_mask": train_mask},
         "method": {"name": method, "policy": policy, "options": options},
         "strategy": {"name": strategy, "options": strategy_options or {}},
     }
@@ -126,7 +127,9 @@ def outputs(model, x):
 
 @pytest.mark.parametrize("strategy", ["naive", "replay", "ewc", "lwf"])
 def test_plugin_composes_with_strategy(strategy):
-    parts, rec = build_with_recorder(make_cfg("lora", strategy=strategy))
+    # replay needs every seen class in the loss, or its memory adds nothing (see the next test)
+    mask = "seen" if strategy == "replay" else "current"
+    parts, rec = build_with_recorder(make_cfg("lora", strategy=strategy, train_mask=mask))
     assert any(isinstance(p, PEFTPlugin) for p in parts["strategy"].plugins)
     model = parts["model"]
     untouched = snapshot(model.backbone.named_parameters())  # before injection and training
@@ -147,6 +150,15 @@ def test_plugin_composes_with_strategy(strategy):
         assert not torch.equal(weight.detach()[rows], before["head"]["classifier.weight"][1][rows])
     # a single adapter set trained throughout (policy continue)
     assert rec.before[1]["layers"] == first["layers"]
+
+
+@pytest.mark.parametrize("strategy", ["replay", "agem"])
+def test_memory_strategies_warn_when_the_loss_cannot_see_the_memory(strategy, recwarn):
+    study.build(make_cfg("lora", strategy=strategy, train_mask="current"), None)
+    assert any("train_mask: seen" in str(w.message) for w in recwarn.list)
+    recwarn.clear()
+    study.build(make_cfg("lora", strategy=strategy, train_mask="seen"), None)
+    assert not any("train_mask" in str(w.message) for w in recwarn.list)
 
 
 # ------------------------------------------------------------------------------------------------
