@@ -224,8 +224,22 @@ def _check_run(cfg: dict) -> None:
         raise ConfigError(f"training.device: {device!r} is not a device; use cpu, cuda, cuda:N, mps or auto")
     if cfg["backbone"]["pretrained"] and cfg["backbone"]["checkpoint"]:
         raise ConfigError("backbone: set either pretrained: true (download) or checkpoint: PATH (local), not both")
-    if cfg["strategy"]["name"] == "l2p" and cfg["training"]["head"] == "multi":
-        raise ConfigError("strategy l2p brings its own class-incremental head; use training.head: incremental")
+    strategy = cfg["strategy"]["name"]
+    if strategy == "l2p":
+        if cfg["training"]["head"] == "multi":
+            raise ConfigError("strategy l2p brings its own class-incremental head; use training.head: incremental")
+        if cfg["method"]["name"] != "head":
+            raise ConfigError(
+                "strategy l2p trains its own prompts on a frozen ViT and takes no adapter: set method.name: head "
+                "for it (in a grid, add it as a variant: {strategy.name: l2p, method.name: head})"
+            )
+        if cfg["training"]["pretrain"]:
+            raise ConfigError("strategy l2p has no base session; set training.pretrain: false")
+    if strategy in ("replay", "agem", "gem") and cfg["training"]["train_mask"] == "current":
+        raise ConfigError(
+            f"strategy {strategy} needs training.train_mask: seen — with 'current' the memory's samples of old "
+            "classes get no loss, so the strategy would silently act like naive"
+        )
     n = cfg["scenario"]["n_experiences"]
     if cfg["training"]["pretrain"] and n is not None and n < 2:
         raise ConfigError("training.pretrain needs at least 2 experiences (the base session plus one more)")

@@ -89,8 +89,7 @@ def _timm_vit(model: nn.Module) -> nn.Module:
         if isinstance(candidate, VisionTransformer):
             return candidate
     raise ConfigError(
-        f"strategy l2p needs a timm VisionTransformer backbone, got {type(model).__name__}; "
-        "pick a vit_* backbone"
+        f"strategy l2p needs a timm VisionTransformer backbone, got {type(model).__name__}; pick a vit_* backbone"
     )
 
 
@@ -321,6 +320,4 @@ def build_l2p(
     )
 
 
-STRATEGIES.register("l2p", "Learning to Prompt baseline (Avalanche LearningToPrompt; pool_size, top_k, lr)")(
-    build_l2p
-)
+STRATEGIES.register("l2p", "Learning to Prompt baseline (Avalanche LearningToPrompt; pool_size, top_k, lr)")(build_l2p)

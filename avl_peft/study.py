@@ -225,6 +225,8 @@ def run_experiment(cfg: dict, run_dir: str | os.PathLike, *, run_id: str = "run"
         bar.update(1)
     bar.close()
     last = parts["evaluator"].get_last_metrics()
+    for logger in parts["evaluator"].loggers:  # flush TensorBoard files before results.json marks the run done
+        getattr(logger, "close", lambda: None)()
     results = {
         "schema": SCHEMA_VERSION,
         "status": "finished",

@@ -52,7 +52,9 @@ OVERSAMPLE = 8  # extra random directions for svd_lowrank: a few make the top-k 
 NITER = 2
 _EPS = 1e-12
 
-METRICS = ("overlap", "alignment", "effective_rank", "relative_norm", "feature_drift")
+# Layer-averaged values in every record (and TensorBoard tags subspace/<name>).
+METRICS = ("overlap", "alignment", "principal_energy", "effective_rank", "relative_norm", "feature_drift")
+LAYER_METRICS = METRICS[:-1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def principal_energy(delta: torch.Tensor, W: torch.Tensor, k: int, *, exact: boo
 def _effective_weight(module: nn.Module) -> torch.Tensor:
     """(base weight + ΔW) of an adapted layer, the weight of a plain Linear; float32, no grad."""
     if isinstance(module, AdaptedLinear):
-        return (module.base.weight.detach().float() + module.delta_weight().detach().float())
+        return module.base.weight.detach().float() + module.delta_weight().detach().float()
     return module.weight.detach().float()
 
 
@@ -279,7 +281,14 @@ class SubspaceTracker(SupervisedPlugin):
         adapts. Experience 0's record (``"base_session": true``) is measured against the start.
 
     The reference W₀ and probe features are taken at the first ``before_training`` the plugin sees —
-    before ``PEFTPlugin`` injects anything (injection never changes the base weights anyway).
+    before ``PEFTPlugin`` injects anything (injection never changes the base weights anyway). Memory:
+    two float32 copies of every tracked weight (W₀ and the previous cumulative update).
+
+    ``records``: one dict per training experience, JSON-ready —
+    ``{"experience": t, "overlap": float | None (None at the first experience), "alignment",
+    "principal_energy", "effective_rank", "relative_norm", "feature_drift": float,
+    "layers": {module name: {the five per-layer values}}}`` plus ``"base_session": True`` on a base
+    session's record. ``seconds``: wall time the tracker has spent.
     """
 
     def __init__(
@@ -425,10 +434,9 @@ class SubspaceTracker(SupervisedPlugin):
                 per_layer[name] = self._measure_layer(layer, _effective_weight(modules[name]), first)
             features = self._features(strategy)
         record: dict[str, Any] = {"experience": t}
-        for metric in ("overlap", "alignment", "principal_energy", "effective_rank", "relative_norm"):
-            record[metric] = _mean([v[metric] for v in per_layer.values()])
-        for metric in ("alignment", "principal_energy", "effective_rank", "relative_norm"):
-            record[metric] = record[metric] if record[metric] is not None else 0.0
+        for metric in LAYER_METRICS:
+            mean = _mean([v[metric] for v in per_layer.values()])
+            record[metric] = mean if mean is not None or metric == "overlap" else 0.0
         record["feature_drift"] = feature_drift(self._features0, features)
         peft = self._peft_plugin(strategy)
         base_session = bool(getattr(peft, "pretrain", False)) and t == 0
@@ -439,7 +447,7 @@ class SubspaceTracker(SupervisedPlugin):
 
         writer = self._writer(strategy)
         if writer is not None:
-            for metric in (*METRICS, "principal_energy"):
+            for metric in METRICS:
                 if record[metric] is not None:
                     writer.add_scalar(f"subspace/{metric}", record[metric], t)
         if base_session and self.rebase_after_base_session:

@@ -36,7 +36,7 @@ def make_cfg(method, *, strategy="naive", strategy_options=None, epochs=2, lr=1e
         "method": {"name": method, "options": options},
         "strategy": {"name": strategy, "options": strategy_options or {}},
     }
-    (_, cfg), = expand(validate_study(data))
+    ((_, cfg),) = expand(validate_study(data))
     return cfg
 
 
@@ -129,10 +129,10 @@ def test_l2p_rejects_what_it_cannot_rebuild():
         build_prompted_vits(tiny_model(), pool_size=2, prompt_length=2, top_k=3)
 
 
-def test_l2p_builder_drops_the_adapter_plugin(tmp_path):
-    cfg = make_cfg("lora", strategy="l2p", strategy_options=L2P_OPTIONS)
-    with pytest.warns(UserWarning, match="method 'lora'"):
-        parts = study.build(cfg, tmp_path)
+def test_l2p_refuses_an_adapter_method_and_drops_the_plugin(tmp_path):
+    with pytest.raises(ConfigError, match="set method.name: head"):
+        make_cfg("lora", strategy="l2p", strategy_options=L2P_OPTIONS)
+    parts = study.build(make_cfg("head", strategy="l2p", strategy_options=L2P_OPTIONS), tmp_path)
     strategy = parts["strategy"]
     assert isinstance(strategy, L2P)
     assert not any(isinstance(p, PEFTPlugin) for p in strategy.plugins)

@@ -12,6 +12,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from avl_peft import study
+from avl_peft.errors import ConfigError
 from avl_peft.adapters import AdaptedLinear
 from avl_peft.adapters.pissa import principal_factors
 from avl_peft.config import expand, validate_study
@@ -25,20 +26,39 @@ BACKBONE = {
 }
 
 
-def make_cfg(method="lora", *, strategy="naive", n_experiences=2, policy="continue", pretrain=False, head="incremental",
-             options=None, strategy_options=None, epochs=2, lr=3e-3, seed=0, train_mask="current"):
+def make_cfg(
+    method="lora",
+    *,
+    strategy="naive",
+    n_experiences=2,
+    policy="continue",
+    pretrain=False,
+    head="incremental",
+    options=None,
+    strategy_options=None,
+    epochs=2,
+    lr=3e-3,
+    seed=0,
+    train_mask="current",
+):
     if options is None:
         options = {"rank": 4} if method not in ("full", "head") else {}
     data = {
         "seed": seed,
         "backbone": BACKBONE,
         "scenario": {"name": "synthetic", "n_experiences": n_experiences},
-        "training": {"epochs": epochs, "batch_size": 16, "lr": lr, "pretrain": pretrain, "head": head,
-                     "train_mask": train_mask},
+        "training": {
+            "epochs": epochs,
+            "batch_size": 16,
+            "lr": lr,
+            "pretrain": pretrain,
+            "head": head,
+            "train_mask": train_mask,
+        },
         "method": {"name": method, "policy": policy, "options": options},
         "strategy": {"name": strategy, "options": strategy_options or {}},
     }
-    (_, cfg), = expand(validate_study(data))
+    ((_, cfg),) = expand(validate_study(data))
     return cfg
 
 
@@ -74,17 +94,20 @@ class Recorder(SupervisedPlugin):
     def before_training_exp(self, strategy, **kwargs):
         model = strategy.model
         in_optimizer = optimizer_ids(strategy)
-        self.before.append({
-            "adapters": snapshot(adapter_params(model)),
-            "backbone": snapshot(frozen_backbone_params(model)),
-            "head": snapshot(model.head.named_parameters()),
-            "classes": sorted(int(c) for c in strategy.experience.classes_in_this_experience),
-            "trainable_missing": [n for n, p in model.named_parameters()
-                                  if p.requires_grad and id(p) not in in_optimizer],
-            "stale_in_optimizer": len(in_optimizer - {id(p) for p in model.parameters()}),
-            "config": dict(model.peft_config or {}),
-            "layers": dict(adapted_layers(model)),
-        })
+        self.before.append(
+            {
+                "adapters": snapshot(adapter_params(model)),
+                "backbone": snapshot(frozen_backbone_params(model)),
+                "head": snapshot(model.head.named_parameters()),
+                "classes": sorted(int(c) for c in strategy.experience.classes_in_this_experience),
+                "trainable_missing": [
+                    n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_optimizer
+                ],
+                "stale_in_optimizer": len(in_optimizer - {id(p) for p in model.parameters()}),
+                "config": dict(model.peft_config or {}),
+                "layers": dict(adapted_layers(model)),
+            }
+        )
 
     def after_training_exp(self, strategy, **kwargs):
         self.after.append({"layers": dict(adapted_layers(strategy.model))})
@@ -153,9 +176,9 @@ def test_plugin_composes_with_strategy(strategy):
 
 
 @pytest.mark.parametrize("strategy", ["replay", "agem"])
-def test_memory_strategies_warn_when_the_loss_cannot_see_the_memory(strategy, recwarn):
-    study.build(make_cfg("lora", strategy=strategy, train_mask="current"), None)
-    assert any("train_mask: seen" in str(w.message) for w in recwarn.list)
+def test_memory_strategies_refuse_a_loss_that_cannot_see_the_memory(strategy, recwarn):
+    with pytest.raises(ConfigError, match="train_mask: seen"):
+        make_cfg("lora", strategy=strategy, train_mask="current")
     recwarn.clear()
     study.build(make_cfg("lora", strategy=strategy, train_mask="seen"), None)
     assert not any("train_mask" in str(w.message) for w in recwarn.list)
@@ -311,8 +334,9 @@ def test_multi_head_with_task_labels(tmp_path):
     ci = results["accuracy_matrix"]["class_incremental"]
     assert all(ci[t][i] == a[t][i] for t in range(3) for i in range(t + 1))
     avalanche = results["avalanche_metrics"]
-    assert results["metrics"]["forgetting"] == pytest.approx(avalanche["StreamForgetting/eval_phase/test_stream"],
-                                                             abs=1e-6)
+    assert results["metrics"]["forgetting"] == pytest.approx(
+        avalanche["StreamForgetting/eval_phase/test_stream"], abs=1e-6
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,8 +386,9 @@ def test_run_experiment_writes_results_and_tensorboard(tmp_path):
     assert set(on_disk["accuracy_matrix"]) == {"class_incremental", "task_aware"}
     assert on_disk["metrics"] == pytest.approx(summarize_both(on_disk["accuracy_matrix"]))
     avalanche = on_disk["avalanche_metrics"]
-    assert on_disk["metrics"]["forgetting"] == pytest.approx(avalanche["StreamForgetting/eval_phase/test_stream"],
-                                                             abs=1e-6)
+    assert on_disk["metrics"]["forgetting"] == pytest.approx(
+        avalanche["StreamForgetting/eval_phase/test_stream"], abs=1e-6
+    )
     assert on_disk["metrics"]["bwt"] == pytest.approx(avalanche["StreamBWT/eval_phase/test_stream"], abs=1e-6)
     assert (tmp_path / "config.yaml").is_file()
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("exp_*.pt")) == ["exp_0.pt", "exp_1.pt", "exp_2.pt"]
@@ -373,7 +398,11 @@ def test_run_experiment_writes_results_and_tensorboard(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()  # readable right away: the logger flushes after every evaluation
     tags = acc.Tags()["scalars"]
-    for tag in ("Top1_Acc_Stream/eval_phase/test_stream/Task000", "StreamForgetting/eval_phase/test_stream",
-                "StreamBWT/eval_phase/test_stream", "Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000"):
+    for tag in (
+        "Top1_Acc_Stream/eval_phase/test_stream/Task000",
+        "StreamForgetting/eval_phase/test_stream",
+        "StreamBWT/eval_phase/test_stream",
+        "Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000",
+    ):
         assert tag in tags, tag
     assert len(acc.Scalars("Top1_Acc_Stream/eval_phase/test_stream/Task000")) == 3
