@@ -85,6 +85,14 @@ SCHEMA: dict[str, Any] = {
         "name": F(str, "naive", "a strategy from `avl-peft list`"),
         "options": F(dict, {}, "strategy options, e.g. mem_size for replay"),
     },
+    "budget": F(int, None, "equal-budget comparison: per method, the largest rank (LoRETTA: rank and tt_rank) "
+                "whose adapter parameters do not exceed this many", minimum=1, nullable=True),
+    "subspace": {
+        "enabled": F(bool, True, "measure update-subspace geometry and feature drift after each experience"),
+        "k": F(int, 8, "size of the top-k singular subspaces", minimum=1),
+        "probe_size": F(int, 32, "test images in the fixed probe batch for feature drift (CKA)", minimum=2),
+        "exact": F(bool, False, "exact SVD instead of randomized (slower on large layers)"),
+    },
     "grid": F(dict, {}, "cartesian axes: dotted key -> list of values"),
     "variants": F(list, [], "list of override sets (dotted key -> value), crossed with the grid"),
 }
@@ -268,8 +276,10 @@ def run_id(cfg: dict, axes: list[str]) -> str:
     parts = [cfg["method"]["name"]]
     parts += [f"{k}{v}" for k, v in sorted(cfg["method"]["options"].items())]
     parts.append(cfg["strategy"]["name"])
+    if cfg.get("budget") is not None:
+        parts.append(f"budget{cfg['budget']}")
     for key in axes:
-        if key.startswith(("method.", "strategy.name", "seed")):
+        if key.startswith(("method.", "strategy.name", "seed", "budget")):
             continue
         parts.append(f"{key.split('.')[-1]}{get_dotted(cfg, key)}")
     parts.append(f"s{cfg['seed']}")
@@ -306,6 +316,10 @@ def expand(study: dict) -> list[tuple[str, dict]]:
                     if f"method.options.{k}" in explicit or _accepts(method, k) or k not in _known_options()
                 }
             cfg = _validate_section("", {k: v for k, v in SCHEMA.items() if k not in ("grid", "variants")}, cfg)
+            if cfg["budget"] is not None:  # the budget chooses rank (and tt_rank); drop configured ones
+                cfg["method"]["options"] = {
+                    k: v for k, v in cfg["method"]["options"].items() if k not in ("rank", "tt_rank")
+                }
             _check_run(cfg)
             rid = run_id(cfg, axes)
             key = yaml.safe_dump(cfg, sort_keys=True)

@@ -8,7 +8,10 @@ data stop the study, since every run would fail the same way.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import traceback
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,26 @@ def plan(study: dict, out_dir: Path, *, resume: bool = False, force: bool = Fals
     return runs
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """An exclusive, non-blocking lock on a run folder: yields False if another process holds it.
+
+    flock is released by the kernel when its holder dies (even by SIGKILL), so a stale lock never blocks
+    a resume.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
 def check_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +99,16 @@ def run_study(
             summary.append({"id": rid, "status": "skipped"})
             continue
         try:
-            results = run_experiment(cfg, run_dir, run_id=rid, progress=progress)
+            with run_lock(run_dir) as mine:
+                if not mine:
+                    summary.append({"id": rid, "status": "skipped", "reason": "locked by another process"})
+                    tqdm.write(f"run {rid}: another avl-peft process is running it; skipped")
+                    continue
+                if read_status(run_dir) == "finished" and resume and not force:  # finished meanwhile
+                    summary.append({"id": rid, "status": "skipped"})
+                    continue
+                (run_dir / "error.txt").unlink(missing_ok=True)
+                results = run_experiment(cfg, run_dir, run_id=rid, progress=progress, resume=resume and not force)
             summary.append({"id": rid, "status": "finished", "acc": results["metrics"]["acc"]})
         except AvlPeftError:
             raise  # the user's to fix (config, data): every other run would fail the same way

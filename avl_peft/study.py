@@ -134,6 +134,33 @@ class _BatchProgress:
         return Plugin(*args, **kwargs)
 
 
+def probe_batch(benchmark: Any, size: int) -> torch.Tensor:
+    """A fixed probe batch for feature drift: the first images of every test experience, in turn."""
+    streams = list(benchmark.test_stream)
+    per = max(1, -(-size // len(streams)))
+    images = []
+    for experience in streams:
+        ds = experience.dataset
+        images += [ds[i][0] for i in range(min(per, len(ds)))]
+    return torch.stack(images[:size])
+
+
+def resolve_budget(cfg: dict, model: torch.nn.Module) -> dict[str, Any] | None:
+    """With ``budget: N``, the method's options chosen so its adapter has at most N parameters."""
+    from .adapters.baselines import Baseline
+    from .adapters import METHODS
+    from .budget import select_for_budget
+
+    method = cfg["method"]
+    if cfg.get("budget") is None or issubclass(METHODS.get(method["name"]), Baseline):
+        return None
+    chosen = select_for_budget(
+        method["name"], cfg["budget"], backbone_model=model, targets=method["targets"], **method["options"]
+    )
+    return {"budget": cfg["budget"], "options": {k: v for k, v in chosen.items() if k != "adapter_params"},
+            "adapter_params": chosen["adapter_params"]}
+
+
 def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> dict[str, Any]:
     """Everything a run needs, wired together (exposed for tests and for custom loops)."""
     seed_everything(cfg["seed"])
@@ -143,6 +170,8 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> dict[st
     model = create_continual_model(
         bb["name"], head=training["head"], pretrained=bb["pretrained"], checkpoint=bb["checkpoint"], **bb["kwargs"]
     )
+    budget = resolve_budget(cfg, model)
+    options = budget["options"] if budget is not None else method["options"]
     dc = data_config(model.backbone)
     sc = cfg["scenario"]
     benchmark = build_scenario(
@@ -167,9 +196,16 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> dict[st
         pretrain=training["pretrain"],
         targets=method["targets"],
         checkpoint_dir=run_dir / "checkpoints" if run_dir is not None else None,
-        **method["options"],
+        **options,
     )
     plugins = [peft, matrix, criterion, _divergence_guard()]
+    tracker = None
+    sub = cfg.get("subspace") or {}
+    if sub.get("enabled") and cfg["strategy"]["name"] != "l2p":  # l2p trains prompts: no weight update
+        from .subspace import SubspaceTracker
+
+        tracker = SubspaceTracker(probe_batch(benchmark, sub["probe_size"]), k=sub["k"], exact=sub["exact"])
+        plugins.append(tracker)
     if progress:
         plugins.append(_BatchProgress(method["name"], True))
     evaluator = make_evaluator(str(run_dir / "tb") if run_dir is not None else None)
@@ -188,23 +224,83 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> dict[st
         **strategy_options(name, cfg["strategy"]["options"]),
     )
     return {"model": model, "benchmark": benchmark, "strategy": strategy, "matrix": matrix, "peft": peft,
-            "evaluator": evaluator, "device": device}
+            "evaluator": evaluator, "device": device, "tracker": tracker, "budget": budget}
 
 
-def run_experiment(cfg: dict, run_dir: str | os.PathLike, *, run_id: str = "run", progress: bool = True) -> dict:
-    """Train and evaluate one run; write its folder; return the results dict (schema 1)."""
+def _save_run_state(run_dir: Path, t: int, parts: dict, progress_state: dict) -> None:
+    from . import runstate
+
+    strategy, tracker = parts["strategy"], parts["tracker"]
+    payload = {
+        "experience": t,
+        "model": {k: v.detach().cpu() for k, v in strategy.model.state_dict().items()},
+        "injected": getattr(strategy.model, "peft_config", None),
+        "optimizer": runstate.optimizer_state(strategy),
+        "rng": runstate.rng_state(),
+        "matrix": {"matrices": parts["matrix"].matrices, "seen": sorted(parts["matrix"].seen),
+                   "trained": parts["matrix"].trained},
+        "peft_experiences_done": parts["peft"].experiences_done,
+        "tracker": tracker.__dict__ if tracker is not None else None,
+        "progress": progress_state,
+    }
+    runstate.save_state(run_dir, t, payload)
+
+
+def _restore_run_state(run_dir: Path, parts: dict) -> tuple[int, dict] | None:
+    """Load the newest intact state into a freshly built run; the next experience index and progress."""
+    from . import runstate
+
+    state, notes = runstate.load_latest_state(run_dir)
+    for note in notes:
+        tqdm.write(f"resume {run_dir.name}: {note}")
+    if state is None:
+        return None
+    strategy = parts["strategy"]
+    model = strategy.model
+    runstate.rebuild_structure(model, state["injected"], parts["benchmark"].test_stream)
+    model.load_state_dict(state["model"])
+    model.to(parts["device"])
+    runstate.load_optimizer_state(strategy, state["optimizer"])
+    m = parts["matrix"]
+    m.matrices, m.seen, m.trained = state["matrix"]["matrices"], set(state["matrix"]["seen"]), state["matrix"]["trained"]
+    parts["peft"].experiences_done = state["peft_experiences_done"]
+    if parts["tracker"] is not None and state["tracker"] is not None:
+        parts["tracker"].__dict__.update(state["tracker"])
+    runstate.set_rng_state(state["rng"])
+    return state["experience"] + 1, state["progress"]
+
+
+def run_experiment(
+    cfg: dict, run_dir: str | os.PathLike, *, run_id: str = "run", progress: bool = True, resume: bool = False
+) -> dict:
+    """Train and evaluate one run; write its folder; return the results dict (schema 1).
+
+    With ``resume``, continue from the newest intact ``state_<t>.pt`` in ``run_dir`` (see
+    :mod:`avl_peft.runstate`); otherwise start from scratch (old states are removed).
+    """
+    from . import runstate
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    resumable = cfg["strategy"]["name"] in runstate.RESUMABLE_STRATEGIES
+    if not (resume and resumable):
+        runstate.clear_states(run_dir)
     parts = build(cfg, run_dir, progress=progress)
     strategy, benchmark, matrix = parts["strategy"], parts["benchmark"], parts["matrix"]
     training = cfg["training"]
-    train_s = eval_s = 0.0
-    images = 0
-    counts: dict[str, int] | None = None
+    done = {"train_s": 0.0, "eval_s": 0.0, "images": 0, "counts": None}
+    start_exp = 0
+    if resume and resumable:
+        restored = _restore_run_state(run_dir, parts)
+        if restored is not None:
+            start_exp, done = restored
+            done["resumed_at_experience"] = start_exp
     n_exp = len(benchmark.train_stream)
-    bar = tqdm(total=n_exp, desc=run_id, unit="exp", disable=not progress)
+    bar = tqdm(total=n_exp, initial=start_exp, desc=run_id, unit="exp", disable=not progress)
     for t, experience in enumerate(benchmark.train_stream):
+        if t < start_exp:
+            continue
         base = training["pretrain"] and t == 0
         strategy.train_epochs = (training["pretrain_epochs"] or training["epochs"]) if base else training["epochs"]
         lr = (training["pretrain_lr"] or training["lr"]) if base else training["lr"]
@@ -213,13 +309,15 @@ def run_experiment(cfg: dict, run_dir: str | os.PathLike, *, run_id: str = "run"
         strategy.optimizer.defaults["lr"] = lr
         start = time.perf_counter()
         strategy.train(experience, num_workers=training["num_workers"])
-        train_s += time.perf_counter() - start
-        images += len(experience.dataset) * strategy.train_epochs
+        done["train_s"] += time.perf_counter() - start
+        done["images"] += len(experience.dataset) * strategy.train_epochs
         if not base:
-            counts = parameter_counts(strategy.model)
+            done["counts"] = parameter_counts(strategy.model)
         start = time.perf_counter()
         strategy.eval(benchmark.test_stream, num_workers=training["num_workers"])
-        eval_s += time.perf_counter() - start
+        done["eval_s"] += time.perf_counter() - start
+        if t < n_exp - 1:
+            _save_run_state(run_dir, t, parts, done)
         row = matrix.matrices["class_incremental"][t][: t + 1]
         bar.set_postfix(acc=f"{np.mean(row):.3f}")
         bar.update(1)
@@ -227,6 +325,7 @@ def run_experiment(cfg: dict, run_dir: str | os.PathLike, *, run_id: str = "run"
     last = parts["evaluator"].get_last_metrics()
     for logger in parts["evaluator"].loggers:  # flush TensorBoard files before results.json marks the run done
         getattr(logger, "close", lambda: None)()
+    tracker = parts["tracker"]
     results = {
         "schema": SCHEMA_VERSION,
         "status": "finished",
@@ -236,24 +335,31 @@ def run_experiment(cfg: dict, run_dir: str | os.PathLike, *, run_id: str = "run"
             "strategy": cfg["strategy"]["name"],
             "seed": cfg["seed"],
             "policy": cfg["method"]["policy"],
-            "options": cfg["method"]["options"],
+            "options": parts["budget"]["options"] if parts["budget"] else cfg["method"]["options"],
         },
         "config": cfg,
         "versions": versions(),
-        "params": counts or parameter_counts(strategy.model),
+        "params": done["counts"] or parameter_counts(strategy.model),
+        "budget": parts["budget"],
         "classes_order": [int(c) for c in getattr(benchmark, "classes_order", [])],
         "accuracy_matrix": matrix.matrices,
         "metrics": summarize_both(matrix.matrices),
+        # Avalanche's own values; after a resume they cover only the experiences since the restart.
         "avalanche_metrics": {
             k: float(v) for k, v in last.items() if k.startswith(("StreamForgetting", "StreamBWT", "Top1_Acc_Stream"))
         },
-        "subspace": [],
+        "subspace": [{k: v for k, v in r.items() if k != "layers"} for r in tracker.records] if tracker else [],
+        "subspace_layers": [r.get("layers", {}) for r in tracker.records] if tracker else [],
         "timing": {
-            "train_s": train_s,
-            "eval_s": eval_s,
-            "images_per_s": images / train_s if train_s > 0 else 0.0,
+            "train_s": done["train_s"],
+            "eval_s": done["eval_s"],
+            "subspace_s": tracker.seconds if tracker else 0.0,
+            "images_per_s": done["images"] / done["train_s"] if done["train_s"] > 0 else 0.0,
             "peak_memory_mb": _peak_memory_mb(parts["device"]),
         },
     }
+    if "resumed_at_experience" in done:
+        results["resumed_at_experience"] = done["resumed_at_experience"]
     write_json_atomic(run_dir / "results.json", results)
+    runstate.clear_states(run_dir)  # finished: results.json and the per-experience checkpoints remain
     return results

@@ -355,6 +355,23 @@ def test_tracker_follows_full_fine_tuning_and_tensorboard(tmp_path):
     assert [e.step for e in acc.Scalars("subspace/feature_drift")] == [0, 1, 2]
 
 
+def test_tracker_rebases_after_a_base_session():
+    torch.manual_seed(0)
+    study = validate_study({**SMALL, "training": {**SMALL["training"], "pretrain": True},
+                            "method": {"name": "lora", "options": {"rank": R}}})
+    ((_, cfg),) = expand(study)
+    parts = build(cfg, None)
+    records = _train(parts, SubspaceTracker(_probe(parts), k=R, writer=None))
+    assert records[0]["base_session"] is True and "base_session" not in records[1]
+    assert records[0]["overlap"] is None and records[1]["overlap"] is None  # the adapter starts at exp 1
+    assert records[2]["overlap"] is not None
+    # against the base-session backbone, the adapter's cumulative update is exactly its ΔW
+    for name, layer in adapted_layers(parts["model"]).items():
+        delta = layer.delta_weight().detach()
+        expected = float(delta.norm() / layer.base.weight.detach().norm())
+        assert records[2]["layers"][name]["relative_norm"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_tracker_with_a_frozen_backbone_reports_no_update():
     torch.manual_seed(0)
     parts = _parts("head")

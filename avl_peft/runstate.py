@@ -1,0 +1,146 @@
+"""Resumable run state: everything needed to continue a run after its last completed experience.
+
+After each experience (trained and evaluated) ``state_<t>.pt`` is written atomically with the whole model
+state, the injected adapter's description, the optimizer state keyed by parameter *name* (Avalanche
+rebuilds parameter groups, so positions are not stable), every RNG state, and the bookkeeping of our
+plugins. A SHA-256 of the file's bytes is stored inside a small sidecar written after it, so a truncated
+or corrupted file is detected on resume and never loaded; the previous state is used instead (that
+experience is retrained). The two most recent states are kept.
+
+Exactness: with ``naive`` (no strategy-internal memory), a resumed run continues bit-for-bit as the
+uninterrupted one would on CPU. Strategies with their own state (replay buffers, EWC importances, LwF
+teachers…) restart an interrupted run from its first experience instead — still nothing finished is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .peft import inject
+
+RESUMABLE_STRATEGIES = ("naive",)
+KEEP = 2
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def optimizer_state(strategy: Any) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name (Avalanche's name -> parameter map)."""
+    names = {id(p): n for n, p in (strategy.optimized_param_id or {}).items()}
+    current = dict(strategy.model.named_parameters())
+    # Only states Avalanche would carry into the next experience: a parameter the model has replaced
+    # since (a grown classifier) gets fresh state there, so it must get fresh state after a resume too.
+    per_param = {
+        names[id(p)]: s for p, s in strategy.optimizer.state.items() if id(p) in names and current.get(names[id(p)]) is p
+    }
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in strategy.optimizer.param_groups]
+    return {"per_param": per_param, "groups": groups}
+
+
+def load_optimizer_state(strategy: Any, saved: dict[str, Any]) -> None:
+    """Rebuild the optimizer over the model's parameters and put each parameter's state back by name."""
+    strategy.optimized_param_id = None
+    strategy.make_optimizer(reset_optimizer_state=True)
+    for group, hyper in zip(strategy.optimizer.param_groups, saved["groups"]):
+        group.update(hyper)
+    for name, param in strategy.optimized_param_id.items():
+        if name in saved["per_param"]:
+            strategy.optimizer.state[param] = {
+                k: v.to(param.device) if torch.is_tensor(v) else v for k, v in saved["per_param"][name].items()
+            }
+
+
+def save_state(run_dir: Path, experience: int, payload: dict[str, Any]) -> Path:
+    """Write ``state_<t>.pt`` and its checksum sidecar; keep the newest KEEP states."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    path = run_dir / f"state_{experience}.pt"
+    _write_atomic(path, data)
+    _write_atomic(path.with_suffix(".sha256"), _digest(data).encode())
+    for old in sorted(run_dir.glob("state_*.pt"), key=_index)[:-KEEP]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".sha256").unlink(missing_ok=True)
+    return path
+
+
+def _index(path: Path) -> int:
+    try:
+        return int(path.stem.split("_")[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def load_latest_state(run_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """The newest intact state (or None) and a note for every state found corrupted and skipped."""
+    notes = []
+    for path in sorted(run_dir.glob("state_*.pt"), key=_index, reverse=True):
+        sidecar = path.with_suffix(".sha256")
+        try:
+            data = path.read_bytes()
+            expected = sidecar.read_text().strip()
+        except OSError as e:
+            notes.append(f"{path.name}: unreadable ({e.strerror or e}); ignored")
+            continue
+        if _digest(data) != expected:
+            notes.append(f"{path.name}: checksum mismatch (truncated or corrupted); ignored, retraining from earlier")
+            continue
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False), notes
+        except Exception as e:  # checksum fine but unloadable: written by another version
+            notes.append(f"{path.name}: cannot be loaded ({type(e).__name__}: {e}); ignored")
+    return None, notes
+
+
+def clear_states(run_dir: Path) -> None:
+    for path in run_dir.glob("state_*"):
+        path.unlink(missing_ok=True)
+
+
+def rebuild_structure(model: torch.nn.Module, injected: dict[str, Any] | None, test_stream: Any) -> None:
+    """Give a fresh model the saved one's structure (adapter injected, heads grown) before loading."""
+    from avalanche.models.utils import avalanche_model_adaptation
+
+    was_training = model.training
+    model.eval()  # eval-mode adaptation grows heads without marking classes as trained
+    for experience in test_stream:
+        avalanche_model_adaptation(model, experience)
+    model.train(was_training)
+    if injected is not None:
+        inject(model, injected["method"], targets=injected.get("targets"), **injected.get("options", {}))
