@@ -15,7 +15,7 @@ from torch import nn
 from .errors import ConfigError, DataError
 
 
-def _closest_models(name: str) -> str:
+def closest_models(name: str) -> str:
     arch = name.split(".")[0]
     close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
     return f" Closest timm names: {', '.join(close)}." if close else " See timm.list_models()."
@@ -98,7 +98,7 @@ def create_backbone(
     if pretrained and checkpoint is not None:
         raise ConfigError("give either pretrained=True (download) or checkpoint=PATH (local file), not both")
     if not timm.is_model(name.split(".")[0]):
-        raise ConfigError(f"unknown backbone '{name}'.{_closest_models(name)}")
+        raise ConfigError(f"unknown backbone '{name}'.{closest_models(name)}")
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
     except TypeError as e:

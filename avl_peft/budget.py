@@ -195,9 +195,7 @@ def _search(
     return None if best is None else best[1]
 
 
-def budget_table(
-    backbone_model: nn.Module, budget: int, targets: list[str] | None = None
-) -> list[dict[str, Any]]:
+def budget_table(backbone_model: nn.Module, budget: int, targets: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per adapter method: ``{"method", "options", "adapter_params", "error"}`` at ``budget``.
 
     A method whose smallest adapter exceeds the budget gets ``options``/``adapter_params`` None and the

@@ -18,8 +18,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     study = load_study(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     if args.dry_run:
-        runs = plan(study, out, resume=True, force=args.force) if out.exists() else [
-            (rid, cfg, "run") for rid, cfg in expand(study)]
+        runs = (
+            plan(study, out, resume=True, force=args.force)
+            if out.exists()
+            else [(rid, cfg, "run") for rid, cfg in expand(study)]
+        )
         print(f"{args.config}: valid, {len(runs)} run(s) -> {out}")
         for rid, _, action in runs:
             print(f"  {'skip' if action == 'skip' else 'run '}  {rid}")
@@ -54,14 +57,50 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_budget(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+
+    from .backbone import create_backbone
+    from .budget import budget_table
+    from .errors import ConfigError
+
+    kwargs = {}
+    for item in args.timm:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--timm {item!r}: expected key=value, e.g. --timm img_size=32")
+        kwargs[key] = yaml.safe_load(raw)
+    with torch.device("meta"):  # shapes only: no memory, no weights, instant even for ViT-L
+        model = create_backbone(args.backbone, num_classes=1, **kwargs)
+    rows = budget_table(model, args.budget, targets=args.targets)
+    print(
+        f"adapter parameters <= {args.budget:,} on {args.backbone}"
+        f" (targets: {', '.join(args.targets) if args.targets else 'attn.qkv, attn.proj, mlp.fc1, mlp.fc2'})"
+    )
+    print(f"{'method':<10} {'options':<24} {'adapter params':>15}")
+    for row in rows:
+        if row.get("error"):
+            print(f"{row['method']:<10} {'-':<24} {'-':>15}   {row['error']}")
+        else:
+            opts = ", ".join(f"{k}={v}" for k, v in row["options"].items())
+            print(f"{row['method']:<10} {opts:<24} {row['adapter_params']:>15,}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="avl-peft", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a study described by a YAML file")
     r.add_argument("config", help="study YAML")
     r.add_argument("--out", help="output folder (default: runs/<config name>)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set training.lr=0.001 (repeatable)")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.lr=0.001 (repeatable)",
+    )
     r.add_argument("--resume", action="store_true", help="skip finished runs, redo interrupted ones")
     r.add_argument("--force", action="store_true", help="redo runs that already have results")
     r.add_argument("--dry-run", action="store_true", help="validate and list the runs, train nothing")
@@ -71,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("dir", help="folder holding run folders with results.json")
     rep.add_argument("--out", help="where to write report.md/.csv and plots (default: DIR)")
     rep.set_defaults(func=_cmd_report)
+    b = sub.add_parser("budget", help="per method, the rank whose adapter fits a parameter budget")
+    b.add_argument("budget", type=int, help="maximum number of adapter parameters")
+    b.add_argument("--backbone", default="vit_base_patch16_224", help="timm model name")
+    b.add_argument("--targets", nargs="+", default=None, help="module-name suffixes or regexes")
+    b.add_argument(
+        "--timm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="timm.create_model argument, e.g. --timm img_size=32 (repeatable)",
+    )
+    b.set_defaults(func=_cmd_budget)
     ls = sub.add_parser("list", help="methods, scenarios and strategies")
     ls.set_defaults(func=_cmd_list)
     return p

@@ -61,7 +61,9 @@ SCHEMA: dict[str, Any] = {
     },
     "training": {
         "optimizer": F(str, "adamw", "optimizer", choices=("sgd", "adam", "adamw")),
-        "lr": F(NUM, 1e-3, "learning rate (methods differ: sweep it for fair comparisons)", minimum=0, exclusive_min=True),
+        "lr": F(
+            NUM, 1e-3, "learning rate (methods differ: sweep it for fair comparisons)", minimum=0, exclusive_min=True
+        ),
         "weight_decay": F(NUM, 0.0, "weight decay", minimum=0),
         "momentum": F(NUM, 0.9, "SGD momentum", minimum=0, maximum=1),
         "epochs": F(int, 1, "epochs per experience", minimum=1),
@@ -85,8 +87,14 @@ SCHEMA: dict[str, Any] = {
         "name": F(str, "naive", "a strategy from `avl-peft list`"),
         "options": F(dict, {}, "strategy options, e.g. mem_size for replay"),
     },
-    "budget": F(int, None, "equal-budget comparison: per method, the largest rank (LoRETTA: rank and tt_rank) "
-                "whose adapter parameters do not exceed this many", minimum=1, nullable=True),
+    "budget": F(
+        int,
+        None,
+        "equal-budget comparison: per method, the largest rank (LoRETTA: rank and tt_rank) "
+        "whose adapter parameters do not exceed this many",
+        minimum=1,
+        nullable=True,
+    ),
     "subspace": {
         "enabled": F(bool, True, "measure update-subspace geometry and feature drift after each experience"),
         "k": F(int, 8, "size of the top-k singular subspaces", minimum=1),
@@ -100,8 +108,14 @@ FREE_FORM = {"backbone.kwargs", "scenario.options", "method.options", "strategy.
 
 
 def _type_name(types: tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping",
-             list: "a list"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true/false",
+        dict: "a mapping",
+        list: "a list",
+    }
     if set(types) == {int, float}:
         return "a number"
     return " or ".join(names.get(t, t.__name__) for t in types)
@@ -162,8 +176,10 @@ def _field_at(path: str) -> Field | None:
             return None
         if not isinstance(node, dict) or part not in node:
             choices = _all_keys()
-            raise ConfigError(f"unknown key '{path}'. Valid keys look like: training.lr, method.options.rank, "
-                              f"seed.{suggest(path, choices)}")
+            raise ConfigError(
+                f"unknown key '{path}'. Valid keys look like: training.lr, method.options.rank, "
+                f"seed.{suggest(path, choices)}"
+            )
         node = node[part]
     if isinstance(node, dict):
         raise ConfigError(f"'{path}' is a section; override one of its keys, e.g. '{path}.{next(iter(node))}'")
@@ -227,6 +243,9 @@ def _check_run(cfg: dict) -> None:
     targets = cfg["method"]["targets"]
     if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
         raise ConfigError(f"method.targets: must be a non-empty list of strings, got {targets!r}")
+    _check_backbone(cfg["backbone"])
+    if cfg.get("budget") is not None:
+        _check_budget(cfg)
     device = cfg["training"]["device"]
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", device):
         raise ConfigError(f"training.device: {device!r} is not a device; use cpu, cuda, cuda:N, mps or auto")
@@ -259,6 +278,51 @@ def _accepts(method: Any, option: str) -> bool:
         return True
     cls = METHODS.get(method)
     return not issubclass(cls, Baseline) and option in {f.name for f in dataclasses.fields(cls.Options)}
+
+
+def _check_backbone(bb: dict) -> None:
+    import timm
+
+    from .backbone import closest_models
+
+    arch = bb["name"].split(".")[0]
+    if not timm.is_model(arch):
+        raise ConfigError(f"backbone.name: unknown timm model '{bb['name']}'.{closest_models(bb['name'])}")
+    if bb["checkpoint"] is not None and not Path(bb["checkpoint"]).expanduser().is_file():
+        raise ConfigError(
+            f"backbone.checkpoint: '{bb['checkpoint']}' does not exist; give the path of a local .pth or "
+            ".safetensors state dict"
+        )
+
+
+_META_MODELS: dict[str, Any] = {}
+
+
+def _check_budget(cfg: dict) -> None:
+    """The budget must fit the method on this backbone (checked on a meta-device model: no memory, fast)."""
+    import torch
+
+    from .backbone import create_backbone
+    from .budget import select_for_budget
+
+    method = cfg["method"]
+    if issubclass(METHODS.get(method["name"]), Baseline):
+        return
+    bb = cfg["backbone"]
+    key = yaml.safe_dump({"name": bb["name"], "kwargs": bb["kwargs"]}, sort_keys=True)
+    if key not in _META_MODELS:
+        with torch.device("meta"):
+            _META_MODELS[key] = create_backbone(bb["name"], num_classes=1, **bb["kwargs"])
+    try:
+        select_for_budget(
+            method["name"],
+            cfg["budget"],
+            backbone_model=_META_MODELS[key],
+            targets=method["targets"],
+            **method["options"],
+        )
+    except ConfigError as e:
+        raise ConfigError(f"budget: {e}") from None
 
 
 def _known_options() -> set[str]:

@@ -86,9 +86,7 @@ def summarize_both(matrices: Mapping[str, Any]) -> dict[str, float]:
             details.append(f"missing {missing}")
         if unknown:
             details.append(f"unknown {unknown}")
-        raise ConfigError(
-            f"accuracy matrices must have exactly the keys {list(MATRIX_KINDS)} ({'; '.join(details)})"
-        )
+        raise ConfigError(f"accuracy matrices must have exactly the keys {list(MATRIX_KINDS)} ({'; '.join(details)})")
     result = _summarize(matrices["class_incremental"], "accuracy_matrix['class_incremental']")
     task_aware = _summarize(matrices["task_aware"], "accuracy_matrix['task_aware']")
     result.update({TASK_AWARE_PREFIX + name: value for name, value in task_aware.items()})
@@ -123,9 +121,7 @@ def _summarize(accuracy_matrix: Any, name: str) -> dict[str, float]:
     return {key: float(values[key]) for key in METRIC_NAMES}
 
 
-def validate_matrix(
-    accuracy_matrix: Sequence[Sequence[Any]] | np.ndarray, name: str = "accuracy_matrix"
-) -> np.ndarray:
+def validate_matrix(accuracy_matrix: Sequence[Sequence[Any]] | np.ndarray, name: str = "accuracy_matrix") -> np.ndarray:
     """Return the matrix as a ``T x T`` float array with NaN above the diagonal, or raise ConfigError.
 
     Checks what :func:`summarize` relies on: non-empty, square, numeric, and every entry with ``i <= t``
@@ -140,9 +136,7 @@ def validate_matrix(
     elif isinstance(accuracy_matrix, Sequence) and not isinstance(accuracy_matrix, (str, bytes)):
         rows = list(accuracy_matrix)
     else:
-        raise ConfigError(
-            f"{name} must be a list of lists or a numpy array, got {type(accuracy_matrix).__name__}"
-        )
+        raise ConfigError(f"{name} must be a list of lists or a numpy array, got {type(accuracy_matrix).__name__}")
 
     T = len(rows)
     if T == 0:
@@ -151,9 +145,7 @@ def validate_matrix(
         if not isinstance(row, (Sequence, np.ndarray)) or isinstance(row, (str, bytes)):
             raise ConfigError(f"{name} row {t} is not a list of accuracies: {row!r}")
         if len(row) != T:
-            raise ConfigError(
-                f"{name} must be square (T x T with T = {T} rows), but row {t} has {len(row)} entries"
-            )
+            raise ConfigError(f"{name} must be square (T x T with T = {T} rows), but row {t} has {len(row)} entries")
 
     a = np.full((T, T), np.nan)
     for t, row in enumerate(rows):
@@ -165,13 +157,9 @@ def validate_matrix(
                 raise ConfigError(f"{name}[{t}][{i}] must be a number, got {value!r}")
             value = float(value)
             if math.isnan(value):
-                raise ConfigError(
-                    f"{name}[{t}][{i}] is NaN; every entry with i <= t must be a measured accuracy"
-                )
+                raise ConfigError(f"{name}[{t}][{i}] is NaN; every entry with i <= t must be a measured accuracy")
             if not 0.0 <= value <= 1.0:
                 hint = " (it looks like a percentage: divide by 100)" if 1.0 < value <= 100.0 else ""
-                raise ConfigError(
-                    f"{name}[{t}][{i}] = {value} is outside [0, 1]; accuracies are fractions{hint}"
-                )
+                raise ConfigError(f"{name}[{t}][{i}] = {value} is outside [0, 1]; accuracies are fractions{hint}")
             a[t, i] = value
     return a

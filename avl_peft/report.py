@@ -182,9 +182,7 @@ def _load_run(path: Path) -> _Run:
     if not isinstance(data, dict):
         raise _CorruptResults("the top level is not a JSON object")
     if data.get("schema") != SCHEMA_VERSION:
-        raise _CorruptResults(
-            f"unsupported schema {data.get('schema')!r} (this version reads {SCHEMA_VERSION})"
-        )
+        raise _CorruptResults(f"unsupported schema {data.get('schema')!r} (this version reads {SCHEMA_VERSION})")
     status = data.get("status")
     if status not in STATUSES:
         raise _CorruptResults(f"'status' is {status!r}, expected one of {list(STATUSES)}")
@@ -254,16 +252,16 @@ def _read_subspace(entries: Any, run: _Run) -> None:
         raise _CorruptResults("'subspace' is not a list of objects")
     if not entries:
         return
-    overlaps = [_number(e.get("overlap"), "subspace[].overlap") for e in entries]
-    alignments = [_number(e.get("alignment"), "subspace[].alignment") for e in entries]
+    # A base session (full fine-tuning of experience 0) is not the method's update: leave it out of the
+    # method's averages; the final drift still counts from the pretrained features.
+    adapted = [e for e in entries if not e.get("base_session")] or entries
+    overlaps = [_number(e.get("overlap"), "subspace[].overlap") for e in adapted]
+    alignments = [_number(e.get("alignment"), "subspace[].alignment") for e in adapted]
     run.overlap = _mean([v for v in overlaps if v is not None])
     run.alignment = _mean([v for v in alignments if v is not None])
     # "Final" means the last experience, taken by its index rather than list order in case a writer
     # appended entries out of order; entries without an index rank below indexed ones, ties by position.
-    order = [
-        (_number(e.get("experience"), "subspace[].experience"), position)
-        for position, e in enumerate(entries)
-    ]
+    order = [(_number(e.get("experience"), "subspace[].experience"), position) for position, e in enumerate(entries)]
     _, last = max((index if index is not None else -math.inf, position) for index, position in order)
     run.final_drift = _number(entries[last].get("feature_drift"), "subspace[].feature_drift")
 
@@ -324,9 +322,7 @@ def _aggregate(runs: list[_Run]) -> list[dict[str, Any]]:
     rows = [_group_row(key, members) for key, members in groups.items()]
     rows += [_failed_row(run) for run in runs if run.status == "failed"]
     # Finished row first, then the failed runs of the same configuration right below it.
-    rows.sort(
-        key=lambda r: (r["method"], r["options"], r["strategy"], r["status"] != "finished", r["run_ids"])
-    )
+    rows.sort(key=lambda r: (r["method"], r["options"], r["strategy"], r["status"] != "finished", r["run_ids"]))
     return rows
 
 

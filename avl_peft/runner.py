@@ -79,7 +79,9 @@ def check_writable(out_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"output folder '{out_dir}' is not writable ({e.strerror}); choose another with --out") from None
+        raise ConfigError(
+            f"output folder '{out_dir}' is not writable ({e.strerror}); choose another with --out"
+        ) from None
 
 
 def run_study(
@@ -124,9 +126,14 @@ def run_study(
                     "schema": SCHEMA_VERSION,
                     "status": "failed",
                     "error": message,
-                    "run": {"id": rid, "method": cfg["method"]["name"], "strategy": cfg["strategy"]["name"],
-                            "seed": cfg["seed"], "policy": cfg["method"]["policy"],
-                            "options": cfg["method"]["options"]},
+                    "run": {
+                        "id": rid,
+                        "method": cfg["method"]["name"],
+                        "strategy": cfg["strategy"]["name"],
+                        "seed": cfg["seed"],
+                        "policy": cfg["method"]["policy"],
+                        "options": cfg["method"]["options"],
+                    },
                     "config": cfg,
                 },
             )

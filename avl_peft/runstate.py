@@ -67,7 +67,9 @@ def optimizer_state(strategy: Any) -> dict[str, Any]:
     # Only states Avalanche would carry into the next experience: a parameter the model has replaced
     # since (a grown classifier) gets fresh state there, so it must get fresh state after a resume too.
     per_param = {
-        names[id(p)]: s for p, s in strategy.optimizer.state.items() if id(p) in names and current.get(names[id(p)]) is p
+        names[id(p)]: s
+        for p, s in strategy.optimizer.state.items()
+        if id(p) in names and current.get(names[id(p)]) is p
     }
     groups = [{k: v for k, v in g.items() if k != "params"} for g in strategy.optimizer.param_groups]
     return {"per_param": per_param, "groups": groups}

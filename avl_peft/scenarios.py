@@ -137,8 +137,7 @@ def _bool_option(key: str, value: Any) -> bool:
 def _choice_option(key: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ConfigError(
-            f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}."
-            + suggest(str(value), list(choices))
+            f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}." + suggest(str(value), list(choices))
         )
     return str(value)
 
@@ -163,8 +162,7 @@ def _class_order(cfg: _Common, n_classes: int, class_order: Sequence[int] | None
         raise ConfigError(f"class_order must be a list of class ids, got {class_order!r}") from None
     if sorted(order) != list(range(n_classes)):
         raise ConfigError(
-            f"class_order must list every class id 0..{n_classes - 1} of '{cfg.name}' exactly once, "
-            f"got {order}"
+            f"class_order must list every class id 0..{n_classes - 1} of '{cfg.name}' exactly once, got {order}"
         )
     return order
 
@@ -213,8 +211,7 @@ def build_scenario(
         if key not in allowed:
             listed = ", ".join(allowed) if allowed else "none"
             raise ConfigError(
-                f"unknown option '{key}' for scenario '{name}'. Allowed options: {listed}."
-                + suggest(key, allowed)
+                f"unknown option '{key}' for scenario '{name}'. Allowed options: {listed}." + suggest(key, allowed)
             )
 
     benchmark = builder(cfg, **options)
@@ -261,9 +258,7 @@ def _prepare_images(images: torch.Tensor, cfg: _Common) -> torch.Tensor:
         chunk = images[start : start + 512].float()
         if chunk.shape[-2:] != (size, size):
             shrinking = chunk.shape[-1] > size or chunk.shape[-2] > size
-            chunk = F.interpolate(
-                chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking
-            )
+            chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)
         out[start : start + 512] = (chunk.clamp(0, 1) - mean) / std
     return out
 
@@ -372,9 +367,7 @@ def _mnist5k(
     return _in_memory_benchmark(cfg, images, labels, train_idx, test_idx, 10, 5, class_order, first_exp_classes)
 
 
-@SCENARIOS.register(
-    "synthetic", "random class templates + noise, tiny and learnable, for tests; 6 classes, 3 exps"
-)
+@SCENARIOS.register("synthetic", "random class templates + noise, tiny and learnable, for tests; 6 classes, 3 exps")
 def _synthetic(
     cfg: _Common,
     *,
@@ -443,12 +436,8 @@ class _ToRGB:
         return "ToRGB()"
 
 
-@SCENARIOS.register(
-    "split_cifar100", "CIFAR-100 split into equal class groups (Avalanche SplitCIFAR100); 10 exps"
-)
-def _split_cifar100(
-    cfg: _Common, *, augment: bool = True, class_order: Sequence[int] | None = None
-) -> CLScenario:
+@SCENARIOS.register("split_cifar100", "CIFAR-100 split into equal class groups (Avalanche SplitCIFAR100); 10 exps")
+def _split_cifar100(cfg: _Common, *, augment: bool = True, class_order: Sequence[int] | None = None) -> CLScenario:
     augment = _bool_option("augment", augment)
     n_exp = _n_experiences(cfg, 100, 10)
     order = _class_order(cfg, 100, class_order)
@@ -475,9 +464,7 @@ def _split_cifar100(
 _CORE50_EXPERIENCES = {"nc": 9, "ni": 8}
 
 
-@SCENARIOS.register(
-    "core50", "CORe50 objects, NC (9 exps) or NI (8 exps) protocol (Avalanche CORe50); run = seed % 10"
-)
+@SCENARIOS.register("core50", "CORe50 objects, NC (9 exps) or NI (8 exps) protocol (Avalanche CORe50); run = seed % 10")
 def _core50(
     cfg: _Common,
     *,
@@ -502,16 +489,12 @@ def _core50(
             f"or unset, got {cfg.n_experiences}"
         )
     if cfg.task_labels:
-        raise ConfigError(
-            "core50 has no task labels (Avalanche gives every experience task 0); set task_labels: false"
-        )
+        raise ConfigError("core50 has no task labels (Avalanche gives every experience task 0); set task_labels: false")
 
     folder = cfg.folder("core50")
     files = [core50_data.extra_data[1] if mini else core50_data.data[0], *core50_data.data[1:]]
     how_to = (
-        "Download these into that folder and unzip the .zip files there: "
-        + ", ".join(url for _, url, _ in files)
-        + "."
+        "Download these into that folder and unzip the .zip files there: " + ", ".join(url for _, url, _ in files) + "."
     )
     benchmark = _fetch(
         "CORe50",
@@ -595,8 +578,7 @@ _TORCHVISION_SETS = {
     ),
     "mnist": (
         "MNIST",
-        "Put the four *-ubyte.gz files from https://ossci-datasets.s3.amazonaws.com/mnist/ "
-        "into <folder>/MNIST/raw/.",
+        "Put the four *-ubyte.gz files from https://ossci-datasets.s3.amazonaws.com/mnist/ into <folder>/MNIST/raw/.",
     ),
     "fashion_mnist": (
         "Fashion-MNIST",
@@ -625,9 +607,7 @@ def _torchvision_pair(key: str, folder: Path) -> tuple[Any, Any]:
     return _fetch(label, folder, how_to.replace("<folder>", root), load)
 
 
-def _notmnist_files(
-    folder: Path, test_fraction: float
-) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
+def _notmnist_files(folder: Path, test_fraction: float) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
     """(path, label) lists for train and test.
 
     Accepts ``<folder>/train/<A..J>/`` + ``<folder>/test/<A..J>/``, or the unsplit ``<folder>/<A..J>/``
@@ -668,9 +648,7 @@ def _notmnist_files(
             splits.append(check_ten(folder / split))
         train_dirs, test_dirs = splits
         if [p.name for p in train_dirs] != [p.name for p in test_dirs]:
-            raise DataError(
-                f"notMNIST train/ and test/ in '{folder}' must have the same class folders. {how_to}"
-            )
+            raise DataError(f"notMNIST train/ and test/ in '{folder}' must have the same class folders. {how_to}")
         train = [(f, c) for c, d in enumerate(train_dirs) for f in images(d)]
         test = [(f, c) for c, d in enumerate(test_dirs) for f in images(d)]
         return train, test
@@ -680,9 +658,7 @@ def _notmnist_files(
     for c, d in enumerate(check_ten(folder)):
         files = images(d)
         if len(files) < 2:
-            raise DataError(
-                f"notMNIST class folder '{d}' needs at least 2 images to split into train and test"
-            )
+            raise DataError(f"notMNIST class folder '{d}' needs at least 2 images to split into train and test")
         picked = rng.permutation(len(files))
         n_test = min(max(1, round(len(files) * test_fraction)), len(files) - 1)
         test += [(files[i], c) for i in sorted(picked[:n_test])]
@@ -699,8 +675,7 @@ def _read_grey(files: list[tuple[Path, int]]) -> _PILImages:
                 arrays.append(np.asarray(img.convert("L"), dtype=np.uint8).copy())
         except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for broken files
             raise DataError(
-                f"cannot read notMNIST image '{path}' ({type(exc).__name__}: {exc}); "
-                "delete or replace the file"
+                f"cannot read notMNIST image '{path}' ({type(exc).__name__}: {exc}); delete or replace the file"
             ) from None
         targets.append(label)
     return _PILImages(arrays, targets)
@@ -719,9 +694,7 @@ def _dataset_order(cfg: _Common, order: Any) -> list[str]:
     )
 
 
-@SCENARIOS.register(
-    "five_datasets", "CIFAR-10, MNIST, Fashion-MNIST, SVHN, notMNIST: one dataset per exp, 50 classes"
-)
+@SCENARIOS.register("five_datasets", "CIFAR-10, MNIST, Fashion-MNIST, SVHN, notMNIST: one dataset per exp, 50 classes")
 def _five_datasets(cfg: _Common, *, order: Any = "fixed", notmnist_test_fraction: float = 0.2) -> CLScenario:
     names = _dataset_order(cfg, order)
     test_fraction = _float_option("notmnist_test_fraction", notmnist_test_fraction, low=0.01, high=0.99)

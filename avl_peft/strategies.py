@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from avalanche.training import AGEM, EWC, GEM, LearningToPrompt, Naive, Replay, SynapticIntelligence
+from avalanche.training import AGEM, EWC, GEM, LearningToPrompt, MaskedCrossEntropy, Naive, Replay, SynapticIntelligence
 from avalanche.training import LwF as AvalancheLwF
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
@@ -321,3 +321,20 @@ def build_l2p(
 
 
 STRATEGIES.register("l2p", "Learning to Prompt baseline (Avalanche LearningToPrompt; pool_size, top_k, lr)")(build_l2p)
+
+
+TRAIN_MASKS = {"current": "new", "seen": "seen"}
+
+
+class TrainMaskLoss(MaskedCrossEntropy):
+    """Avalanche's MaskedCrossEntropy (``train_mask``: ``current`` → only this experience's logits enter the
+    loss, as L2P/PILOT do; ``seen`` → every class seen so far), updated at each experience without going
+    through Avalanche's deprecated hook (which re-enables its deprecation warning on every call)."""
+
+    def __init__(self, train_mask: str = "current"):
+        if train_mask not in TRAIN_MASKS:
+            raise ConfigError(f"train_mask must be one of {', '.join(TRAIN_MASKS)}, got {train_mask!r}")
+        super().__init__(mask=TRAIN_MASKS[train_mask])
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self._adaptation(strategy.experience.classes_in_this_experience)

@@ -28,7 +28,7 @@ from .metrics import summarize_both
 from .peft import parameter_counts
 from .plugin import PEFTPlugin
 from .scenarios import build_scenario
-from .strategies import STRATEGIES, strategy_options
+from .strategies import STRATEGIES, TrainMaskLoss, strategy_options
 
 SCHEMA_VERSION = 1
 
@@ -147,8 +147,8 @@ def probe_batch(benchmark: Any, size: int) -> torch.Tensor:
 
 def resolve_budget(cfg: dict, model: torch.nn.Module) -> dict[str, Any] | None:
     """With ``budget: N``, the method's options chosen so its adapter has at most N parameters."""
-    from .adapters.baselines import Baseline
     from .adapters import METHODS
+    from .adapters.baselines import Baseline
     from .budget import select_for_budget
 
     method = cfg["method"]
@@ -157,8 +157,11 @@ def resolve_budget(cfg: dict, model: torch.nn.Module) -> dict[str, Any] | None:
     chosen = select_for_budget(
         method["name"], cfg["budget"], backbone_model=model, targets=method["targets"], **method["options"]
     )
-    return {"budget": cfg["budget"], "options": {k: v for k, v in chosen.items() if k != "adapter_params"},
-            "adapter_params": chosen["adapter_params"]}
+    return {
+        "budget": cfg["budget"],
+        "options": {k: v for k, v in chosen.items() if k != "adapter_params"},
+        "adapter_params": chosen["adapter_params"],
+    }
 
 
 def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> dict[str, Any]:
@@ -186,9 +189,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> dict[st
     n_exp = len(benchmark.train_stream)
     if training["pretrain"] and n_exp < 2:
         raise ConfigError("training.pretrain needs at least 2 experiences (the base session plus one more)")
-    from avalanche.training import MaskedCrossEntropy
-
-    criterion = MaskedCrossEntropy(mask="new" if training["train_mask"] == "current" else "seen")
+    criterion = TrainMaskLoss(training["train_mask"])
     matrix = AccuracyMatrixPlugin(n_exp)
     peft = PEFTPlugin(
         method["name"],
@@ -223,8 +224,17 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> dict[st
         eval_every=-1,
         **strategy_options(name, cfg["strategy"]["options"]),
     )
-    return {"model": model, "benchmark": benchmark, "strategy": strategy, "matrix": matrix, "peft": peft,
-            "evaluator": evaluator, "device": device, "tracker": tracker, "budget": budget}
+    return {
+        "model": model,
+        "benchmark": benchmark,
+        "strategy": strategy,
+        "matrix": matrix,
+        "peft": peft,
+        "evaluator": evaluator,
+        "device": device,
+        "tracker": tracker,
+        "budget": budget,
+    }
 
 
 def _save_run_state(run_dir: Path, t: int, parts: dict, progress_state: dict) -> None:
@@ -237,8 +247,11 @@ def _save_run_state(run_dir: Path, t: int, parts: dict, progress_state: dict) ->
         "injected": getattr(strategy.model, "peft_config", None),
         "optimizer": runstate.optimizer_state(strategy),
         "rng": runstate.rng_state(),
-        "matrix": {"matrices": parts["matrix"].matrices, "seen": sorted(parts["matrix"].seen),
-                   "trained": parts["matrix"].trained},
+        "matrix": {
+            "matrices": parts["matrix"].matrices,
+            "seen": sorted(parts["matrix"].seen),
+            "trained": parts["matrix"].trained,
+        },
         "peft_experiences_done": parts["peft"].experiences_done,
         "tracker": tracker.__dict__ if tracker is not None else None,
         "progress": progress_state,
@@ -262,7 +275,11 @@ def _restore_run_state(run_dir: Path, parts: dict) -> tuple[int, dict] | None:
     model.to(parts["device"])
     runstate.load_optimizer_state(strategy, state["optimizer"])
     m = parts["matrix"]
-    m.matrices, m.seen, m.trained = state["matrix"]["matrices"], set(state["matrix"]["seen"]), state["matrix"]["trained"]
+    m.matrices, m.seen, m.trained = (
+        state["matrix"]["matrices"],
+        set(state["matrix"]["seen"]),
+        state["matrix"]["trained"],
+    )
     parts["peft"].experiences_done = state["peft_experiences_done"]
     if parts["tracker"] is not None and state["tracker"] is not None:
         parts["tracker"].__dict__.update(state["tracker"])

@@ -90,9 +90,7 @@ def _check_k(k: Any) -> int:
     return k
 
 
-def top_singular(
-    M: torch.Tensor, k: int, *, exact: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_singular(M: torch.Tensor, k: int, *, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, s, V): M's top-k' singular triplets, k' = min(k, numerical rank of M), in float32.
 
     U is d_out × k', V is d_in × k' (both orthonormal columns), s descending. Randomized

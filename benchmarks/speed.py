@@ -188,8 +188,10 @@ def main() -> None:
 
     memory = {}
     for k, m in variants.items():
-        memory[k] = {"saved_for_backward_mb": saved_bytes(m.train(), x, y, args) / 2**20,
-                     "weights_grads_optimizer_mb": state_bytes(m) / 2**20}
+        memory[k] = {
+            "saved_for_backward_mb": saved_bytes(m.train(), x, y, args) / 2**20,
+            "weights_grads_optimizer_mb": state_bytes(m) / 2**20,
+        }
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             steppers[k](x, y)

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import yaml
 
@@ -20,8 +19,9 @@ TINY_STUDY = {
 
 def avl(*args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "avl_peft", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "avl_peft", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_run_then_report(tmp_path):
@@ -79,9 +79,14 @@ def test_diverging_run_is_recorded_failed_and_others_continue(tmp_path):
     from avl_peft.report import build_report
     from avl_peft.runner import run_study
 
-    study = validate_study({**TINY_STUDY, "training": {"epochs": 1, "batch_size": 16, "lr": 0.003},
-                            "variants": [{"method.name": "lora"}, {"method.name": "head", "training.lr": 1e30}],
-                            "grid": {}})
+    study = validate_study(
+        {
+            **TINY_STUDY,
+            "training": {"epochs": 1, "batch_size": 16, "lr": 0.003},
+            "variants": [{"method.name": "lora"}, {"method.name": "head", "training.lr": 1e30}],
+            "grid": {},
+        }
+    )
     summary = run_study(study, tmp_path / "out", progress=False)
     status = {s["id"]: s["status"] for s in summary}
     assert status == {"lora-rank2-naive-lr0.003-s0": "finished", "head-naive-lr1e+30-s0": "failed"}

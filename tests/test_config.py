@@ -65,8 +65,9 @@ def test_malformed_config_names_the_key(config, message):
 
 
 def test_grid_expansion_and_baselines_drop_rank():
-    study = validate_study({**TINY, "grid": {"method.name": ["lora", "head"], "method.options.rank": [2, 4],
-                                             "seed": [0, 1]}})
+    study = validate_study(
+        {**TINY, "grid": {"method.name": ["lora", "head"], "method.options.rank": [2, 4], "seed": [0, 1]}}
+    )
     ids = [rid for rid, _ in expand(study)]
     assert len(ids) == len(set(ids)) == 2 * 2 + 2  # lora × 2 ranks × 2 seeds, head × 2 seeds
     assert "lora-rank2-naive-s1" in ids and "head-naive-s0" in ids

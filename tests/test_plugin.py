@@ -12,10 +12,10 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from avl_peft import study
-from avl_peft.errors import ConfigError
 from avl_peft.adapters import AdaptedLinear
 from avl_peft.adapters.pissa import principal_factors
 from avl_peft.config import expand, validate_study
+from avl_peft.errors import ConfigError
 from avl_peft.metrics import summarize, summarize_both
 from avl_peft.peft import DEFAULT_TARGETS, adapted_layers, merge
 from avl_peft.plugin import PEFTPlugin, restore_checkpoint

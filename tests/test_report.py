@@ -113,9 +113,7 @@ def run_root(tmp_path: Path) -> Path:
     for seed, values in FULL.items():
         _write(
             root / "nested" / "deeper",
-            _results(
-                f"full-naive-s{seed}", "full", seed, values, subspace=[], trainable=5_600_000, train_s=50.0
-            ),
+            _results(f"full-naive-s{seed}", "full", seed, values, subspace=[], trainable=5_600_000, train_s=50.0),
         )
     _write(
         root,

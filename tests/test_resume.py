@@ -129,10 +129,19 @@ def test_finished_run_is_not_overwritten_and_lock_skips(reference, tmp_path):
     run_dir = tmp_path / "lora-rank2-naive-s0"
     with run_lock(run_dir) as mine:
         assert mine
-        holder = subprocess.Popen([sys.executable, "-c", (
-            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
-            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"), str(run_dir / ".lock")],
-            stdout=subprocess.PIPE, text=True)
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+                    "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
+                ),
+                str(run_dir / ".lock"),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
     try:
         assert holder.stdout.readline().strip() == "locked"
         summary = run_study(validate_study(STUDY), tmp_path, force=True, progress=False)

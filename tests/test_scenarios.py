@@ -317,9 +317,7 @@ def test_five_datasets_offsets_and_sizes(fake_five):
 
 def test_five_datasets_seeded_order_and_task_labels(fake_five):
     sizes = {"cifar10": 10, "mnist": 30, "fashion_mnist": 40, "svhn": 50, "notmnist": 20}
-    bench = build_scenario(
-        "five_datasets", root=fake_five, img_size=8, order="seeded", seed=1, task_labels=True
-    )
+    bench = build_scenario("five_datasets", root=fake_five, img_size=8, order="seeded", seed=1, task_labels=True)
     again = build_scenario("five_datasets", root=fake_five, img_size=8, order="seeded", seed=1)
     assert bench.dataset_order == again.dataset_order
     assert sorted(bench.dataset_order) == sorted(sizes)

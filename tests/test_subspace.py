@@ -230,8 +230,11 @@ def test_gradient_steps_pissa_is_principal_lora_is_at_chance():
 # SubspaceTracker on a short continual run
 # ------------------------------------------------------------------------------------------------
 
-SMALL = {"backbone": {"kwargs": {"img_size": 32, "patch_size": 4, "depth": 2}}, "scenario": {"name": "synthetic"},
-         "training": {"batch_size": 16}}
+SMALL = {
+    "backbone": {"kwargs": {"img_size": 32, "patch_size": 4, "depth": 2}},
+    "scenario": {"name": "synthetic"},
+    "training": {"batch_size": 16},
+}
 
 
 def _parts(method="lora", policy="continue", run_dir=None, **options):
@@ -312,8 +315,13 @@ def test_tracker_cumulative_update_is_delta_w_under_continue(lora_run):
 def test_tracker_logs_averages_to_the_writer(lora_run):
     _, tracker, writer = lora_run
     tags = {tag for tag, _, _ in writer.calls}
-    assert {"subspace/alignment", "subspace/effective_rank", "subspace/relative_norm", "subspace/feature_drift",
-            "subspace/overlap"} <= tags
+    assert {
+        "subspace/alignment",
+        "subspace/effective_rank",
+        "subspace/relative_norm",
+        "subspace/feature_drift",
+        "subspace/overlap",
+    } <= tags
     overlap_steps = [step for tag, _, step in writer.calls if tag == "subspace/overlap"]
     assert overlap_steps == [1, 2]  # experience 0 has no earlier update to overlap with
     drift = [(step, v) for tag, v, step in writer.calls if tag == "subspace/feature_drift"]
@@ -343,8 +351,9 @@ def test_tracker_follows_full_fine_tuning_and_tensorboard(tmp_path):
     tracker = SubspaceTracker(_probe(parts), k=R)  # writer="auto": the run's TensorboardLogger
     records = _train(parts, tracker)
     _check_ranges(records)
-    assert set(records[0]["layers"]) == {f"backbone.blocks.{i}.{t}" for i in range(2)
-                                         for t in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert set(records[0]["layers"]) == {
+        f"backbone.blocks.{i}.{t}" for i in range(2) for t in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    }
     assert all(r["relative_norm"] > 0 for r in records)
     parts["evaluator"].loggers[0].writer.flush()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -357,8 +366,13 @@ def test_tracker_follows_full_fine_tuning_and_tensorboard(tmp_path):
 
 def test_tracker_rebases_after_a_base_session():
     torch.manual_seed(0)
-    study = validate_study({**SMALL, "training": {**SMALL["training"], "pretrain": True},
-                            "method": {"name": "lora", "options": {"rank": R}}})
+    study = validate_study(
+        {
+            **SMALL,
+            "training": {**SMALL["training"], "pretrain": True},
+            "method": {"name": "lora", "options": {"rank": R}},
+        }
+    )
     ((_, cfg),) = expand(study)
     parts = build(cfg, None)
     records = _train(parts, SubspaceTracker(_probe(parts), k=R, writer=None))
