@@ -16,6 +16,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .runner import plan, run_study
 
     study = load_study(args.config, args.set)
+    from .distributed import init_from_env, rank
+
+    init_from_env(study["seed"], study["training"]["device"])  # no-op unless launched by torchrun
+    if rank() != 0:
+        args.quiet = True
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     if args.dry_run:
         runs = (
@@ -27,12 +32,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for rid, _, action in runs:
             print(f"  {'skip' if action == 'skip' else 'run '}  {rid}")
         return 0
-    summary = run_study(study, out, resume=args.resume, force=args.force, progress=not args.quiet)
+    summary = run_study(
+        study,
+        out,
+        resume=args.resume,
+        force=args.force,
+        progress=not args.quiet,
+        executor=args.executor,
+        workers=args.workers,
+        ray_address=args.ray_address,
+    )
     failed = [s for s in summary if s["status"] == "failed"]
     done = sum(s["status"] == "finished" for s in summary)
     skipped = sum(s["status"] == "skipped" for s in summary)
-    print(f"{done} run(s) finished, {skipped} skipped, {len(failed)} failed -> {out}")
-    print(f"next: avl-peft report {out}")
+    if rank() == 0:
+        print(f"{done} run(s) finished, {skipped} skipped, {len(failed)} failed -> {out}")
+        print(f"next: avl-peft report {out}")
     return 1 if failed else 0
 
 
@@ -105,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="redo runs that already have results")
     r.add_argument("--dry-run", action="store_true", help="validate and list the runs, train nothing")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--executor", choices=["sequential", "local", "ray"], help="where runs execute (default: config)")
+    r.add_argument("--workers", type=int, help="processes for --executor local")
+    r.add_argument("--ray-address", help="Ray cluster address for --executor ray (default: start Ray locally)")
     r.set_defaults(func=_cmd_run)
     rep = sub.add_parser("report", help="comparison table and plots from a folder of runs")
     rep.add_argument("dir", help="folder holding run folders with results.json")

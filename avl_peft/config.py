@@ -101,9 +101,17 @@ SCHEMA: dict[str, Any] = {
         "probe_size": F(int, 32, "test images in the fixed probe batch for feature drift (CKA)", minimum=2),
         "exact": F(bool, False, "exact SVD instead of randomized (slower on large layers)"),
     },
+    "executor": {
+        "name": F(str, "sequential", "where runs execute", choices=("sequential", "local", "ray")),
+        "workers": F(int, 2, "processes of the local executor", minimum=1),
+        "ray_address": F(str, None, "Ray cluster address (null: start Ray locally)", nullable=True),
+        "num_cpus": F(NUM, 1, "CPUs Ray reserves per run", minimum=0),
+        "num_gpus": F(NUM, 0, "GPUs Ray reserves per run (fractions share a GPU)", minimum=0),
+    },
     "grid": F(dict, {}, "cartesian axes: dotted key -> list of values"),
     "variants": F(list, [], "list of override sets (dotted key -> value), crossed with the grid"),
 }
+STUDY_ONLY = ("grid", "variants", "executor")  # study-level sections, not part of any run's config
 FREE_FORM = {"backbone.kwargs", "scenario.options", "method.options", "strategy.options"}
 
 
@@ -216,8 +224,8 @@ def _check_overrides(where: str, overrides: Any, *, lists: bool) -> None:
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where}: must be a mapping of dotted keys to {'lists of values' if lists else 'values'}")
     for key, value in overrides.items():
-        if key in ("grid", "variants"):
-            raise ConfigError(f"{where}: '{key}' cannot be overridden")
+        if key.split(".")[0] in STUDY_ONLY:
+            raise ConfigError(f"{where}: '{key}' is a study setting and cannot vary between runs")
         _field_at(str(key))
         if lists and (not isinstance(value, list) or not value):
             raise ConfigError(f"{where}.{key}: must be a non-empty list of values, got {value!r}")
@@ -353,7 +361,7 @@ def run_id(cfg: dict, axes: list[str]) -> str:
 def expand(study: dict) -> list[tuple[str, dict]]:
     """All runs of a validated study: (run id, resolved config), duplicates removed, order stable."""
     grid, variants = study["grid"], study["variants"] or [{}]
-    base = {k: v for k, v in study.items() if k not in ("grid", "variants")}
+    base = {k: v for k, v in study.items() if k not in STUDY_ONLY}
     axes = list(grid) + sorted({k for v in variants for k in v})
     runs, seen = [], set()
     for values in itertools.product(*grid.values()):
@@ -379,7 +387,7 @@ def expand(study: dict) -> list[tuple[str, dict]]:
                     for k, v in options.items()
                     if f"method.options.{k}" in explicit or _accepts(method, k) or k not in _known_options()
                 }
-            cfg = _validate_section("", {k: v for k, v in SCHEMA.items() if k not in ("grid", "variants")}, cfg)
+            cfg = _validate_section("", {k: v for k, v in SCHEMA.items() if k not in STUDY_ONLY}, cfg)
             if cfg["budget"] is not None:  # the budget chooses rank (and tt_rank); drop configured ones
                 cfg["method"]["options"] = {
                     k: v for k, v in cfg["method"]["options"].items() if k not in ("rank", "tt_rank")

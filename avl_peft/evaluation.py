@@ -26,8 +26,10 @@ from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetti
 from avalanche.logging import TensorboardLogger
 from avalanche.training.plugins import EvaluationPlugin
 
+from .distributed import all_reduce_sum
 
-class AccuracyMatrixPlugin(SupervisedPlugin):
+
+class AccuracyMatrixPlugin(SupervisedPlugin, supports_distributed=True):
     """Fills ``matrices[kind][t][i]`` during ``strategy.eval(test_stream)`` after each experience t.
 
     Only experiences of the stream named ``stream`` (default ``test``) are recorded, so an extra
@@ -73,7 +75,11 @@ class AccuracyMatrixPlugin(SupervisedPlugin):
         if self.trained == 0 or not self._recording(strategy):
             return  # an evaluation before any training (or of another stream) is not part of the matrix
         i = strategy.experience.current_experience
-        for kind, (correct, total) in self._counts.items():
+        kinds = list(self._counts)
+        # Under torchrun each process evaluated a shard: sum the counts over processes.
+        summed = all_reduce_sum([float(v) for kind in kinds for v in self._counts[kind]])
+        for j, kind in enumerate(kinds):
+            correct, total = summed[2 * j], summed[2 * j + 1]
             self.matrices[kind][self.trained - 1][i] = correct / total if total else 0.0
 
 

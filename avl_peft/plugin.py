@@ -148,7 +148,7 @@ def restore_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike | d
     return model
 
 
-class CheckpointPlugin(SupervisedPlugin):
+class CheckpointPlugin(SupervisedPlugin, supports_distributed=True):
     """``exp_<t>.pt`` after each training experience, for strategies that run without :class:`PEFTPlugin`."""
 
     def __init__(self, checkpoint_dir: str | os.PathLike, **meta: Any):
@@ -161,7 +161,7 @@ class CheckpointPlugin(SupervisedPlugin):
         self.experiences_done += 1
 
 
-class PEFTPlugin(SupervisedPlugin):
+class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
     """Inject ``method``'s adapters into ``strategy.model`` and manage them across experiences.
 
     :param method: a name from ``avl_peft.methods()`` (adapters and the ``full``/``head`` baselines).

@@ -84,59 +84,115 @@ def check_writable(out_dir: Path) -> None:
         ) from None
 
 
+def record_failure(run_dir: Path, rid: str, cfg: dict, message: str, details: str) -> dict[str, Any]:
+    """Write a failed run's results.json (and error.txt) so the report shows it; return its summary."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "error.txt", details)
+    write_json_atomic(
+        run_dir / "results.json",
+        {
+            "schema": SCHEMA_VERSION,
+            "status": "failed",
+            "error": message,
+            "run": {
+                "id": rid,
+                "method": cfg["method"]["name"],
+                "strategy": cfg["strategy"]["name"],
+                "seed": cfg["seed"],
+                "policy": cfg["method"]["policy"],
+                "options": cfg["method"]["options"],
+            },
+            "config": cfg,
+        },
+    )
+    tqdm.write(f"run {rid} failed: {message} (details in {run_dir / 'error.txt'})")
+    return {"id": rid, "status": "failed", "error": message}
+
+
+def run_one(
+    rid: str, cfg: dict, out_dir: str | Path, *, resume: bool, force: bool, progress: bool, raise_user_errors: bool
+) -> dict[str, Any]:
+    """One run under its lock: finished, skipped (held elsewhere / finished meanwhile) or failed."""
+    run_dir = Path(out_dir) / rid
+    try:
+        with run_lock(run_dir) as mine:
+            if not mine:
+                tqdm.write(f"run {rid}: another avl-peft process is running it; skipped")
+                return {"id": rid, "status": "skipped", "reason": "locked by another process"}
+            if read_status(run_dir) == "finished" and resume and not force:  # finished meanwhile
+                return {"id": rid, "status": "skipped"}
+            (run_dir / "error.txt").unlink(missing_ok=True)
+            results = run_experiment(cfg, run_dir, run_id=rid, progress=progress, resume=resume and not force)
+        return {"id": rid, "status": "finished", "acc": results["metrics"]["acc"]}
+    except AvlPeftError as e:
+        if raise_user_errors:
+            raise  # the user's to fix (config, data): every other run would fail the same way
+        return record_failure(run_dir, rid, cfg, f"{type(e).__name__}: {e}", traceback.format_exc())
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # this run failed; record it and let the others run
+        return record_failure(run_dir, rid, cfg, f"{type(e).__name__}: {e}", traceback.format_exc())
+
+
 def run_study(
-    study: dict, out_dir: str | Path, *, resume: bool = False, force: bool = False, progress: bool = True
+    study: dict,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    executor: str | None = None,
+    **executor_options: Any,
 ) -> list[dict[str, Any]]:
-    """Run every run of a validated study into ``out_dir``; return one summary dict per run."""
+    """Run every run of a validated study into ``out_dir``; return one summary dict per run.
+
+    ``executor``: ``sequential`` (default), ``local`` (a process pool, ``workers``) or ``ray`` (a Ray task
+    per run, ``ray_address``); defaults come from the study's ``executor`` section.
+    """
+    from . import distributed
+    from .executors import EXECUTORS
+
     out_dir = Path(out_dir)
+    if distributed.world_size() > 1:
+        return _run_study_distributed(study, out_dir, resume=resume, force=force, progress=progress)
     check_writable(out_dir)
     runs = plan(study, out_dir, resume=resume, force=force)
     write_text_atomic(out_dir / "study.yaml", yaml.safe_dump(study, sort_keys=False))
+    settings = {**(study.get("executor") or {}), **{k: v for k, v in executor_options.items() if v is not None}}
+    name = executor or settings.pop("name", None) or "sequential"
+    settings.pop("name", None)
+    todo = [(rid, cfg) for rid, cfg, action in runs if action == "run"]
+    summary = {rid: {"id": rid, "status": "skipped"} for rid, _, action in runs if action == "skip"}
+    results = EXECUTORS.get(name)(todo, out_dir, resume=resume, force=force, progress=progress, **settings)
+    summary.update({s["id"]: s for s in results})
+    return [summary[rid] for rid, _, _ in runs]
+
+
+def _run_study_distributed(study: dict, out_dir: Path, *, resume: bool, force: bool, progress: bool) -> list[dict]:
+    """Under torchrun: rank 0 plans and writes; every rank runs the same runs in the same order.
+
+    Runs interrupted mid-way restart from their first experience (only rank 0 holds the saved state);
+    finished runs are skipped with ``--resume`` as usual.
+    """
+    import tempfile
+
+    from . import distributed
+
+    main = distributed.rank() == 0
+    runs = None
+    if main:
+        check_writable(out_dir)
+        runs = plan(study, out_dir, resume=resume, force=force)
+        write_text_atomic(out_dir / "study.yaml", yaml.safe_dump(study, sort_keys=False))
+    runs = distributed.broadcast_object(runs)
     summary = []
-    bar = tqdm(runs, desc="study", unit="run", disable=not progress)
-    for rid, cfg, action in bar:
-        bar.set_postfix_str(rid)
-        run_dir = out_dir / rid
-        if action == "skip":
-            summary.append({"id": rid, "status": "skipped"})
-            continue
-        try:
-            with run_lock(run_dir) as mine:
-                if not mine:
-                    summary.append({"id": rid, "status": "skipped", "reason": "locked by another process"})
-                    tqdm.write(f"run {rid}: another avl-peft process is running it; skipped")
-                    continue
-                if read_status(run_dir) == "finished" and resume and not force:  # finished meanwhile
-                    summary.append({"id": rid, "status": "skipped"})
-                    continue
-                (run_dir / "error.txt").unlink(missing_ok=True)
-                results = run_experiment(cfg, run_dir, run_id=rid, progress=progress, resume=resume and not force)
-            summary.append({"id": rid, "status": "finished", "acc": results["metrics"]["acc"]})
-        except AvlPeftError:
-            raise  # the user's to fix (config, data): every other run would fail the same way
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # this run failed; record it and let the others run
-            message = f"{type(e).__name__}: {e}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(run_dir / "error.txt", traceback.format_exc())
-            write_json_atomic(
-                run_dir / "results.json",
-                {
-                    "schema": SCHEMA_VERSION,
-                    "status": "failed",
-                    "error": message,
-                    "run": {
-                        "id": rid,
-                        "method": cfg["method"]["name"],
-                        "strategy": cfg["strategy"]["name"],
-                        "seed": cfg["seed"],
-                        "policy": cfg["method"]["policy"],
-                        "options": cfg["method"]["options"],
-                    },
-                    "config": cfg,
-                },
+    with tempfile.TemporaryDirectory(prefix="avl-peft-rank") as scratch:
+        target = out_dir if main else Path(scratch)
+        for rid, cfg, action in runs:
+            if action == "skip":
+                summary.append({"id": rid, "status": "skipped"})
+                continue
+            summary.append(
+                run_one(rid, cfg, target, resume=False, force=True, progress=progress and main, raise_user_errors=True)
             )
-            summary.append({"id": rid, "status": "failed", "error": message})
-            tqdm.write(f"run {rid} failed: {message} (details in {run_dir / 'error.txt'})")
     return summary

@@ -331,6 +331,8 @@ class TrainMaskLoss(MaskedCrossEntropy):
     loss, as L2P/PILOT do; ``seen`` → every class seen so far), updated at each experience without going
     through Avalanche's deprecated hook (which re-enables its deprecation warning on every call)."""
 
+    supports_distributed = True  # a loss: no cross-process state
+
     def __init__(self, train_mask: str = "current"):
         if train_mask not in TRAIN_MASKS:
             raise ConfigError(f"train_mask must be one of {', '.join(TRAIN_MASKS)}, got {train_mask!r}")

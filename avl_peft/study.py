@@ -21,6 +21,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from . import distributed
 from .backbone import create_continual_model, data_config
 from .errors import ConfigError
 from .evaluation import AccuracyMatrixPlugin, make_evaluator
@@ -96,7 +97,7 @@ class TrainingDiverged(RuntimeError):
 def _divergence_guard():
     from avalanche.core import SupervisedPlugin
 
-    class DivergenceGuard(SupervisedPlugin):
+    class DivergenceGuard(SupervisedPlugin, supports_distributed=True):
         def before_backward(self, strategy, **kw):
             if not torch.isfinite(strategy.loss).all():
                 t = strategy.experience.current_experience
@@ -114,7 +115,7 @@ class _BatchProgress:
     def __new__(cls, *args, **kwargs):
         from avalanche.core import SupervisedPlugin
 
-        class Plugin(SupervisedPlugin):
+        class Plugin(SupervisedPlugin, supports_distributed=True):
             def __init__(self, label: str, enabled: bool):
                 super().__init__()
                 self.label, self.enabled, self.bar = label, enabled, None
@@ -200,6 +201,13 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> dict[st
         **options,
     )
     plugins = [peft, matrix, criterion, _divergence_guard()]
+    batch_size = training["batch_size"]
+    world = distributed.world_size()
+    if world > 1:  # torchrun: same global batch, each process takes its share and gradients are averaged
+        if batch_size % world:
+            raise ConfigError(f"training.batch_size {batch_size} must divide by the {world} torchrun processes")
+        batch_size //= world
+        plugins.append(distributed.GradientAverage())
     tracker = None
     sub = cfg.get("subspace") or {}
     if sub.get("enabled") and cfg["strategy"]["name"] != "l2p":  # l2p trains prompts: no weight update
@@ -209,13 +217,15 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> dict[st
         plugins.append(tracker)
     if progress:
         plugins.append(_BatchProgress(method["name"], True))
-    evaluator = make_evaluator(str(run_dir / "tb") if run_dir is not None else None)
+    # Avalanche allows loggers only in the main process of a torchrun group.
+    log_dir = str(run_dir / "tb") if run_dir is not None and distributed.rank() == 0 else None
+    evaluator = make_evaluator(log_dir)
     name = cfg["strategy"]["name"]
     strategy = STRATEGIES.get(name)(
         model,
         _optimizer(model.parameters(), training),
         criterion,
-        train_mb_size=training["batch_size"],
+        train_mb_size=batch_size,
         train_epochs=training["epochs"],
         eval_mb_size=training["eval_batch_size"],
         device=device,

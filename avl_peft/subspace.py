@@ -254,7 +254,7 @@ class _Layer:
         self.span: torch.Tensor | None = None  # orthonormal basis of earlier increments' top-k spans
 
 
-class SubspaceTracker(SupervisedPlugin):
+class SubspaceTracker(SupervisedPlugin, supports_distributed=True):
     """Measures the geometry of the updates after every training experience (formulas: module docstring).
 
     Add it to any strategy next to :class:`~avl_peft.plugin.PEFTPlugin` (any order)::

@@ -1,0 +1,131 @@
+"""Where the runs of a study execute: in this process, in a local process pool, or as Ray tasks.
+
+Every executor takes the runs to do and returns one summary per run; each run writes its own folder
+(``<out>/<run-id>/``) under its own lock, so executors can be mixed, interrupted and resumed freely.
+
+- ``sequential``: one run after the other in this process (default; progress bars per run).
+- ``local``: ``workers`` processes on this machine (spawned, not forked: torch and threads). With CUDA,
+  worker i is pinned to GPU i mod n, so one multi-GPU machine runs n studies' runs side by side.
+- ``ray``: one Ray task per run with its own ``num_cpus``/``num_gpus`` request, scheduled by Ray across a
+  cluster (``ray_address``; without one Ray starts locally). The output folder must be reachable from
+  every node (shared storage) — the same layout as a local study, so ``report`` and ``--resume`` work
+  unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+from .registry import Registry
+
+EXECUTORS: Registry[Callable[..., list[dict[str, Any]]]] = Registry("executor")
+
+
+def _check(settings: dict[str, Any], allowed: tuple[str, ...], name: str) -> None:
+    for key in settings:
+        if key not in allowed:
+            raise ConfigError(f"executor '{name}' takes no setting '{key}'; allowed: {', '.join(allowed) or 'none'}")
+
+
+@EXECUTORS.register("sequential", "one run after another in this process")
+def sequential(todo, out_dir: Path, *, resume: bool, force: bool, progress: bool, **settings) -> list[dict]:
+    from .runner import run_one
+
+    _check(settings, ("workers", "ray_address", "num_cpus", "num_gpus"), "sequential")
+    out = []
+    bar = tqdm(todo, desc="study", unit="run", disable=not progress)
+    for rid, cfg in bar:
+        bar.set_postfix_str(rid)
+        out.append(run_one(rid, cfg, out_dir, resume=resume, force=force, progress=progress, raise_user_errors=True))
+    return out
+
+
+def _pool_init(gpu_queue: Any, threads: int) -> None:
+    import torch
+
+    if gpu_queue is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
+    torch.set_num_threads(threads)
+
+
+def _pool_run(rid: str, cfg: dict, out_dir: str, resume: bool, force: bool) -> dict:
+    from .runner import run_one
+
+    return run_one(rid, cfg, out_dir, resume=resume, force=force, progress=False, raise_user_errors=False)
+
+
+@EXECUTORS.register("local", "a pool of worker processes on this machine (workers; one GPU each with CUDA)")
+def local(todo, out_dir: Path, *, resume: bool, force: bool, progress: bool, workers: int = 2, **settings):
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    import torch
+
+    _check(settings, ("ray_address", "num_cpus", "num_gpus"), "local")
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"executor.workers must be a positive integer, got {workers!r}")
+    ctx = mp.get_context("spawn")
+    gpu_queue = None
+    if torch.cuda.is_available() and any(c["training"]["device"] != "cpu" for _, c in todo):
+        gpu_queue = ctx.Manager().Queue()
+        for i in range(workers):
+            gpu_queue.put(i % torch.cuda.device_count())
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    out = []
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init, initargs=(gpu_queue, threads)) as pool:
+        futures = {pool.submit(_pool_run, rid, cfg, str(out_dir), resume, force): (rid, cfg) for rid, cfg in todo}
+        for future in tqdm(as_completed(futures), total=len(futures), desc="study", unit="run", disable=not progress):
+            rid, cfg = futures[future]
+            out.append(_collect(future.result, rid, cfg, out_dir))
+    return out
+
+
+def _collect(get: Callable[[], dict], rid: str, cfg: dict, out_dir: Path) -> dict:
+    """A worker's summary; if the worker itself died (OOM kill, segfault) record the run as failed."""
+    from .runner import record_failure
+
+    try:
+        return get()
+    except Exception as e:
+        return record_failure(Path(out_dir) / rid, rid, cfg, f"worker died: {type(e).__name__}: {e}", repr(e))
+
+
+@EXECUTORS.register("ray", "one Ray task per run, across a cluster (ray_address, num_cpus, num_gpus)")
+def ray_executor(
+    todo,
+    out_dir: Path,
+    *,
+    resume: bool,
+    force: bool,
+    progress: bool,
+    ray_address: str | None = None,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    **settings,
+) -> list[dict]:
+    _check(settings, ("workers",), "ray")
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "the ray executor needs Ray: pip install 'avl-peft[ray]' (or pip install 'ray[default]')"
+        ) from None
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    task = ray.remote(_pool_run).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+    refs = {task.remote(rid, cfg, str(Path(out_dir).resolve()), resume, force): (rid, cfg) for rid, cfg in todo}
+    out = []
+    pending = list(refs)
+    with tqdm(total=len(refs), desc="study (ray)", unit="run", disable=not progress) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            rid, cfg = refs[ready[0]]
+            out.append(_collect(lambda r=ready[0]: ray.get(r), rid, cfg, out_dir))
+            bar.update(1)
+    return out
