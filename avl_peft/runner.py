@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import expand
 from .errors import AvlPeftError, ConfigError
-from .study import SCHEMA_VERSION, run_experiment, write_json_atomic, write_text_atomic
+from .study import SCHEMA_VERSION, run_experiment, run_info, write_json_atomic, write_text_atomic
 
 
 def read_status(run_dir: Path) -> str | None:
@@ -94,14 +94,7 @@ def record_failure(run_dir: Path, rid: str, cfg: dict, message: str, details: st
             "schema": SCHEMA_VERSION,
             "status": "failed",
             "error": message,
-            "run": {
-                "id": rid,
-                "method": cfg["method"]["name"],
-                "strategy": cfg["strategy"]["name"],
-                "seed": cfg["seed"],
-                "policy": cfg["method"]["policy"],
-                "options": cfg["method"]["options"],
-            },
+            "run": run_info(rid, cfg),
             "config": cfg,
         },
     )

@@ -63,6 +63,18 @@ def versions() -> dict[str, str]:
     }
 
 
+def run_info(run_id: str, cfg: dict, options: dict | None = None) -> dict[str, Any]:
+    """The ``run`` block of results.json: what distinguishes this run within its study."""
+    return {
+        "id": run_id,
+        "method": cfg["method"]["name"],
+        "strategy": cfg["strategy"]["name"],
+        "seed": cfg["seed"],
+        "policy": cfg["method"]["policy"],
+        "options": options if options is not None else cfg["method"]["options"],
+    }
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, default=float))
@@ -356,14 +368,7 @@ def run_experiment(
     results = {
         "schema": SCHEMA_VERSION,
         "status": "finished",
-        "run": {
-            "id": run_id,
-            "method": cfg["method"]["name"],
-            "strategy": cfg["strategy"]["name"],
-            "seed": cfg["seed"],
-            "policy": cfg["method"]["policy"],
-            "options": parts["budget"]["options"] if parts["budget"] else cfg["method"]["options"],
-        },
+        "run": run_info(run_id, cfg, parts["budget"]["options"] if parts["budget"] else None),
         "config": cfg,
         "versions": versions(),
         "params": done["counts"] or parameter_counts(strategy.model),
