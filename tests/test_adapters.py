@@ -217,6 +217,14 @@ def test_loretta_any_size_and_reference_count():
         )
 
 
+def test_loretta_fast_contraction_equals_tensorly():
+    model = injected("loretta")
+    randomise(model)
+    for layer in adapted_layers(model).values():
+        for tt in (layer.adapter.tt_A, layer.adapter.tt_B):
+            assert torch.allclose(tt.fast_matrix(), tt.matrix(), rtol=1e-5, atol=1e-7)
+
+
 def test_loretta_init_std_and_reference_init():
     m = nn.Sequential()
     m.add_module("fc", nn.Linear(768, 768))
