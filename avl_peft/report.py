@@ -48,6 +48,7 @@ REPORT_METRICS: tuple[str, ...] = (
     "forgetting",
     "max_forgetting",
     "til_acc",
+    "til_forgetting",
 )
 SUBSPACE_COLUMNS: tuple[str, ...] = ("overlap_mean", "alignment_mean", "final_feature_drift")
 
@@ -148,7 +149,8 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Format rows as returned by :func:`build_report` as a Markdown table (accuracies in %)."""
     with_subspace = any(row.get(column) is not None for row in rows for column in SUBSPACE_COLUMNS)
     headers = ["Method", "Options", "Strategy", "Seeds", "ACC (%)", "Avg-inc ACC (%)", "BWT (%)"]
-    headers += ["Forgetting (%)", "Max-forgetting (%)", "TIL ACC (%)", "Trainable params", "Train time (s)"]
+    headers += ["Forgetting (%)", "Max-forgetting (%)", "TIL ACC (%)", "TIL forgetting (%)", "Trainable params"]
+    headers += ["Train time (s)"]
     if with_subspace:
         headers += ["Overlap", "Alignment", "Final drift"]
     headers.append("Status")

@@ -308,3 +308,36 @@ def test_regex_targets_and_head_protection():
     assert isinstance(model.blocks[0].attn.qkv, AdaptedLinear)
     with pytest.raises(avl_peft.ConfigError, match="classifier head"):
         avl_peft.inject(tiny_vit(), "lora", targets=["head"])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("separate_input", [True, False])
+def test_fused_low_rank_backward_is_exact(bias, separate_input):
+    from avl_peft.adapters._lowrank import low_rank_linear
+
+    g = torch.Generator().manual_seed(5)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+    x, w, a, b = t(2, 3, 6), t(5, 6), t(2, 6), t(5, 2)
+    bias_t = t(5) if bias else None
+    x_l = t(2, 3, 6) if separate_input else None
+    inputs = (x, w, bias_t, a, b, 0.7, x_l)
+    assert torch.autograd.gradcheck(lambda *args: low_rank_linear(*args), inputs)
+    ref = torch.nn.functional.linear(x, w, bias_t) + 0.7 * ((x if x_l is None else x_l) @ a.t()) @ b.t()
+    assert torch.allclose(low_rank_linear(*inputs), ref)
+
+
+def test_fused_generated_backward_is_exact():
+    from avl_peft.adapters._lowrank import generated_linear
+
+    g = torch.Generator().manual_seed(6)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+    x, w, bias, phi_t, psi = t(2, 3, 6), t(5, 6), t(5), t(2, 6), t(2, 6)
+    assert torch.autograd.gradcheck(lambda *args: generated_linear(*args), (x, w, bias, phi_t, psi, 0.9))
+    ref = torch.nn.functional.linear(x + 0.9 * (x @ psi.t()) @ phi_t, w, bias)
+    assert torch.allclose(generated_linear(x, w, bias, phi_t, psi, 0.9), ref)

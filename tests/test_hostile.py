@@ -101,3 +101,19 @@ def test_budget_too_small_is_caught_before_training(tmp_path, capsys):
 def test_report_on_empty_folder(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "results.json" in capsys.readouterr().err
+
+
+def test_checkpoint_resizes_position_embeddings_and_reads_safetensors(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    import avl_peft
+
+    kw = {"patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2}
+    source = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=1000, **kw)  # 8×8 patches
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = avl_peft.create_backbone("vit_tiny_patch16_224", checkpoint=path, num_classes=5, img_size=16, **kw)
+    assert model.pos_embed.shape[1] == 1 + 4 * 4  # resampled from 1 + 8·8 as timm does
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert model.head.weight.shape == (5, 48)  # the 1000-class head is dropped, a fresh one kept

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._lowrank import low_rank_linear
 from .base import METHODS, Adapter, AdapterOptions, kaiming_uniform_
 
 
@@ -26,5 +27,5 @@ class LoRA(Adapter):
         return self.scale * (self.lora_B @ self.lora_A)
 
     def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-        # addmm-style fusion: base output plus the rank-r path, scaled.
-        return layer(x) + (self.drop(x) @ self.lora_A.t()) @ (self.scale * self.lora_B).t()
+        # One fused node: base output plus the scaled rank-r path (see _lowrank for the backward).
+        return low_rank_linear(x, layer.weight, layer.bias, self.lora_A, self.lora_B, self.scale, self.drop(x))

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ._lowrank import low_rank_linear
 from .base import METHODS, Adapter, AdapterOptions
 
 MAX_FACTOR = 12  # moderate mode sizes: 768·8 = 6144 → (8, 8, 12, 8), the reference's shape
@@ -139,4 +140,4 @@ class LoRETTA(Adapter):
 
     def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
         a, b = self.tt_A.fast_matrix(), self.tt_B.fast_matrix()  # (r, d_in), (d_out, r): tiny, rebuilt per step
-        return layer(x) + (self.drop(x) @ a.t()) @ (self.scale * b).t()
+        return low_rank_linear(x, layer.weight, layer.bias, a, b, self.scale, self.drop(x))

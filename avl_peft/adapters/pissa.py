@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ._lowrank import low_rank_linear
 from .base import METHODS, Adapter, AdapterOptions
 
 
@@ -71,7 +72,7 @@ class PiSSA(Adapter):
         if isinstance(self.drop, nn.Identity):
             a = torch.cat([self.lora_A, self.A0], dim=0)  # (2r, d_in)
             b = torch.cat([self.lora_B, -self.B0], dim=1)  # (d_out, 2r)
-            return layer(x) + (x @ a.t()) @ (self.scale * b).t()
+            return low_rank_linear(x, layer.weight, layer.bias, a, b, self.scale)
         # With dropout the frozen part must see the clean input to match the reference residual W.
         return (
             layer(x)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ._lowrank import generated_linear
 from .base import METHODS, Adapter, AdapterOptions, kaiming_uniform_
 
 
@@ -66,6 +67,8 @@ class WeGeFT(Adapter):
         return self.scale * (weight @ self.gen.phi @ self.gen.psi)
 
     def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-        # x + s φ ψ x, then the single base matmul: no second d_out-sized product.
+        if isinstance(self.drop, nn.Identity):
+            # x + s φ ψ x, then the single base matmul, fused (see _lowrank for the backward).
+            return generated_linear(x, layer.weight, layer.bias, self.gen.phi_t, self.gen.psi, self.scale)
         h = x + (self.drop(x) @ self.gen.psi.t()) @ (self.scale * self.gen.phi_t)
         return layer(h)
