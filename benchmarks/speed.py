@@ -185,7 +185,7 @@ def end_to_end(args) -> dict[str, float]:
                     opt.zero_grad(set_to_none=True)
 
         pure()
-        times = interleaved({"pipeline": lambda: strategy.train(experience), "model": pure}, 3, "cpu", warmup=0)
+        times = interleaved({"pipeline": lambda: strategy.train(experience), "model": pure}, 5, "cpu", warmup=0)
         pipeline, model_only = times["pipeline"] / n, times["model"] / n
     return {"pipeline_s_per_image": pipeline, "model_s_per_image": model_only, "overhead": pipeline / model_only - 1}
 
