@@ -251,14 +251,14 @@ def _check_run(cfg: dict) -> None:
     targets = cfg["method"]["targets"]
     if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
         raise ConfigError(f"method.targets: must be a non-empty list of strings, got {targets!r}")
+    if cfg["backbone"]["pretrained"] and cfg["backbone"]["checkpoint"]:
+        raise ConfigError("backbone: set either pretrained: true (download) or checkpoint: PATH (local), not both")
     _check_backbone(cfg["backbone"])
     if cfg.get("budget") is not None:
         _check_budget(cfg)
     device = cfg["training"]["device"]
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", device):
         raise ConfigError(f"training.device: {device!r} is not a device; use cpu, cuda, cuda:N, mps or auto")
-    if cfg["backbone"]["pretrained"] and cfg["backbone"]["checkpoint"]:
-        raise ConfigError("backbone: set either pretrained: true (download) or checkpoint: PATH (local), not both")
     strategy = cfg["strategy"]["name"]
     if strategy == "l2p":
         if cfg["training"]["head"] == "multi":

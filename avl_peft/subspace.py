@@ -35,6 +35,7 @@ unless ``exact=True``; all geometry is computed in float32 without gradients.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable
@@ -254,6 +255,16 @@ class _Layer:
         self.span: torch.Tensor | None = None  # orthonormal basis of earlier increments' top-k spans
 
 
+@contextlib.contextmanager
+def _own_rng():
+    """Randomized SVD draws from torch's RNG: measure on a forked, fixed-seed RNG so the instrument never
+    shifts the training's random stream (data order, head growth) and its own numbers are reproducible."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        yield
+
+
 class SubspaceTracker(SupervisedPlugin, supports_distributed=True):
     """Measures the geometry of the updates after every training experience (formulas: module docstring).
 
@@ -412,12 +423,20 @@ class SubspaceTracker(SupervisedPlugin, supports_distributed=True):
         return out
 
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        with _own_rng():
+            self._before_training(strategy)
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        with _own_rng():
+            self._after_training_exp(strategy)
+
+    def _before_training(self, strategy: Any) -> None:
         if self._layers is None:
             start = time.perf_counter()
             self._snapshot(strategy)
             self.seconds += time.perf_counter() - start
 
-    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+    def _after_training_exp(self, strategy: Any) -> None:
         start = time.perf_counter()
         if self._layers is None:  # trained without before_training (custom loop): measure from here on
             self._snapshot(strategy)

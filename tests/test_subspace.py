@@ -234,6 +234,7 @@ SMALL = {
     "backbone": {"kwargs": {"img_size": 32, "patch_size": 4, "depth": 2}},
     "scenario": {"name": "synthetic"},
     "training": {"batch_size": 16},
+    "subspace": {"enabled": False},  # these tests add their own tracker
 }
 
 
@@ -414,3 +415,17 @@ def test_tracker_rejects_bad_arguments():
         SubspaceTracker(torch.randn(4, 3, 32, 32), k=0)
     with pytest.raises(ConfigError, match="writer"):
         SubspaceTracker(torch.randn(4, 3, 32, 32), writer=object())
+
+
+def test_tracker_does_not_perturb_training():
+    """Randomized SVD draws random numbers: they must not come from (and shift) the training RNG."""
+    results = []
+    for enabled in (False, True):
+        study = validate_study({**SMALL, "subspace": {"enabled": enabled}, "method": {"name": "lora"}})
+        ((_, cfg),) = expand(study)
+        parts = build(cfg, None)
+        for experience in parts["benchmark"].train_stream:
+            parts["strategy"].train(experience)
+            parts["strategy"].eval(parts["benchmark"].test_stream)
+        results.append(parts["matrix"].matrices)
+    assert results[0] == results[1]
