@@ -44,18 +44,23 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """Every RNG's state as tensors, numbers and lists, so the state file loads with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss],
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -124,7 +129,7 @@ def load_latest_state(run_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
             notes.append(f"{path.name}: checksum mismatch (truncated or corrupted); ignored, retraining from earlier")
             continue
         try:
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False), notes
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), notes
         except Exception as e:  # checksum fine but unloadable: written by another version
             notes.append(f"{path.name}: cannot be loaded ({type(e).__name__}: {e}); ignored")
     return None, notes

@@ -275,7 +275,7 @@ def _save_run_state(run_dir: Path, t: int, parts: dict, progress_state: dict) ->
             "trained": parts["matrix"].trained,
         },
         "peft_experiences_done": parts["peft"].experiences_done,
-        "tracker": tracker.__dict__ if tracker is not None else None,
+        "tracker": tracker.state_dict() if tracker is not None else None,
         "progress": progress_state,
     }
     runstate.save_state(run_dir, t, payload)
@@ -304,7 +304,7 @@ def _restore_run_state(run_dir: Path, parts: dict) -> tuple[int, dict] | None:
     )
     parts["peft"].experiences_done = state["peft_experiences_done"]
     if parts["tracker"] is not None and state["tracker"] is not None:
-        parts["tracker"].__dict__.update(state["tracker"])
+        parts["tracker"].load_state_dict(state["tracker"])
     runstate.set_rng_state(state["rng"])
     return state["experience"] + 1, state["progress"]
 

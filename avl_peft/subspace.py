@@ -422,6 +422,26 @@ class SubspaceTracker(SupervisedPlugin, supports_distributed=True):
         layer.prev = cum
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue measuring exactly (tensors, numbers, lists, dicts only)."""
+        layers = None
+        if self._layers is not None:
+            layers = {
+                name: {slot: getattr(layer, slot) for slot in _Layer.__slots__} for name, layer in self._layers.items()
+            }
+        return {"records": self.records, "seconds": self.seconds, "features0": self._features0, "layers": layers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.records, self.seconds, self._features0 = state["records"], state["seconds"], state["features0"]
+        self._layers = None
+        if state["layers"] is not None:
+            self._layers = {}
+            for name, slots in state["layers"].items():
+                layer = _Layer.__new__(_Layer)
+                for slot, value in slots.items():
+                    setattr(layer, slot, value)
+                self._layers[name] = layer
+
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
         with _own_rng():
             self._before_training(strategy)

@@ -69,3 +69,11 @@ def test_executor_settings_are_validated():
         validate_study({**GRID, "executor": {"name": "slurm"}})
     with pytest.raises(ConfigError, match="study setting"):
         validate_study({**GRID, "grid": {"executor.workers": [1, 2]}})
+
+
+def test_ray_executor_without_ray_says_how_to_install(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'avl-peft\[ray\]'"):
+        run_study(validate_study(GRID), tmp_path, progress=False, executor="ray")

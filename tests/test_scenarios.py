@@ -384,3 +384,45 @@ def test_five_datasets_download_failure_names_dataset_and_folder(fake_five, monk
         build_scenario("five_datasets", root=fake_five, img_size=8)
     msg = str(err.value)
     assert "SVHN" in msg and str(fake_five / "svhn") in msg and "ufldl.stanford.edu" in msg
+
+
+# --- the same failures through the CLI: exit code 2, the message, no traceback ------------------------
+
+
+def _cli_run(tmp_path, capsys, scenario: dict) -> tuple[int, str]:
+    import yaml
+
+    from avl_peft.cli import main
+
+    config = tmp_path / "study.yaml"
+    study = {
+        "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2}},
+        "scenario": scenario,
+        "training": {"epochs": 1},
+        "method": {"name": "lora", "options": {"rank": 2}},
+    }
+    config.write_text(yaml.safe_dump(study))
+    code = main(["run", str(config), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_cli_missing_notmnist_folder_exits_2(fake_five, tmp_path, capsys):
+    import shutil
+
+    shutil.rmtree(fake_five / "notMNIST")
+    code, err = _cli_run(tmp_path, capsys, {"name": "five_datasets", "root": str(fake_five)})
+    assert code == 2 and "notMNIST" in err and str(fake_five) in err
+
+
+def test_cli_unreadable_image_exits_2(fake_five, tmp_path, capsys):
+    bad = fake_five / "notMNIST" / "train" / "C" / "img0.png"
+    bad.write_bytes(b"not a png")
+    code, err = _cli_run(tmp_path, capsys, {"name": "five_datasets", "root": str(fake_five)})
+    assert code == 2 and "img0.png" in err
+
+
+def test_cli_dataset_cannot_be_downloaded_exits_2(no_network, tmp_path, capsys):
+    code, err = _cli_run(tmp_path, capsys, {"name": "split_cifar100", "root": str(tmp_path / "data")})
+    assert code == 2 and "CIFAR-100" in err and str(tmp_path / "data") in err
