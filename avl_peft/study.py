@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from avalanche.core import SupervisedPlugin
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -106,45 +107,36 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite: this run stops and is recorded as failed."""
 
 
-def _divergence_guard():
-    from avalanche.core import SupervisedPlugin
+class DivergenceGuard(SupervisedPlugin, supports_distributed=True):
+    """Stops the run with :class:`TrainingDiverged` as soon as the loss is NaN or infinite."""
 
-    class DivergenceGuard(SupervisedPlugin, supports_distributed=True):
-        def before_backward(self, strategy, **kw):
-            if not torch.isfinite(strategy.loss).all():
-                t = strategy.experience.current_experience
-                raise TrainingDiverged(
-                    f"training diverged: loss is {float(strategy.loss.detach())} at experience {t}, epoch "
-                    f"{strategy.clock.train_exp_epochs}; lower training.lr or check the data"
-                )
-
-    return DivergenceGuard()
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        if not torch.isfinite(strategy.loss).all():
+            t = strategy.experience.current_experience
+            raise TrainingDiverged(
+                f"training diverged: loss is {float(strategy.loss.detach())} at experience {t}, epoch "
+                f"{strategy.clock.train_exp_epochs}; lower training.lr or check the data"
+            )
 
 
-class _BatchProgress:
+class BatchProgress(SupervisedPlugin, supports_distributed=True):
     """A per-experience progress bar (batches, with ETA) driven by Avalanche's iteration callbacks."""
 
-    def __new__(cls, *args, **kwargs):
-        from avalanche.core import SupervisedPlugin
+    def __init__(self, label: str):
+        super().__init__()
+        self.label, self.bar = label, None
 
-        class Plugin(SupervisedPlugin, supports_distributed=True):
-            def __init__(self, label: str, enabled: bool):
-                super().__init__()
-                self.label, self.enabled, self.bar = label, enabled, None
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        total = len(strategy.dataloader) * strategy.train_epochs
+        t = strategy.experience.current_experience
+        self.bar = tqdm(total=total, desc=f"{self.label} exp {t}", leave=False)
 
-            def before_training_exp(self, strategy, **kw):
-                total = len(strategy.dataloader) * strategy.train_epochs if self.enabled else 0
-                t = strategy.experience.current_experience
-                self.bar = tqdm(total=total, desc=f"{self.label} exp {t}", leave=False, disable=not self.enabled)
+    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{float(strategy.loss.detach()):.3f}", refresh=False)
 
-            def after_training_iteration(self, strategy, **kw):
-                self.bar.update(1)
-                self.bar.set_postfix(loss=f"{float(strategy.loss.detach()):.3f}", refresh=False)
-
-            def after_training_exp(self, strategy, **kw):
-                self.bar.close()
-
-        return Plugin(*args, **kwargs)
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self.bar.close()
 
 
 def probe_batch(benchmark: Any, size: int) -> torch.Tensor:
@@ -212,7 +204,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> dict[st
         checkpoint_dir=run_dir / "checkpoints" if run_dir is not None else None,
         **options,
     )
-    plugins = [peft, matrix, criterion, _divergence_guard()]
+    plugins = [peft, matrix, criterion, DivergenceGuard()]
     batch_size = training["batch_size"]
     world = distributed.world_size()
     if world > 1:  # torchrun: same global batch, each process takes its share and gradients are averaged
@@ -228,7 +220,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> dict[st
         tracker = SubspaceTracker(probe_batch(benchmark, sub["probe_size"]), k=sub["k"], exact=sub["exact"])
         plugins.append(tracker)
     if progress:
-        plugins.append(_BatchProgress(method["name"], True))
+        plugins.append(BatchProgress(method["name"]))
     # Avalanche allows loggers only in the main process of a torchrun group.
     log_dir = str(run_dir / "tb") if run_dir is not None and distributed.rank() == 0 else None
     evaluator = make_evaluator(log_dir)
