@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from avalanche.core import SupervisedPlugin
 
+from . import atomic
 from .adapters import METHODS
 from .errors import ConfigError
 from .peft import head_names, inject, merge, trainable_state_dict
@@ -47,14 +48,6 @@ def reset_optimizer(strategy: Any) -> None:
     """
     strategy.optimized_param_id = None  # forces Avalanche to re-gather (name, param) from the model
     strategy.make_optimizer(reset_optimizer_state=True, remove_params=True)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a kill never leaves a truncated checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _adapter_methods() -> set[str]:
@@ -87,7 +80,7 @@ def checkpoint_state(model: torch.nn.Module, experience: int, **meta: Any) -> di
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, experience: int, **meta: Any) -> Path:
     """Write :func:`checkpoint_state` to ``path`` atomically; return the path."""
     path = Path(path)
-    atomic_save(checkpoint_state(model, experience, **meta), path)
+    atomic.save_torch(checkpoint_state(model, experience, **meta), path)
     return path
 
 

@@ -19,9 +19,10 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from . import atomic
 from .config import expand
 from .errors import AvlPeftError, ConfigError
-from .study import SCHEMA_VERSION, run_experiment, run_info, write_json_atomic, write_text_atomic
+from .study import SCHEMA_VERSION, run_experiment, run_info
 
 
 def read_status(run_dir: Path) -> str | None:
@@ -87,8 +88,8 @@ def check_writable(out_dir: Path) -> None:
 def record_failure(run_dir: Path, rid: str, cfg: dict, message: str, details: str) -> dict[str, Any]:
     """Write a failed run's results.json (and error.txt) so the report shows it; return its summary."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "error.txt", details)
-    write_json_atomic(
+    atomic.write_text(run_dir / "error.txt", details)
+    atomic.write_json(
         run_dir / "results.json",
         {
             "schema": SCHEMA_VERSION,
@@ -150,7 +151,7 @@ def run_study(
         return _run_study_distributed(study, out_dir, resume=resume, force=force, progress=progress)
     check_writable(out_dir)
     runs = plan(study, out_dir, resume=resume, force=force)
-    write_text_atomic(out_dir / "study.yaml", yaml.safe_dump(study, sort_keys=False))
+    atomic.write_text(out_dir / "study.yaml", yaml.safe_dump(study, sort_keys=False))
     settings = {**(study.get("executor") or {}), **{k: v for k, v in executor_options.items() if v is not None}}
     name = executor or settings.pop("name", None) or "sequential"
     settings.pop("name", None)
@@ -176,7 +177,7 @@ def _run_study_distributed(study: dict, out_dir: Path, *, resume: bool, force: b
     if main:
         check_writable(out_dir)
         runs = plan(study, out_dir, resume=resume, force=force)
-        write_text_atomic(out_dir / "study.yaml", yaml.safe_dump(study, sort_keys=False))
+        atomic.write_text(out_dir / "study.yaml", yaml.safe_dump(study, sort_keys=False))
     runs = distributed.broadcast_object(runs)
     summary = []
     with tempfile.TemporaryDirectory(prefix="avl-peft-rank") as scratch:

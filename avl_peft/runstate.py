@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import atomic
 from .peft import inject
 
 RESUMABLE_STRATEGIES = ("naive",)
@@ -32,15 +32,6 @@ KEEP = 2
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -95,12 +86,10 @@ def load_optimizer_state(strategy: Any, saved: dict[str, Any]) -> None:
 
 def save_state(run_dir: Path, experience: int, payload: dict[str, Any]) -> Path:
     """Write ``state_<t>.pt`` and its checksum sidecar; keep the newest KEEP states."""
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    data = buf.getvalue()
+    data = atomic.torch_bytes(payload)
     path = run_dir / f"state_{experience}.pt"
-    _write_atomic(path, data)
-    _write_atomic(path.with_suffix(".sha256"), _digest(data).encode())
+    atomic.write_bytes(path, data)
+    atomic.write_bytes(path.with_suffix(".sha256"), _digest(data).encode())
     for old in sorted(run_dir.glob("state_*.pt"), key=_index)[:-KEEP]:
         old.unlink(missing_ok=True)
         old.with_suffix(".sha256").unlink(missing_ok=True)

@@ -7,7 +7,6 @@ adapter/head checkpoints per experience in ``checkpoints/``.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import random
@@ -22,7 +21,7 @@ import yaml
 from avalanche.core import SupervisedPlugin
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import atomic, distributed
 from .backbone import create_continual_model, data_config
 from .errors import ConfigError
 from .evaluation import AccuracyMatrixPlugin, make_evaluator
@@ -74,18 +73,6 @@ def run_info(run_id: str, cfg: dict, options: dict | None = None) -> dict[str, A
         "policy": cfg["method"]["policy"],
         "options": options if options is not None else cfg["method"]["options"],
     }
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _optimizer(params, training: dict) -> torch.optim.Optimizer:
@@ -313,7 +300,7 @@ def run_experiment(
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     resumable = cfg["strategy"]["name"] in runstate.RESUMABLE_STRATEGIES
     if not (resume and resumable):
         runstate.clear_states(run_dir)
@@ -384,6 +371,6 @@ def run_experiment(
     }
     if "resumed_at_experience" in done:
         results["resumed_at_experience"] = done["resumed_at_experience"]
-    write_json_atomic(run_dir / "results.json", results)
+    atomic.write_json(run_dir / "results.json", results)
     runstate.clear_states(run_dir)  # finished: results.json and the per-experience checkpoints remain
     return results
