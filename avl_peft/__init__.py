@@ -4,19 +4,19 @@ continual learners over frozen timm Vision Transformers."""
 from importlib import import_module
 from typing import Any
 
-from .backbone import create_backbone
+from .adapters.inject import delta_weights, inject, merge, methods, parameter_counts, trainable_state_dict
+from .cl.backbone import create_backbone
 from .errors import AvlPeftError, ConfigError, DataError
-from .peft import delta_weights, inject, merge, methods, parameter_counts, trainable_state_dict
 
 __version__ = "0.1.0"
 
 # Avalanche-side names load on first use, so `import avl_peft` stays light for adapter-only users.
 _LAZY = {
-    "PEFTPlugin": "plugin",
-    "build_scenario": "scenarios",
-    "summarize": "metrics",
-    "summarize_both": "metrics",
-    "run_experiment": "study",
+    "PEFTPlugin": "cl.plugin",
+    "build_scenario": "cl.scenarios",
+    "summarize": "instruments.metrics",
+    "summarize_both": "instruments.metrics",
+    "run_experiment": "study.experiment",
 }
 
 

@@ -12,11 +12,11 @@ from .errors import AvlPeftError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .config import expand, load_study
-    from .runner import plan, run_study
+    from .study.grid import expand, load_study
+    from .study.runner import plan, run_study
 
     study = load_study(args.config, args.set)
-    from .distributed import init_from_env, rank
+    from .cl.distributed import init_from_env, rank
 
     init_from_env(study["seed"], study["training"]["device"])  # no-op unless launched by torchrun
     if rank() != 0:
@@ -52,7 +52,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report, format_table
+    from .study.report import build_report, format_table
 
     rows = build_report(args.dir, args.out)
     print(format_table(rows))
@@ -62,8 +62,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from .adapters import METHODS
-    from .scenarios import SCENARIOS
-    from .strategies import STRATEGIES
+    from .cl.scenarios import SCENARIOS
+    from .cl.strategies import STRATEGIES
 
     for title, reg in (("methods", METHODS), ("scenarios", SCENARIOS), ("strategies", STRATEGIES)):
         print(f"{title}:")
@@ -76,8 +76,8 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     import torch
     import yaml
 
-    from .backbone import create_backbone
-    from .budget import budget_table
+    from .adapters.budget import budget_table
+    from .cl.backbone import create_backbone
     from .errors import ConfigError
 
     kwargs = {}

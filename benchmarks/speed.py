@@ -155,15 +155,15 @@ def end_to_end(args) -> dict[str, float]:
     pure model step for the same images: one LoRA experience of the offline digits scenario."""
     import tempfile
 
-    from avl_peft.config import expand, load_study
-    from avl_peft.study import build
+    from avl_peft.study.experiment import build
+    from avl_peft.study.grid import expand, load_study
 
     config = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
     study = load_study(config, ["training.pretrain=false", "variants=[{method.name: lora}]", "training.epochs=2"])
     _, cfg = expand(study)[0]
     with tempfile.TemporaryDirectory() as tmp:
         parts = build(cfg, Path(tmp))
-        strategy, experience = parts["strategy"], parts["benchmark"].train_stream[0]
+        strategy, experience = parts.strategy, parts.benchmark.train_stream[0]
         strategy.train(experience)  # warm-up: injection, optimizer, first-iteration allocations
         n = len(experience.dataset) * strategy.train_epochs
         # The same model, optimizer and batch size on pre-stacked tensors: nothing but the model step.

@@ -7,8 +7,8 @@ from torch import nn
 
 import avl_peft
 from avl_peft.adapters import AdaptedLinear
+from avl_peft.adapters.inject import adapted_layers
 from avl_peft.adapters.loretta import tt_shape
-from avl_peft.peft import adapted_layers
 
 R = 4
 # Tiny ViT (embed 192, depth 2): (d_out, d_in) of qkv, proj, fc1, fc2 in each block.

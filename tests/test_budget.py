@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_vit
 
 import avl_peft
-from avl_peft.budget import (
+from avl_peft.adapters.budget import (
     LORETTA_MAX_RANK,
     TT_RANKS,
     adapter_methods,
@@ -33,7 +33,7 @@ def injected_count(model, method, targets=None, **options):
 
 def max_rank(model, method, targets=None):
     from avl_peft.adapters import METHODS
-    from avl_peft.peft import find_targets
+    from avl_peft.adapters.inject import find_targets
 
     cls = METHODS.get(method)
     modules = dict(model.named_modules())

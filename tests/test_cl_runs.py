@@ -12,16 +12,18 @@ import torch
 from torch import nn
 
 import avl_peft
-from avl_peft import study
 from avl_peft.adapters import METHODS
 from avl_peft.adapters.baselines import Baseline
-from avl_peft.backbone import create_continual_model
-from avl_peft.config import expand, validate_study
+from avl_peft.adapters.inject import adapted_layers
+from avl_peft.cl.backbone import create_continual_model
+from avl_peft.cl.checkpoints import CheckpointPlugin
+from avl_peft.cl.plugin import PEFTPlugin
+from avl_peft.cl.strategies import STRATEGIES
+from avl_peft.cl.strategies.l2p import L2P, build_prompted_vits
 from avl_peft.errors import ConfigError
-from avl_peft.metrics import METRIC_NAMES
-from avl_peft.peft import adapted_layers
-from avl_peft.plugin import CheckpointPlugin, PEFTPlugin
-from avl_peft.strategies import L2P, STRATEGIES, build_prompted_vits
+from avl_peft.instruments.metrics import METRIC_NAMES
+from avl_peft.study import experiment as study
+from avl_peft.study.grid import expand, validate_study
 
 BACKBONE_KWARGS = {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
 L2P_OPTIONS = {"pool_size": 4, "prompt_length": 2, "top_k": 2, "lr": 0.03}
@@ -44,7 +46,7 @@ def check_run_folder(run_dir, results, *, method, strategy):
     """results.json (schema 1) and TensorBoard events as SPEC §5 lists them."""
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results, default=float))
-    assert on_disk["schema"] == 1
+    assert on_disk["schema"] == 2
     assert {"id", "method", "strategy", "seed", "policy"} <= set(on_disk["run"])
     assert (on_disk["run"]["method"], on_disk["run"]["strategy"]) == (method, strategy)
     assert {"avl_peft", "torch", "avalanche", "timm"} <= set(on_disk["versions"])
@@ -133,11 +135,11 @@ def test_l2p_refuses_an_adapter_method_and_drops_the_plugin(tmp_path):
     with pytest.raises(ConfigError, match="set method.name: head"):
         make_cfg("lora", strategy="l2p", strategy_options=L2P_OPTIONS)
     parts = study.build(make_cfg("head", strategy="l2p", strategy_options=L2P_OPTIONS), tmp_path)
-    strategy = parts["strategy"]
+    strategy = parts.strategy
     assert isinstance(strategy, L2P)
     assert not any(isinstance(p, PEFTPlugin) for p in strategy.plugins)
     assert any(isinstance(p, CheckpointPlugin) for p in strategy.plugins)
-    assert strategy.model is not parts["model"] and not adapted_layers(strategy.model)
+    assert strategy.model is not parts.model and not adapted_layers(strategy.model)
 
 
 def test_l2p_run_trains_and_evaluates(tmp_path):
@@ -146,7 +148,7 @@ def test_l2p_run_trains_and_evaluates(tmp_path):
         warnings.simplefilter("always")
         parts = study.build(cfg, None)
     assert not [w for w in caught if "l2p" in str(w.message)], "method head: nothing to warn about"
-    strategy, benchmark, matrix = parts["strategy"], parts["benchmark"], parts["matrix"]
+    strategy, benchmark, matrix = parts.strategy, parts.benchmark, parts.matrix
     model = strategy.model
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -160,7 +162,7 @@ def test_l2p_run_trains_and_evaluates(tmp_path):
     assert model.head.classifier.out_features == 6
     a = matrix.matrices["class_incremental"]
     assert all(0.0 <= a[t][i] <= 1.0 for t in range(3) for i in range(t + 1))
-    last = parts["evaluator"].get_last_metrics()
+    last = parts.evaluator.get_last_metrics()
     for i in range(3):  # our matrix and Avalanche's accuracy agree (the head masks untrained classes)
         assert a[2][i] == pytest.approx(last[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{i:03d}"], abs=1e-9)
 

@@ -36,7 +36,7 @@ def test_run_then_report(tmp_path):
         results = json.loads((run / "results.json").read_text())
         for key in ("schema", "run", "config", "versions", "params", "accuracy_matrix", "metrics", "timing"):
             assert key in results
-        assert results["schema"] == 1 and results["status"] == "finished"
+        assert results["schema"] == 2 and results["status"] == "finished"
         assert set(results["versions"]) >= {"avl_peft", "torch", "avalanche", "timm"}
         assert set(results["metrics"]) >= {"acc", "avg_incremental_acc", "bwt", "forgetting", "max_forgetting"}
         assert len(results["accuracy_matrix"]["class_incremental"]) == 3
@@ -75,9 +75,9 @@ def test_bad_config_exits_2_without_traceback(tmp_path):
 
 
 def test_diverging_run_is_recorded_failed_and_others_continue(tmp_path):
-    from avl_peft.config import validate_study
-    from avl_peft.report import build_report
-    from avl_peft.runner import run_study
+    from avl_peft.study.grid import validate_study
+    from avl_peft.study.report import build_report
+    from avl_peft.study.runner import run_study
 
     study = validate_study(
         {

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from avl_peft.cli import main
-from avl_peft.config import apply_set, expand, validate_study
 from avl_peft.errors import ConfigError
+from avl_peft.study.grid import apply_set, expand, validate_study
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 TINY = {"backbone": {"kwargs": {"img_size": 32, "patch_size": 4, "depth": 2}}, "scenario": {"name": "synthetic"}}
@@ -19,7 +19,7 @@ def test_every_shipped_config_validates(path, capsys):
 
 
 def test_quickstart_compares_all_methods():
-    from avl_peft.config import load_study
+    from avl_peft.study.grid import load_study
 
     runs = expand(load_study(Path(__file__).parent.parent / "configs" / "quickstart.yaml"))
     assert {cfg["method"]["name"] for _, cfg in runs} == {"lora", "pissa", "wegeft", "loretta", "full", "head"}

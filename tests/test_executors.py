@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from avl_peft.config import validate_study
 from avl_peft.errors import ConfigError
-from avl_peft.runner import run_study
+from avl_peft.study.grid import validate_study
+from avl_peft.study.runner import run_study
 
 GRID = {
     "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2}},

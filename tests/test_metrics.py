@@ -1,4 +1,4 @@
-"""Tests of avl_peft.metrics against matrices whose metrics were computed by hand."""
+"""Tests of avl_peft.instruments.metrics against matrices whose metrics were computed by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from avl_peft.errors import ConfigError
-from avl_peft.metrics import METRIC_NAMES, summarize, summarize_both, validate_matrix
+from avl_peft.instruments.metrics import METRIC_NAMES, summarize, summarize_both, validate_matrix
 
 # a[t][i]: accuracy on experience i after training experience t. Experience 0 improves after step 1
 # (0.9 -> 0.95) before dropping to 0.5, so max_forgetting (from the best value) exceeds forgetting.

@@ -11,14 +11,15 @@ import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 
-from avl_peft import study
 from avl_peft.adapters import AdaptedLinear
+from avl_peft.adapters.inject import DEFAULT_TARGETS, adapted_layers, merge
 from avl_peft.adapters.pissa import principal_factors
-from avl_peft.config import expand, validate_study
+from avl_peft.cl.checkpoints import restore_checkpoint
+from avl_peft.cl.plugin import PEFTPlugin
 from avl_peft.errors import ConfigError
-from avl_peft.metrics import summarize, summarize_both
-from avl_peft.peft import DEFAULT_TARGETS, adapted_layers, merge
-from avl_peft.plugin import PEFTPlugin, restore_checkpoint
+from avl_peft.instruments.metrics import summarize, summarize_both
+from avl_peft.study import experiment as study
+from avl_peft.study.grid import expand, validate_study
 
 BACKBONE = {
     "name": "vit_tiny_patch16_224",
@@ -116,13 +117,13 @@ class Recorder(SupervisedPlugin):
 def build_with_recorder(cfg, run_dir=None):
     parts = study.build(cfg, run_dir)
     recorder = Recorder()
-    parts["strategy"].plugins.append(recorder)
+    parts.strategy.plugins.append(recorder)
     return parts, recorder
 
 
 def train(parts, stop=None, start=0, evaluate=False):
     """Train experiences start..stop-1 in order (and evaluate the test stream after each if asked)."""
-    strategy, benchmark = parts["strategy"], parts["benchmark"]
+    strategy, benchmark = parts.strategy, parts.benchmark
     for experience in list(benchmark.train_stream)[start:stop]:
         strategy.train(experience)
         if evaluate:
@@ -130,7 +131,7 @@ def train(parts, stop=None, start=0, evaluate=False):
 
 
 def probe_batch(parts, n=12):
-    dataset = parts["benchmark"].test_stream[0].dataset
+    dataset = parts.benchmark.test_stream[0].dataset
     return torch.stack([dataset[i][0] for i in range(n)])
 
 
@@ -153,8 +154,8 @@ def test_plugin_composes_with_strategy(strategy):
     # replay needs every seen class in the loss, or its memory adds nothing (see the next test)
     mask = "seen" if strategy == "replay" else "current"
     parts, rec = build_with_recorder(make_cfg("lora", strategy=strategy, train_mask=mask))
-    assert any(isinstance(p, PEFTPlugin) for p in parts["strategy"].plugins)
-    model = parts["model"]
+    assert any(isinstance(p, PEFTPlugin) for p in parts.strategy.plugins)
+    model = parts.model
     untouched = snapshot(model.backbone.named_parameters())  # before injection and training
     train(parts, 2)
 
@@ -203,7 +204,7 @@ class OutputsBefore(SupervisedPlugin):
 @pytest.mark.parametrize("method", ["lora", "pissa"])
 def test_merge_policy_folds_and_reinjects(method):
     parts, rec = build_with_recorder(make_cfg(method, policy="merge"))
-    model, strategy = parts["model"], parts["strategy"]
+    model, strategy = parts.model, parts.strategy
     x = probe_batch(parts)
     pre = OutputsBefore(x)
     strategy.plugins.insert(0, pre)
@@ -248,7 +249,7 @@ def test_merge_policy_folds_and_reinjects(method):
 
 def test_pretrain_base_session_then_adapter_only():
     parts, rec = build_with_recorder(make_cfg("lora", pretrain=True, n_experiences=3))
-    model = parts["model"]
+    model = parts.model
     train(parts, 3)
 
     base = rec.before[0]
@@ -300,14 +301,14 @@ def test_checkpoints_load_and_reproduce(tmp_path, setup):
     assert all(isinstance(v, torch.Tensor) for s in states for v in s["model"].values())
     assert "head.active_units" in states[-1]["model"]
 
-    fresh = study.build(cfg, None)["model"]  # same seed: the same untrained backbone
+    fresh = study.build(cfg, None).model  # same seed: the same untrained backbone
     if setup:  # the backbone changed (merge / base session): replay the checkpoints in order
         restore_checkpoint(fresh, files[0])
         if setup.get("policy") == "merge":
             merge(fresh)
     restore_checkpoint(fresh, files[-1])
     x = probe_batch(parts)
-    trained = parts["model"]
+    trained = parts.model
     if setup.get("policy") == "merge":
         merge(fresh)  # the trained model merged its last adapter after the checkpoint was written
     torch.testing.assert_close(outputs(fresh, x), outputs(trained, x), rtol=1e-5, atol=1e-5)
@@ -324,8 +325,8 @@ def test_multi_head_with_task_labels(tmp_path):
     cfg = make_cfg("lora", head="multi", n_experiences=3, epochs=3, lr=1e-2)
     results = study.run_experiment(cfg, tmp_path, progress=False)
     parts = study.build(cfg, None)
-    assert type(parts["model"]).__name__ == "MultiHeadViT"
-    assert [e.task_label for e in parts["benchmark"].train_stream] == [0, 1, 2]
+    assert type(parts.model).__name__ == "MultiHeadViT"
+    assert [e.task_label for e in parts.benchmark.train_stream] == [0, 1, 2]
     a = results["accuracy_matrix"]["task_aware"]
     assert len(a) == 3 and all(0.0 <= a[t][i] <= 1.0 for t in range(3) for i in range(t + 1))
     assert sum(a[t][t] > 0.5 for t in range(3)) >= 2, a  # 2 classes per task: chance is 0.5
@@ -346,8 +347,8 @@ def test_multi_head_with_task_labels(tmp_path):
 
 def test_summary_matches_avalanche_metrics():
     parts = study.build(make_cfg("lora", n_experiences=3, epochs=3, lr=1e-2), None)
-    strategy, benchmark, matrix = parts["strategy"], parts["benchmark"], parts["matrix"]
-    evaluator = parts["evaluator"]
+    strategy, benchmark, matrix = parts.strategy, parts.benchmark, parts.matrix
+    evaluator = parts.evaluator
     for t, experience in enumerate(benchmark.train_stream):
         strategy.train(experience)
         strategy.eval(benchmark.test_stream)
@@ -381,7 +382,7 @@ def test_run_experiment_writes_results_and_tensorboard(tmp_path):
     cfg = make_cfg("lora", n_experiences=3, epochs=2, lr=1e-2)
     results = study.run_experiment(cfg, tmp_path, run_id="lora-test", progress=False)
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert on_disk["schema"] == 1 and on_disk["run"]["id"] == "lora-test"
+    assert on_disk["schema"] == 2 and on_disk["run"]["id"] == "lora-test"
     assert on_disk["accuracy_matrix"] == results["accuracy_matrix"]
     assert set(on_disk["accuracy_matrix"]) == {"class_incremental", "task_aware"}
     assert on_disk["metrics"] == pytest.approx(summarize_both(on_disk["accuracy_matrix"]))

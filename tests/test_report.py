@@ -1,4 +1,4 @@
-"""Tests of avl_peft.report on fake run folders written to tmp_path."""
+"""Tests of avl_peft.study.report on fake run folders written to tmp_path."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from avl_peft.errors import DataError
-from avl_peft.report import CSV_COLUMNS, build_report, format_table
+from avl_peft.study.report import CSV_COLUMNS, build_report, format_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -276,7 +276,7 @@ def test_corrupt_file_is_skipped_with_warning(run_root: Path):
     (broken / "results.json").write_text('{"schema": 1, "status": "fini', encoding="utf-8")
     wrong_schema = run_root / "future-run"
     wrong_schema.mkdir()
-    (wrong_schema / "results.json").write_text(json.dumps({"schema": 2}), encoding="utf-8")
+    (wrong_schema / "results.json").write_text(json.dumps({"schema": 99}), encoding="utf-8")
 
     with pytest.warns(UserWarning) as record:
         rows = build_report(run_root)

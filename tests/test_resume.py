@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from avl_peft import study as study_mod
-from avl_peft.config import expand, validate_study
-from avl_peft.runner import run_lock, run_study
+from avl_peft.study import experiment as study_mod
+from avl_peft.study.grid import expand, validate_study
+from avl_peft.study.run import run_lock
+from avl_peft.study.runner import run_study
 
 STUDY = {
     "name": "resume",
@@ -51,14 +52,14 @@ def test_same_seed_same_results(reference, tmp_path):
 
 
 def _crash_after(monkeypatch, experience: int) -> None:
-    original = study_mod._save_run_state
+    original = study_mod.run_state.save_run_state
 
     def save_then_crash(run_dir, t, parts, progress):
         original(run_dir, t, parts, progress)
         if t == experience:
             raise KeyboardInterrupt  # like a kill right after the state reached the disk
 
-    monkeypatch.setattr(study_mod, "_save_run_state", save_then_crash)
+    monkeypatch.setattr(study_mod.run_state, "save_run_state", save_then_crash)
 
 
 def test_resume_after_crash_equals_uninterrupted(reference, tmp_path, monkeypatch):

@@ -12,9 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from avl_peft import scenarios
+from avl_peft.cl.scenarios import SCENARIOS, build_scenario, five_datasets
 from avl_peft.errors import ConfigError, DataError
-from avl_peft.scenarios import SCENARIOS, build_scenario
 
 OFFLINE = {"digits": (10, 5), "mnist5k": (10, 5), "synthetic": (6, 3)}  # name -> (classes, default exps)
 
@@ -283,8 +282,8 @@ def _write_notmnist(folder: Path, per_class: dict[str, int], size: int = 8) -> N
 @pytest.fixture
 def fake_five(monkeypatch, tmp_path):
     for name, spec in FAKE_SPECS.items():
-        monkeypatch.setattr(scenarios, name, _fake_dataset(*spec))
-    monkeypatch.setattr(scenarios, "SVHN", _fake_dataset(5, "RGB", (0, 0, 200), labels_attr="labels"))
+        monkeypatch.setattr(five_datasets, name, _fake_dataset(*spec))
+    monkeypatch.setattr(five_datasets, "SVHN", _fake_dataset(5, "RGB", (0, 0, 200), labels_attr="labels"))
     _write_notmnist(tmp_path / "notMNIST", {"train": 2, "test": 1})
     return tmp_path
 
@@ -334,8 +333,8 @@ def test_five_datasets_seeded_order_and_task_labels(fake_five):
 
 def test_five_datasets_unsplit_notmnist_folder(monkeypatch, tmp_path):
     for name, spec in FAKE_SPECS.items():
-        monkeypatch.setattr(scenarios, name, _fake_dataset(*spec))
-    monkeypatch.setattr(scenarios, "SVHN", _fake_dataset(5, "RGB", (0, 0, 200), labels_attr="labels"))
+        monkeypatch.setattr(five_datasets, name, _fake_dataset(*spec))
+    monkeypatch.setattr(five_datasets, "SVHN", _fake_dataset(5, "RGB", (0, 0, 200), labels_attr="labels"))
     _write_notmnist(tmp_path / "notMNIST", {"": 5})  # A..J directly, as in the notMNIST_small archive
     bench = build_scenario("five_datasets", root=tmp_path, img_size=8)
     assert len(bench.train_stream[4].dataset) == 40 and len(bench.test_stream[4].dataset) == 10
@@ -379,7 +378,7 @@ def test_five_datasets_download_failure_names_dataset_and_folder(fake_five, monk
         def __init__(self, *args, **kwargs):
             raise urllib.error.URLError("network is unreachable (test)")
 
-    monkeypatch.setattr(scenarios, "SVHN", Offline)
+    monkeypatch.setattr(five_datasets, "SVHN", Offline)
     with pytest.raises(DataError) as err:
         build_scenario("five_datasets", root=fake_five, img_size=8)
     msg = str(err.value)

@@ -8,12 +8,9 @@ import torch.nn.functional as F
 from conftest import tiny_vit
 
 import avl_peft
-from avl_peft.config import expand, validate_study
+from avl_peft.adapters.inject import adapted_layers
 from avl_peft.errors import ConfigError
-from avl_peft.peft import adapted_layers
-from avl_peft.study import build
-from avl_peft.subspace import (
-    SubspaceTracker,
+from avl_peft.instruments.geometry import (
     alignment,
     feature_drift,
     linear_cka,
@@ -25,6 +22,9 @@ from avl_peft.subspace import (
     top_left_singular,
     top_singular,
 )
+from avl_peft.instruments.tracker import SubspaceTracker
+from avl_peft.study.experiment import build
+from avl_peft.study.grid import expand, validate_study
 
 
 def orth(d, k, seed=0):
@@ -247,7 +247,7 @@ def _parts(method="lora", policy="continue", run_dir=None, **options):
 
 
 def _probe(parts, n=16):
-    data = parts["benchmark"].test_stream[0].dataset
+    data = parts.benchmark.test_stream[0].dataset
     return torch.stack([data[i][0] for i in range(n)])
 
 
@@ -260,10 +260,10 @@ class FakeWriter:
 
 
 def _train(parts, tracker, first=False):
-    plugins = parts["strategy"].plugins
+    plugins = parts.strategy.plugins
     plugins.insert(0, tracker) if first else plugins.append(tracker)
-    for exp in parts["benchmark"].train_stream:
-        parts["strategy"].train(exp)
+    for exp in parts.benchmark.train_stream:
+        parts.strategy.train(exp)
     return tracker.records
 
 
@@ -293,7 +293,7 @@ def test_tracker_records_one_entry_per_experience(lora_run):
     parts, tracker, _ = lora_run
     records = tracker.records
     _check_ranges(records)
-    layers = set(adapted_layers(parts["model"]))
+    layers = set(adapted_layers(parts.model))
     assert len(layers) == 8  # depth 2 × (qkv, proj, fc1, fc2); never the head
     for r in records:
         assert set(r["layers"]) == layers
@@ -306,7 +306,7 @@ def test_tracker_records_one_entry_per_experience(lora_run):
 def test_tracker_cumulative_update_is_delta_w_under_continue(lora_run):
     parts, tracker, _ = lora_run
     last = tracker.records[-1]["layers"]
-    for name, layer in adapted_layers(parts["model"]).items():
+    for name, layer in adapted_layers(parts.model).items():
         delta = layer.delta_weight().detach()
         expected = float(delta.norm() / layer.base.weight.detach().norm())  # base W never changes here
         assert last[name]["relative_norm"] == pytest.approx(expected, rel=1e-4)
@@ -356,7 +356,7 @@ def test_tracker_follows_full_fine_tuning_and_tensorboard(tmp_path):
         f"backbone.blocks.{i}.{t}" for i in range(2) for t in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
     }
     assert all(r["relative_norm"] > 0 for r in records)
-    parts["evaluator"].loggers[0].writer.flush()
+    parts.evaluator.loggers[0].writer.flush()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tmp_path / "tb"))
@@ -376,12 +376,12 @@ def test_tracker_rebases_after_a_base_session():
     )
     ((_, cfg),) = expand(study)
     parts = build(cfg, None)
-    records = _train(parts, SubspaceTracker(_probe(parts), k=R, writer=None))
+    records = _train(parts, SubspaceTracker(_probe(parts), k=R, writer=None, base_session=True))
     assert records[0]["base_session"] is True and "base_session" not in records[1]
     assert records[0]["overlap"] is None and records[1]["overlap"] is None  # the adapter starts at exp 1
     assert records[2]["overlap"] is not None
     # against the base-session backbone, the adapter's cumulative update is exactly its ΔW
-    for name, layer in adapted_layers(parts["model"]).items():
+    for name, layer in adapted_layers(parts.model).items():
         delta = layer.delta_weight().detach()
         expected = float(delta.norm() / layer.base.weight.detach().norm())
         assert records[2]["layers"][name]["relative_norm"] == pytest.approx(expected, rel=1e-4)
@@ -400,7 +400,7 @@ def test_tracker_with_a_frozen_backbone_reports_no_update():
 def test_feature_snapshot_restores_each_modules_mode():
     torch.manual_seed(0)
     parts = _parts("lora")
-    model, strategy = parts["model"], parts["strategy"]
+    model, strategy = parts.model, parts.strategy
     model.train()
     model.head.eval()  # a mixed state must come back exactly
     tracker = SubspaceTracker(_probe(parts), k=R, writer=None)
@@ -424,8 +424,8 @@ def test_tracker_does_not_perturb_training():
         study = validate_study({**SMALL, "subspace": {"enabled": enabled}, "method": {"name": "lora"}})
         ((_, cfg),) = expand(study)
         parts = build(cfg, None)
-        for experience in parts["benchmark"].train_stream:
-            parts["strategy"].train(experience)
-            parts["strategy"].eval(parts["benchmark"].test_stream)
-        results.append(parts["matrix"].matrices)
+        for experience in parts.benchmark.train_stream:
+            parts.strategy.train(experience)
+            parts.strategy.eval(parts.benchmark.test_stream)
+        results.append(parts.matrix.matrices)
     assert results[0] == results[1]

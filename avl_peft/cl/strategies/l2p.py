@@ -1,80 +1,28 @@
-"""Continual-learning strategies by name: Avalanche's own, with the adapter plugin composed in.
+"""L2P: Avalanche's LearningToPrompt as a baseline on the harness's own backbone (see :func:`build_l2p`).
 
-Each builder gets the model, optimizer, criterion and the shared template arguments and returns an
-Avalanche strategy. ``l2p`` (Avalanche's LearningToPrompt) brings its own prompted ViT and is a baseline;
-see :func:`build_l2p` for how it fits the harness.
+L2P owns its model (a prompted ViT rebuilt from the run's backbone) and trains prompts, not weights, so its
+registry entry says ``owns_model=True, trains_weights=False`` and checks the run config itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from avalanche.training import AGEM, EWC, GEM, LearningToPrompt, MaskedCrossEntropy, Naive, Replay, SynapticIntelligence
-from avalanche.training import LwF as AvalancheLwF
+from avalanche.models import IncrementalClassifier
+from avalanche.training import LearningToPrompt, MaskedCrossEntropy
 from avalanche.training.templates import SupervisedTemplate
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .errors import ConfigError
-from .registry import Registry, suggest
-
-STRATEGIES: Registry[Callable[..., Any]] = Registry("strategy")
-
-# Allowed options per strategy, with defaults (a typo gets a did-you-mean, not a TypeError from avalanche).
-STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {
-    "naive": {},
-    "replay": {"mem_size": 200},
-    "ewc": {"ewc_lambda": 100.0},
-    "lwf": {"alpha": 1.0, "temperature": 2.0},
-    "si": {"si_lambda": 0.1},
-    "agem": {"patterns_per_exp": 64, "sample_size": 64},
-    "gem": {"patterns_per_exp": 64, "memory_strength": 0.5},
-    "l2p": {"pool_size": 10, "prompt_length": 5, "top_k": 5, "lr": 0.03, "sim_coefficient": 0.1},
-}
-
-
-def strategy_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Merge user options over the defaults, rejecting unknown names."""
-    allowed = STRATEGY_OPTIONS[name]
-    for key in options:
-        if key not in allowed:
-            raise ConfigError(
-                f"strategy '{name}' has no option '{key}'. Allowed: {', '.join(allowed) or '(none)'}."
-                f"{suggest(key, list(allowed))}"
-            )
-    return {**allowed, **options}
-
-
-def _simple(cls: type, *, memory: bool = False) -> Callable[..., Any]:
-    def build(model, optimizer, criterion, **kw):
-        if memory and getattr(criterion, "mask", None) in ("new", "old"):
-            # MaskedCrossEntropy(mask="new") keeps only the current classes' logits AND targets: a stored
-            # sample of an earlier class gets an all-zero target row, so it adds no loss (replay) and no
-            # reference gradient (GEM/A-GEM). The memory would silently do nothing.
-            warnings.warn(
-                f"strategy '{cls.__name__}' replays stored samples of earlier classes, but the loss only sees "
-                "the current experience's classes (training.train_mask: current), so the memory has no effect; "
-                "use training.train_mask: seen",
-                stacklevel=2,
-            )
-        return cls(model=model, optimizer=optimizer, criterion=criterion, **kw)
-
-    return build
-
-
-STRATEGIES.register("naive", "fine-tune on each experience in turn (Avalanche Naive)")(_simple(Naive))
-STRATEGIES.register("replay", "experience replay with a class-balanced memory (mem_size)")(_simple(Replay, memory=True))
-STRATEGIES.register("ewc", "Elastic Weight Consolidation (ewc_lambda)")(_simple(EWC))
-STRATEGIES.register("lwf", "Learning without Forgetting distillation (alpha, temperature)")(_simple(AvalancheLwF))
-STRATEGIES.register("si", "Synaptic Intelligence (si_lambda)")(_simple(SynapticIntelligence))
-STRATEGIES.register("agem", "Averaged GEM (patterns_per_exp, sample_size)")(_simple(AGEM, memory=True))
-STRATEGIES.register("gem", "Gradient Episodic Memory, needs quadprog (patterns_per_exp, memory_strength)")(
-    _simple(GEM, memory=True)
-)
-
+from ...errors import ConfigError
+from ...validate import check_int, check_number
+from ..checkpoints import CheckpointPlugin
+from ..plugin import PEFTPlugin
+from .base import STRATEGIES, StrategySpec
 
 # --------------------------------------------------------------------------------------------------
 # L2P: Avalanche's LearningToPrompt on the harness's own backbone
@@ -83,8 +31,6 @@ STRATEGIES.register("gem", "Gradient Episodic Memory, needs quadprog (patterns_p
 
 def _timm_vit(model: nn.Module) -> nn.Module:
     """The timm VisionTransformer inside a harness model (ContinualViT.backbone) or the model itself."""
-    from timm.models.vision_transformer import VisionTransformer
-
     for candidate in (getattr(model, "backbone", None), model):
         if isinstance(candidate, VisionTransformer):
             return candidate
@@ -137,6 +83,7 @@ def vit_architecture(vit: nn.Module) -> dict[str, Any]:
 
 def _load_backbone(target: nn.Module, vit: nn.Module) -> None:
     """Copy ``vit``'s weights into a ViTWithPrompt (position embeddings extended for the prompts)."""
+    # Lazy: avalanche.models.timm_vit imports deprecated timm paths and warns at import time.
     from avalanche.models.timm_vit import checkpoint_filter_fn
 
     state = {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
@@ -168,14 +115,13 @@ def build_prompted_vits(
     The classifier is an Avalanche ``IncrementalClassifier`` (grows with the classes, masks the ones not
     trained yet), as for every other method here, so ``num_classes`` is only an optional initial size.
     """
-    from avalanche.models import IncrementalClassifier
-    from avalanche.models.timm_vit import ViTWithPrompt
-
     for key, value, low in (("pool_size", pool_size, 1), ("prompt_length", prompt_length, 1), ("top_k", top_k, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"strategy.options.{key}: must be an integer >= {low}, got {value!r}")
     if top_k > pool_size:
         raise ConfigError(f"strategy.options.top_k ({top_k}) cannot exceed pool_size ({pool_size})")
+    from avalanche.models.timm_vit import ViTWithPrompt  # lazy: see _load_backbone
+
     vit = _timm_vit(model)
     arch = vit_architecture(vit)
     prompted = ViTWithPrompt(
@@ -229,7 +175,6 @@ class L2P(LearningToPrompt):
         device: Any = "cpu",
         **template_kwargs: Any,
     ):
-        from avalanche.training import MaskedCrossEntropy
 
         criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.num_classes = model.head.classifier.out_features
@@ -291,8 +236,6 @@ def build_l2p(
     - The head is an ``IncrementalClassifier`` (grows, masks untrained classes), so accuracies mean the
       same as for every other method and ``num_classes`` (the scenario's class count) is optional.
     """
-    from .plugin import CheckpointPlugin, PEFTPlugin
-
     kept = []
     for plugin in plugins or []:
         if not isinstance(plugin, PEFTPlugin):
@@ -320,23 +263,44 @@ def build_l2p(
     )
 
 
-STRATEGIES.register("l2p", "Learning to Prompt baseline (Avalanche LearningToPrompt; pool_size, top_k, lr)")(build_l2p)
+@dataclasses.dataclass
+class L2POptions:
+    pool_size: int = 10  # prompts in the pool (L2P's default)
+    prompt_length: int = 5  # tokens per prompt
+    top_k: int = 5  # prompts selected per image
+    lr: float = 0.03  # L2P's own Adam learning rate (training.lr does not apply)
+    sim_coefficient: float = 0.1  # weight of the prompt-key similarity term in the loss
+
+    def __post_init__(self) -> None:
+        for key in ("pool_size", "prompt_length", "top_k"):
+            check_int(f"strategy.options.{key}", getattr(self, key), minimum=1)
+        if self.top_k > self.pool_size:
+            raise ConfigError(f"strategy.options.top_k ({self.top_k}) cannot exceed pool_size ({self.pool_size})")
+        check_number("strategy.options.lr", self.lr, low=0.0, exclusive_low=True)
+        check_number("strategy.options.sim_coefficient", self.sim_coefficient, low=0.0)
 
 
-TRAIN_MASKS = {"current": "new", "seen": "seen"}
+def check_l2p_run(cfg: dict) -> None:
+    """L2P's own constraints on a run config (called by the schema before anything trains)."""
+    if cfg["training"]["head"] == "multi":
+        raise ConfigError("strategy l2p brings its own class-incremental head; use training.head: incremental")
+    if cfg["method"]["name"] != "head":
+        raise ConfigError(
+            "strategy l2p trains its own prompts on a frozen ViT and takes no adapter: set method.name: head "
+            "for it (in a grid, add it as a variant: {strategy.name: l2p, method.name: head})"
+        )
+    if cfg["training"]["pretrain"]:
+        raise ConfigError("strategy l2p has no base session; set training.pretrain: false")
 
 
-class TrainMaskLoss(MaskedCrossEntropy):
-    """Avalanche's MaskedCrossEntropy (``train_mask``: ``current`` → only this experience's logits enter the
-    loss, as L2P/PILOT do; ``seen`` → every class seen so far), updated at each experience without going
-    through Avalanche's deprecated hook (which re-enables its deprecation warning on every call)."""
-
-    supports_distributed = True  # a loss: no cross-process state
-
-    def __init__(self, train_mask: str = "current"):
-        if train_mask not in TRAIN_MASKS:
-            raise ConfigError(f"train_mask must be one of {', '.join(TRAIN_MASKS)}, got {train_mask!r}")
-        super().__init__(mask=TRAIN_MASKS[train_mask])
-
-    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        self._adaptation(strategy.experience.classes_in_this_experience)
+STRATEGIES.register("l2p", "Learning to Prompt baseline (Avalanche LearningToPrompt; pool_size, top_k, lr)")(
+    StrategySpec(
+        "l2p",
+        "Learning to Prompt baseline (Avalanche LearningToPrompt; pool_size, top_k, lr)",
+        build_l2p,
+        L2POptions,
+        owns_model=True,
+        trains_weights=False,
+        check=check_l2p_run,
+    )
+)

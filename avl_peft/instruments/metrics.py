@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 METRIC_NAMES: tuple[str, ...] = ("acc", "avg_incremental_acc", "bwt", "forgetting", "max_forgetting")
 """Keys of the dict returned by :func:`summarize`, in a stable order."""

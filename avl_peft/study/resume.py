@@ -7,9 +7,10 @@ plugins. A SHA-256 of the file's bytes is stored inside a small sidecar written 
 or corrupted file is detected on resume and never loaded; the previous state is used instead (that
 experience is retrained). The two most recent states are kept.
 
-Exactness: with ``naive`` (no strategy-internal memory), a resumed run continues bit-for-bit as the
-uninterrupted one would on CPU. Strategies with their own state (replay buffers, EWC importances, LwF
-teachers…) restart an interrupted run from its first experience instead — still nothing finished is lost.
+Exactness: for a strategy whose registry entry is ``resumable`` (no strategy-internal memory, e.g.
+``naive``), a resumed run continues bit-for-bit as the uninterrupted one would on CPU. Strategies with their
+own state (replay buffers, EWC importances, LwF teachers…) restart an interrupted run from its first
+experience instead, and say so — still nothing finished is lost.
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ import hashlib
 import io
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from avalanche.models.utils import avalanche_model_adaptation
+from tqdm.auto import tqdm
 
-from . import atomic
-from .peft import inject
+from .. import atomic
+from ..adapters.inject import inject
 
-RESUMABLE_STRATEGIES = ("naive",)
+if TYPE_CHECKING:
+    from .experiment import RunParts
+
 KEEP = 2
 
 
@@ -131,8 +136,6 @@ def clear_states(run_dir: Path) -> None:
 
 def rebuild_structure(model: torch.nn.Module, injected: dict[str, Any] | None, test_stream: Any) -> None:
     """Give a fresh model the saved one's structure (adapter injected, heads grown) before loading."""
-    from avalanche.models.utils import avalanche_model_adaptation
-
     was_training = model.training
     model.eval()  # eval-mode adaptation grows heads without marking classes as trained
     for experience in test_stream:
@@ -140,3 +143,50 @@ def rebuild_structure(model: torch.nn.Module, injected: dict[str, Any] | None, t
     model.train(was_training)
     if injected is not None:
         inject(model, injected["method"], targets=injected.get("targets"), **injected.get("options", {}))
+
+
+def save_run_state(run_dir: Path, t: int, parts: RunParts, progress_state: dict) -> None:
+    """Everything needed to continue after experience ``t``: model, optimizer, RNGs, plugin bookkeeping."""
+    strategy, tracker = parts.strategy, parts.tracker
+    payload = {
+        "experience": t,
+        "model": {k: v.detach().cpu() for k, v in strategy.model.state_dict().items()},
+        "injected": getattr(strategy.model, "peft_config", None),
+        "optimizer": optimizer_state(strategy),
+        "rng": rng_state(),
+        "matrix": {
+            "matrices": parts.matrix.matrices,
+            "seen": sorted(parts.matrix.seen),
+            "trained": parts.matrix.trained,
+        },
+        "peft_experiences_done": parts.peft.experiences_done,
+        "tracker": tracker.state_dict() if tracker is not None else None,
+        "progress": progress_state,
+    }
+    save_state(run_dir, t, payload)
+
+
+def restore_run_state(run_dir: Path, parts: RunParts) -> tuple[int, dict] | None:
+    """Load the newest intact state into a freshly built run; the next experience index and progress."""
+    state, notes = load_latest_state(run_dir)
+    for note in notes:
+        tqdm.write(f"resume {run_dir.name}: {note}")
+    if state is None:
+        return None
+    strategy = parts.strategy
+    model = strategy.model
+    rebuild_structure(model, state["injected"], parts.benchmark.test_stream)
+    model.load_state_dict(state["model"])
+    model.to(parts.device)
+    load_optimizer_state(strategy, state["optimizer"])
+    m = parts.matrix
+    m.matrices, m.seen, m.trained = (
+        state["matrix"]["matrices"],
+        set(state["matrix"]["seen"]),
+        state["matrix"]["trained"],
+    )
+    parts.peft.experiences_done = state["peft_experiences_done"]
+    if parts.tracker is not None and state["tracker"] is not None:
+        parts.tracker.load_state_dict(state["tracker"])
+    set_rng_state(state["rng"])
+    return state["experience"] + 1, state["progress"]

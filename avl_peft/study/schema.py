@@ -1,28 +1,32 @@
-"""Study configuration: the schema, validation with actionable errors, and grid expansion.
+"""The run configuration schema: every key, its type, default and reason, and the checks of one run.
 
-A study YAML has one base run (the sections below) plus optional ``grid`` (cartesian axes) and
-``variants`` (a list of override sets, e.g. per-method options and learning rates). Both use dotted keys
-into the base run (``method.options.rank``, ``training.lr``). Everything is validated before anything
-trains: unknown keys, wrong types, out-of-range values and impossible combinations raise ConfigError
-naming the key, what is allowed and, for typos, the closest valid key.
+Everything is validated before anything trains: unknown keys, wrong types, out-of-range values and
+impossible combinations raise ConfigError naming the key, what is allowed and, for typos, the closest
+valid key. Checks that belong to a method, strategy or scenario live on their registry entries and are
+called from here; :mod:`.grid` expands a study into runs and validates each with :func:`check_run`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import re
 from pathlib import Path
 from typing import Any
 
+import timm
+import torch
 import yaml
 
-from .adapters import METHODS
-from .adapters.base import parse_options
-from .adapters.baselines import Baseline
-from .errors import ConfigError
-from .registry import suggest
+from ..adapters import METHODS
+from ..adapters.base import parse_options
+from ..adapters.baselines import Baseline
+from ..adapters.budget import select_for_budget
+from ..cl.backbone import closest_models, create_backbone
+from ..cl.scenarios import SCENARIOS
+from ..cl.strategies import STRATEGIES, strategy_options
+from ..errors import ConfigError
+from ..registry import suggest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +159,7 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
     return value
 
 
-def _validate_section(prefix: str, schema: dict, data: Any) -> dict:
+def validate_section(prefix: str, schema: dict, data: Any) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: must be a mapping of keys to values, got {type(data).__name__}")
     out = {}
@@ -168,13 +172,13 @@ def _validate_section(prefix: str, schema: dict, data: Any) -> dict:
     for key, spec in schema.items():
         full = f"{prefix}.{key}" if prefix else key
         if isinstance(spec, dict):
-            out[key] = _validate_section(full, spec, data.get(key, {}) if data.get(key) is not None else {})
+            out[key] = validate_section(full, spec, data.get(key, {}) if data.get(key) is not None else {})
         else:
             out[key] = _check_value(full, spec, data.get(key, copy.deepcopy(spec.default)))
     return out
 
 
-def _field_at(path: str) -> Field | None:
+def field_at(path: str) -> Field | None:
     """The schema field a dotted key names; None for keys inside free-form mappings."""
     parts = path.split(".")
     node: Any = SCHEMA
@@ -220,24 +224,9 @@ def get_dotted(cfg: dict, path: str) -> Any:
     return node
 
 
-def _check_overrides(where: str, overrides: Any, *, lists: bool) -> None:
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"{where}: must be a mapping of dotted keys to {'lists of values' if lists else 'values'}")
-    for key, value in overrides.items():
-        if key.split(".")[0] in STUDY_ONLY:
-            raise ConfigError(f"{where}: '{key}' is a study setting and cannot vary between runs")
-        _field_at(str(key))
-        if lists and (not isinstance(value, list) or not value):
-            raise ConfigError(f"{where}.{key}: must be a non-empty list of values, got {value!r}")
-
-
-def _check_run(cfg: dict) -> None:
+def check_run(cfg: dict) -> None:
     """Cross-field checks and registry lookups for one resolved run."""
-    from .scenarios import SCENARIOS
-    from .strategies import STRATEGIES, strategy_options
-
     SCENARIOS.get(cfg["scenario"]["name"])
-    STRATEGIES.get(cfg["strategy"]["name"])
     strategy_options(cfg["strategy"]["name"], cfg["strategy"]["options"])
     cls = METHODS.get(cfg["method"]["name"])
     if issubclass(cls, Baseline):
@@ -259,20 +248,12 @@ def _check_run(cfg: dict) -> None:
     device = cfg["training"]["device"]
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", device):
         raise ConfigError(f"training.device: {device!r} is not a device; use cpu, cuda, cuda:N, mps or auto")
-    strategy = cfg["strategy"]["name"]
-    if strategy == "l2p":
-        if cfg["training"]["head"] == "multi":
-            raise ConfigError("strategy l2p brings its own class-incremental head; use training.head: incremental")
-        if cfg["method"]["name"] != "head":
-            raise ConfigError(
-                "strategy l2p trains its own prompts on a frozen ViT and takes no adapter: set method.name: head "
-                "for it (in a grid, add it as a variant: {strategy.name: l2p, method.name: head})"
-            )
-        if cfg["training"]["pretrain"]:
-            raise ConfigError("strategy l2p has no base session; set training.pretrain: false")
-    if strategy in ("replay", "agem", "gem") and cfg["training"]["train_mask"] == "current":
+    spec = STRATEGIES.get(cfg["strategy"]["name"])
+    if spec.check is not None:
+        spec.check(cfg)
+    if spec.uses_memory and cfg["training"]["train_mask"] == "current":
         raise ConfigError(
-            f"strategy {strategy} needs training.train_mask: seen — with 'current' the memory's samples of old "
+            f"strategy {spec.name} needs training.train_mask: seen — with 'current' the memory's samples of old "
             "classes get no loss, so the strategy would silently act like naive"
         )
     n = cfg["scenario"]["n_experiences"]
@@ -280,7 +261,7 @@ def _check_run(cfg: dict) -> None:
         raise ConfigError("training.pretrain needs at least 2 experiences (the base session plus one more)")
 
 
-def _accepts(method: Any, option: str) -> bool:
+def accepts(method: Any, option: str) -> bool:
     """Whether a method takes an option; unknown methods say yes so the later check names them."""
     if not isinstance(method, str) or method not in METHODS:
         return True
@@ -289,10 +270,6 @@ def _accepts(method: Any, option: str) -> bool:
 
 
 def _check_backbone(bb: dict) -> None:
-    import timm
-
-    from .backbone import closest_models
-
     arch = bb["name"].split(".")[0]
     if not timm.is_model(arch):
         raise ConfigError(f"backbone.name: unknown timm model '{bb['name']}'.{closest_models(bb['name'])}")
@@ -308,11 +285,6 @@ _META_MODELS: dict[str, Any] = {}
 
 def _check_budget(cfg: dict) -> None:
     """The budget must fit the method on this backbone (checked on a meta-device model: no memory, fast)."""
-    import torch
-
-    from .backbone import create_backbone
-    from .budget import select_for_budget
-
     method = cfg["method"]
     if issubclass(METHODS.get(method["name"]), Baseline):
         return
@@ -333,7 +305,7 @@ def _check_budget(cfg: dict) -> None:
         raise ConfigError(f"budget: {e}") from None
 
 
-def _known_options() -> set[str]:
+def known_options() -> set[str]:
     """Every option some registered adapter takes (a name none takes is a typo and stays to be reported)."""
     return {
         f.name
@@ -341,111 +313,3 @@ def _known_options() -> set[str]:
         if not issubclass(METHODS.get(name), Baseline)
         for f in dataclasses.fields(METHODS.get(name).Options)
     }
-
-
-def run_id(cfg: dict, axes: list[str]) -> str:
-    """Readable, unique id from the method, its options, the strategy, varied axes and the seed."""
-    parts = [cfg["method"]["name"]]
-    parts += [f"{k}{v}" for k, v in sorted(cfg["method"]["options"].items())]
-    parts.append(cfg["strategy"]["name"])
-    if cfg.get("budget") is not None:
-        parts.append(f"budget{cfg['budget']}")
-    for key in axes:
-        if key.startswith(("method.", "strategy.name", "seed", "budget")):
-            continue
-        parts.append(f"{key.split('.')[-1]}{get_dotted(cfg, key)}")
-    parts.append(f"s{cfg['seed']}")
-    return re.sub(r"[^A-Za-z0-9._=+-]", "", "-".join(str(p) for p in parts))
-
-
-def expand(study: dict) -> list[tuple[str, dict]]:
-    """All runs of a validated study: (run id, resolved config), duplicates removed, order stable."""
-    grid, variants = study["grid"], study["variants"] or [{}]
-    base = {k: v for k, v in study.items() if k not in STUDY_ONLY}
-    axes = list(grid) + sorted({k for v in variants for k in v})
-    runs, seen = [], set()
-    for values in itertools.product(*grid.values()):
-        for variant in variants:
-            cfg = copy.deepcopy(base)
-            overrides = [*zip(grid, values), *variant.items()]
-            for key, value in overrides:
-                set_dotted(cfg, key, copy.deepcopy(value))
-            # When a grid axis or variant changes the method, options it inherited (from the base run or
-            # a rank axis) that the new method does not take are dropped — e.g. a rank axis crossed with
-            # full/head. Options a variant sets explicitly, and everything in a run whose method was not
-            # overridden, are checked strictly.
-            keys = {k for k, _ in overrides}
-            explicit = {k for k in variant if k.startswith("method.options")}
-            lenient = ({"method.name"} & keys or {k for k in grid if k.startswith("method.options.")}) and (
-                "method.options" not in explicit
-            )
-            options = (cfg.get("method") or {}).get("options")
-            if lenient and isinstance(options, dict):
-                method = cfg["method"].get("name", SCHEMA["method"]["name"].default)
-                cfg["method"]["options"] = {
-                    k: v
-                    for k, v in options.items()
-                    if f"method.options.{k}" in explicit or _accepts(method, k) or k not in _known_options()
-                }
-            cfg = _validate_section("", {k: v for k, v in SCHEMA.items() if k not in STUDY_ONLY}, cfg)
-            if cfg["budget"] is not None:  # the budget chooses rank (and tt_rank); drop configured ones
-                cfg["method"]["options"] = {
-                    k: v for k, v in cfg["method"]["options"].items() if k not in ("rank", "tt_rank")
-                }
-            _check_run(cfg)
-            rid = run_id(cfg, axes)
-            key = yaml.safe_dump(cfg, sort_keys=True)
-            if key in seen:
-                continue
-            seen.add(key)
-            runs.append((rid, cfg))
-    ids = [r for r, _ in runs]
-    dupes = {r for r in ids if ids.count(r) > 1}
-    if dupes:
-        runs = [(f"{rid}-{i}" if rid in dupes else rid, cfg) for i, (rid, cfg) in enumerate(runs)]
-    return runs
-
-
-def validate_study(data: Any) -> dict:
-    """Validate a whole study (top-level mapping from YAML) and every run it expands to."""
-    study = _validate_section("", SCHEMA, data if data is not None else {})
-    _check_overrides("grid", study["grid"], lists=True)
-    for i, variant in enumerate(study["variants"]):
-        _check_overrides(f"variants[{i}]", variant, lists=False)
-    expand(study)  # every run must validate before anything trains
-    return study
-
-
-def apply_set(data: dict, assignments: list[str]) -> dict:
-    """Apply ``--set key=value`` (value parsed as YAML) to the raw config mapping."""
-    data = copy.deepcopy(data or {})
-    for item in assignments:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set training.lr=0.001")
-        _field_at(key) if not key.startswith(("grid.", "variants")) else None
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
-        if key.startswith("grid."):
-            data.setdefault("grid", {})[key[5:]] = value
-        else:
-            set_dotted(data, key, value)
-    return data
-
-
-def load_yaml(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file '{path}' could not be read: {e}") from None
-
-
-def load_study(path: str | Path, assignments: list[str] | None = None) -> dict:
-    return validate_study(apply_set(load_yaml(path), assignments or []))

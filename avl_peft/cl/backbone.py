@@ -10,9 +10,11 @@ from typing import Any
 
 import timm
 import torch
+from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
+from safetensors.torch import load_file
 from torch import nn
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 
 def closest_models(name: str) -> str:
@@ -26,8 +28,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise DataError(f"checkpoint '{path}' does not exist; give the path of a local .pth or .safetensors file")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             sd: Any = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -140,8 +140,6 @@ class ContinualViT(nn.Module):
 
 
 def _multi_head_class():
-    from avalanche.models import MultiTaskModule
-
     class MultiHeadViT(MultiTaskModule):
         """Task-incremental variant: one head per task (Avalanche ``MultiHeadClassifier``)."""
 
@@ -168,8 +166,6 @@ def create_continual_model(
     **timm_kwargs: Any,
 ) -> nn.Module:
     """A timm backbone with an Avalanche incremental (``incremental``) or multi-task (``multi``) head."""
-    from avalanche.models import IncrementalClassifier, MultiHeadClassifier
-
     if head not in HEADS:
         raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     backbone = create_backbone(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=1, **timm_kwargs)

@@ -22,12 +22,12 @@ from typing import Any
 
 from torch import nn
 
-from .adapters import METHODS
-from .adapters.base import parse_options
-from .adapters.baselines import Baseline
-from .adapters.loretta import tt_param_count
-from .errors import ConfigError
-from .peft import find_targets
+from ..errors import ConfigError
+from . import METHODS
+from .base import parse_options
+from .baselines import Baseline
+from .inject import find_targets
+from .loretta import tt_param_count
 
 TT_RANKS = tuple(range(2, 17))  # LoRETTA inner TT-ranks searched (the paper uses single digits)
 LORETTA_MAX_RANK = 64  # LoRETTA's r only adds a small mode to the tensor train: beyond this nothing changes much

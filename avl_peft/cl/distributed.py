@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from avalanche.core import SupervisedPlugin
+from avalanche.distributed import DistributedHelper
 
 
 def world_size() -> int:
@@ -38,8 +39,6 @@ def init_from_env(seed: int, device: str) -> bool:
     """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1). True if distributed."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return world_size() > 1
-    from avalanche.distributed import DistributedHelper
-
     use_cuda = device != "cpu" and torch.cuda.is_available()
     DistributedHelper.init_distributed(random_seed=seed, backend="nccl" if use_cuda else "gloo", use_cuda=use_cuda)
     return True

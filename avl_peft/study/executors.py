@@ -14,15 +14,19 @@ Every executor takes the runs to do and returns one summary per run; each run wr
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
-from .registry import Registry
+from ..errors import ConfigError
+from ..registry import Registry
+from .run import record_failure, run_one
 
 EXECUTORS: Registry[Callable[..., list[dict[str, Any]]]] = Registry("executor")
 
@@ -35,8 +39,6 @@ def _check(settings: dict[str, Any], allowed: tuple[str, ...], name: str) -> Non
 
 @EXECUTORS.register("sequential", "one run after another in this process")
 def sequential(todo, out_dir: Path, *, resume: bool, force: bool, progress: bool, **settings) -> list[dict]:
-    from .runner import run_one
-
     _check(settings, ("workers", "ray_address", "num_cpus", "num_gpus"), "sequential")
     out = []
     bar = tqdm(todo, desc="study", unit="run", disable=not progress)
@@ -47,24 +49,17 @@ def sequential(todo, out_dir: Path, *, resume: bool, force: bool, progress: bool
 
 
 def _pool_init(gpu_queue: Any, threads: int) -> None:
-    import torch
-
     if gpu_queue is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
     torch.set_num_threads(threads)
 
 
 def _pool_run(rid: str, cfg: dict, out_dir: str, resume: bool, force: bool) -> dict:
-    from .runner import run_one
-
     return run_one(rid, cfg, out_dir, resume=resume, force=force, progress=False, raise_user_errors=False)
 
 
 @EXECUTORS.register("local", "a pool of worker processes on this machine (workers; one GPU each with CUDA)")
 def local(todo, out_dir: Path, *, resume: bool, force: bool, progress: bool, workers: int = 2, **settings):
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
     import torch
 
     _check(settings, ("ray_address", "num_cpus", "num_gpus"), "local")
@@ -88,8 +83,6 @@ def local(todo, out_dir: Path, *, resume: bool, force: bool, progress: bool, wor
 
 def _collect(get: Callable[[], dict], rid: str, cfg: dict, out_dir: Path) -> dict:
     """A worker's summary; if the worker itself died (OOM kill, segfault) record the run as failed."""
-    from .runner import record_failure
-
     try:
         return get()
     except Exception as e:

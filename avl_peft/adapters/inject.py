@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import METHODS, AdaptedLinear, Adapter
-from .adapters.base import parse_options
-from .adapters.baselines import Baseline
-from .errors import ConfigError
+from ..errors import ConfigError
+from . import METHODS, AdaptedLinear, Adapter
+from .base import parse_options
+from .baselines import Baseline
 
 # Every linear layer in a ViT block. Dotted suffixes: a bare "proj" would also name the patch
 # embedding's Conv2d (patch_embed.proj).
@@ -38,7 +38,7 @@ def head_names(model: nn.Module) -> list[str]:
     return [n for n in names if n in present]
 
 
-def _matches(name: str, target: str) -> bool:
+def matches(name: str, target: str) -> bool:
     if _REGEX_CHARS & set(target):
         return re.fullmatch(target, name) is not None
     return name == target or name.endswith("." + target)
@@ -61,7 +61,7 @@ def find_targets(model: nn.Module, targets: list[str] | tuple[str, ...] | None =
     for t in targets:
         hits = 0
         for name, mod in model.named_modules():
-            if not name or not _matches(name, t):
+            if not name or not matches(name, t):
                 continue
             if isinstance(mod, AdaptedLinear):
                 raise ConfigError(f"module '{name}' already has an adapter; call merge(model) before injecting again")

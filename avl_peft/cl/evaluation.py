@@ -2,7 +2,7 @@
 
 Avalanche's ``accuracy_metrics``/``forgetting_metrics``/``bwt_metrics`` run in the loop and go to
 TensorBoard. :class:`AccuracyMatrixPlugin` additionally stores a[t][i] (accuracy on experience i after
-training experience t) in two forms (SPEC §4):
+training experience t) in two forms (formulas: docs/design.md):
 - class-incremental: argmax over every class seen so far;
 - task-aware: argmax within experience i's own classes.
 The gap between them separates classifier bias from forgetting inside the backbone.

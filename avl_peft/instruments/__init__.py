@@ -1,0 +1,1 @@
+"""Measurement instruments: accuracy-matrix metrics, update-subspace geometry and its tracker, upstream retention."""

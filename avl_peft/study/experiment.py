@@ -1,0 +1,270 @@
+"""One continual-learning run, end to end: model, scenario, strategy + plugins, train/eval, results.
+
+``run_experiment(cfg, run_dir)`` takes one resolved run config (:mod:`.schema`) and writes ``run_dir/``:
+``config.yaml``, ``results.json`` (:mod:`.results`), TensorBoard events in ``tb/`` and adapter/head
+checkpoints per experience in ``checkpoints/``. :func:`build` wires the parts and returns them as a
+:class:`RunParts` for tests and custom loops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import avalanche
+import numpy as np
+import timm
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .. import atomic
+from ..adapters import METHODS
+from ..adapters.budget import select_for_budget
+from ..adapters.inject import parameter_counts
+from ..cl import distributed
+from ..cl.backbone import create_continual_model, data_config
+from ..cl.evaluation import AccuracyMatrixPlugin, make_evaluator
+from ..cl.loss import TrainMaskLoss
+from ..cl.plugin import PEFTPlugin
+from ..cl.scenarios import build_scenario
+from ..cl.strategies import STRATEGIES, strategy_options
+from ..cl.training import BatchProgress, DivergenceGuard, make_optimizer, resolve_device, seed_everything
+from ..errors import ConfigError
+from ..instruments.metrics import summarize_both
+from ..instruments.tracker import SubspaceTracker
+from . import results
+from . import resume as run_state
+
+
+@dataclasses.dataclass
+class RunParts:
+    """Everything one run is made of, wired together by :func:`build`."""
+
+    model: torch.nn.Module
+    benchmark: Any
+    strategy: Any
+    matrix: AccuracyMatrixPlugin
+    peft: PEFTPlugin
+    evaluator: Any
+    device: torch.device
+    tracker: SubspaceTracker | None
+    budget: dict[str, Any] | None
+
+
+def versions() -> dict[str, str]:
+    from .. import __version__
+
+    return {
+        "avl_peft": __version__,
+        "torch": torch.__version__,
+        "avalanche": getattr(avalanche, "__version__", "unknown"),
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; whole process
+
+
+def probe_batch(benchmark: Any, size: int) -> torch.Tensor:
+    """A fixed probe batch for feature drift: the first images of every test experience, in turn."""
+    streams = list(benchmark.test_stream)
+    per = max(1, -(-size // len(streams)))
+    images = []
+    for experience in streams:
+        ds = experience.dataset
+        images += [ds[i][0] for i in range(min(per, len(ds)))]
+    return torch.stack(images[:size])
+
+
+def resolve_budget(cfg: dict, model: torch.nn.Module) -> dict[str, Any] | None:
+    """With ``budget: N``, the method's options chosen so its adapter has at most N parameters."""
+    method = cfg["method"]
+    if cfg.get("budget") is None or not METHODS.get(method["name"]).budget_knobs:
+        return None
+    chosen = select_for_budget(
+        method["name"], cfg["budget"], backbone_model=model, targets=method["targets"], **method["options"]
+    )
+    return {
+        "budget": cfg["budget"],
+        "options": {k: v for k, v in chosen.items() if k != "adapter_params"},
+        "adapter_params": chosen["adapter_params"],
+    }
+
+
+def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunParts:
+    """Everything a run needs, wired together (exposed for tests and for custom loops)."""
+    seed_everything(cfg["seed"])
+    training, method = cfg["training"], cfg["method"]
+    device = resolve_device(training["device"])
+    bb = cfg["backbone"]
+    model = create_continual_model(
+        bb["name"], head=training["head"], pretrained=bb["pretrained"], checkpoint=bb["checkpoint"], **bb["kwargs"]
+    )
+    budget = resolve_budget(cfg, model)
+    options = budget["options"] if budget is not None else method["options"]
+    sc = cfg["scenario"]
+    benchmark = build_scenario(
+        sc["name"],
+        n_experiences=sc["n_experiences"],
+        seed=cfg["seed"],
+        root=sc["root"],
+        task_labels=training["head"] == "multi",
+        **data_config(model.backbone),
+        **sc["options"],
+    )
+    n_exp = len(benchmark.train_stream)
+    if training["pretrain"] and n_exp < 2:
+        raise ConfigError("training.pretrain needs at least 2 experiences (the base session plus one more)")
+    criterion = TrainMaskLoss(training["train_mask"])
+    matrix = AccuracyMatrixPlugin(n_exp)
+    peft = PEFTPlugin(
+        method["name"],
+        policy=method["policy"],
+        pretrain=training["pretrain"],
+        targets=method["targets"],
+        checkpoint_dir=run_dir / "checkpoints" if run_dir is not None else None,
+        **options,
+    )
+    plugins = [peft, matrix, criterion, DivergenceGuard()]
+    batch_size = training["batch_size"]
+    world = distributed.world_size()
+    if world > 1:  # torchrun: same global batch, each process takes its share and gradients are averaged
+        if batch_size % world:
+            raise ConfigError(f"training.batch_size {batch_size} must divide by the {world} torchrun processes")
+        batch_size //= world
+        plugins.append(distributed.GradientAverage())
+    spec = STRATEGIES.get(cfg["strategy"]["name"])
+    tracker = None
+    sub = cfg.get("subspace") or {}
+    if sub.get("enabled") and spec.trains_weights:  # prompt-only strategies make no weight update to measure
+        tracker = SubspaceTracker(
+            probe_batch(benchmark, sub["probe_size"]),
+            k=sub["k"],
+            exact=sub["exact"],
+            targets=method["targets"],
+            base_session=training["pretrain"],
+        )
+        plugins.append(tracker)
+    if progress:
+        plugins.append(BatchProgress(method["name"]))
+    # Avalanche allows loggers only in the main process of a torchrun group.
+    log_dir = str(run_dir / "tb") if run_dir is not None and distributed.rank() == 0 else None
+    evaluator = make_evaluator(log_dir)
+    optimizer = make_optimizer(
+        model.parameters(), training["optimizer"], training["lr"], training["weight_decay"], training["momentum"]
+    )
+    strategy = spec.build(
+        model,
+        optimizer,
+        criterion,
+        train_mb_size=batch_size,
+        train_epochs=training["epochs"],
+        eval_mb_size=training["eval_batch_size"],
+        device=device,
+        plugins=plugins,
+        evaluator=evaluator,
+        eval_every=-1,
+        **strategy_options(spec.name, cfg["strategy"]["options"]),
+    )
+    return RunParts(model, benchmark, strategy, matrix, peft, evaluator, device, tracker, budget)
+
+
+def run_experiment(
+    cfg: dict, run_dir: str | os.PathLike, *, run_id: str = "run", progress: bool = True, resume: bool = False
+) -> dict:
+    """Train and evaluate one run; write its folder; return the results dict.
+
+    With ``resume``, continue from the newest intact ``state_<t>.pt`` in ``run_dir`` (see
+    :mod:`.resume`); otherwise start from scratch (old states are removed).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    resumable = STRATEGIES.get(cfg["strategy"]["name"]).resumable
+    if resume and not resumable:
+        tqdm.write(
+            f"resume {run_id}: strategy '{cfg['strategy']['name']}' cannot resume exactly (its internal state is "
+            "not saved); restarting this run from experience 0"
+        )
+    if not (resume and resumable):
+        run_state.clear_states(run_dir)
+    parts = build(cfg, run_dir, progress=progress)
+    strategy, benchmark, matrix = parts.strategy, parts.benchmark, parts.matrix
+    training = cfg["training"]
+    done = {"train_s": 0.0, "eval_s": 0.0, "images": 0, "counts": None}
+    start_exp = 0
+    if resume and resumable:
+        restored = run_state.restore_run_state(run_dir, parts)
+        if restored is not None:
+            start_exp, done = restored
+            done["resumed_at_experience"] = start_exp
+    n_exp = len(benchmark.train_stream)
+    bar = tqdm(total=n_exp, initial=start_exp, desc=run_id, unit="exp", disable=not progress)
+    for t, experience in enumerate(benchmark.train_stream):
+        if t < start_exp:
+            continue
+        base = training["pretrain"] and t == 0
+        strategy.train_epochs = (training["pretrain_epochs"] or training["epochs"]) if base else training["epochs"]
+        lr = (training["pretrain_lr"] or training["lr"]) if base else training["lr"]
+        for group in strategy.optimizer.param_groups:
+            group["lr"] = lr
+        strategy.optimizer.defaults["lr"] = lr
+        start = time.perf_counter()
+        strategy.train(experience, num_workers=training["num_workers"])
+        done["train_s"] += time.perf_counter() - start
+        done["images"] += len(experience.dataset) * strategy.train_epochs
+        if not base:
+            done["counts"] = parameter_counts(strategy.model)
+        start = time.perf_counter()
+        strategy.eval(benchmark.test_stream, num_workers=training["num_workers"])
+        done["eval_s"] += time.perf_counter() - start
+        if t < n_exp - 1:
+            run_state.save_run_state(run_dir, t, parts, done)
+        row = matrix.matrices["class_incremental"][t][: t + 1]
+        bar.set_postfix(acc=f"{np.mean(row):.3f}")
+        bar.update(1)
+    bar.close()
+    last = parts.evaluator.get_last_metrics()
+    for logger in parts.evaluator.loggers:  # flush TensorBoard files before results.json marks the run done
+        getattr(logger, "close", lambda: None)()
+    tracker = parts.tracker
+    out = {
+        "schema": results.SCHEMA_VERSION,
+        "status": "finished",
+        "run": results.run_info(run_id, cfg, parts.budget["options"] if parts.budget else None),
+        "config": cfg,
+        "versions": versions(),
+        "params": done["counts"] or parameter_counts(strategy.model),
+        "budget": parts.budget,
+        "classes_order": [int(c) for c in getattr(benchmark, "classes_order", [])],
+        "accuracy_matrix": matrix.matrices,
+        "metrics": summarize_both(matrix.matrices),
+        # Avalanche's own values; after a resume they cover only the experiences since the restart.
+        "avalanche_metrics": {
+            k: float(v) for k, v in last.items() if k.startswith(("StreamForgetting", "StreamBWT", "Top1_Acc_Stream"))
+        },
+        "subspace": [{k: v for k, v in r.items() if k != "layers"} for r in tracker.records] if tracker else [],
+        "subspace_layers": [r.get("layers", {}) for r in tracker.records] if tracker else [],
+        "timing": {
+            "train_s": done["train_s"],
+            "eval_s": done["eval_s"],
+            "subspace_s": tracker.seconds if tracker else 0.0,
+            "images_per_s": done["images"] / done["train_s"] if done["train_s"] > 0 else 0.0,
+            "peak_memory_mb": _peak_memory_mb(parts.device),
+        },
+    }
+    if "resumed_at_experience" in done:
+        out["resumed_at_experience"] = done["resumed_at_experience"]
+    results.write(run_dir, out)
+    run_state.clear_states(run_dir)  # finished: results.json and the per-experience checkpoints remain
+    return out

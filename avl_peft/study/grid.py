@@ -1,0 +1,148 @@
+"""A study: one base run plus ``grid`` (cartesian axes) and ``variants`` (override sets), expanded to runs.
+
+Both use dotted keys into the base run (``method.options.rank``, ``training.lr``). :func:`load_study`
+reads a YAML file (safely: see :mod:`avl_peft.safeio`), applies ``--set`` overrides, validates the study
+and every run it expands to, so a typo anywhere fails before anything trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+from .schema import (
+    SCHEMA,
+    STUDY_ONLY,
+    accepts,
+    check_run,
+    field_at,
+    get_dotted,
+    known_options,
+    set_dotted,
+    validate_section,
+)
+
+
+def _check_overrides(where: str, overrides: Any, *, lists: bool) -> None:
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: must be a mapping of dotted keys to {'lists of values' if lists else 'values'}")
+    for key, value in overrides.items():
+        if key.split(".")[0] in STUDY_ONLY:
+            raise ConfigError(f"{where}: '{key}' is a study setting and cannot vary between runs")
+        field_at(str(key))
+        if lists and (not isinstance(value, list) or not value):
+            raise ConfigError(f"{where}.{key}: must be a non-empty list of values, got {value!r}")
+
+
+def run_id(cfg: dict, axes: list[str]) -> str:
+    """Readable, unique id from the method, its options, the strategy, varied axes and the seed."""
+    parts = [cfg["method"]["name"]]
+    parts += [f"{k}{v}" for k, v in sorted(cfg["method"]["options"].items())]
+    parts.append(cfg["strategy"]["name"])
+    if cfg.get("budget") is not None:
+        parts.append(f"budget{cfg['budget']}")
+    for key in axes:
+        if key.startswith(("method.", "strategy.name", "seed", "budget")):
+            continue
+        parts.append(f"{key.split('.')[-1]}{get_dotted(cfg, key)}")
+    parts.append(f"s{cfg['seed']}")
+    return re.sub(r"[^A-Za-z0-9._=+-]", "", "-".join(str(p) for p in parts))
+
+
+def expand(study: dict) -> list[tuple[str, dict]]:
+    """All runs of a validated study: (run id, resolved config), duplicates removed, order stable."""
+    grid, variants = study["grid"], study["variants"] or [{}]
+    base = {k: v for k, v in study.items() if k not in STUDY_ONLY}
+    axes = list(grid) + sorted({k for v in variants for k in v})
+    runs, seen = [], set()
+    for values in itertools.product(*grid.values()):
+        for variant in variants:
+            cfg = copy.deepcopy(base)
+            overrides = [*zip(grid, values), *variant.items()]
+            for key, value in overrides:
+                set_dotted(cfg, key, copy.deepcopy(value))
+            # When a grid axis or variant changes the method, options it inherited (from the base run or
+            # a rank axis) that the new method does not take are dropped — e.g. a rank axis crossed with
+            # full/head. Options a variant sets explicitly, and everything in a run whose method was not
+            # overridden, are checked strictly.
+            keys = {k for k, _ in overrides}
+            explicit = {k for k in variant if k.startswith("method.options")}
+            lenient = ({"method.name"} & keys or {k for k in grid if k.startswith("method.options.")}) and (
+                "method.options" not in explicit
+            )
+            options = (cfg.get("method") or {}).get("options")
+            if lenient and isinstance(options, dict):
+                method = cfg["method"].get("name", SCHEMA["method"]["name"].default)
+                cfg["method"]["options"] = {
+                    k: v
+                    for k, v in options.items()
+                    if f"method.options.{k}" in explicit or accepts(method, k) or k not in known_options()
+                }
+            cfg = validate_section("", {k: v for k, v in SCHEMA.items() if k not in STUDY_ONLY}, cfg)
+            if cfg["budget"] is not None:  # the budget chooses rank (and tt_rank); drop configured ones
+                cfg["method"]["options"] = {
+                    k: v for k, v in cfg["method"]["options"].items() if k not in ("rank", "tt_rank")
+                }
+            check_run(cfg)
+            rid = run_id(cfg, axes)
+            key = yaml.safe_dump(cfg, sort_keys=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            runs.append((rid, cfg))
+    ids = [r for r, _ in runs]
+    dupes = {r for r in ids if ids.count(r) > 1}
+    if dupes:
+        runs = [(f"{rid}-{i}" if rid in dupes else rid, cfg) for i, (rid, cfg) in enumerate(runs)]
+    return runs
+
+
+def validate_study(data: Any) -> dict:
+    """Validate a whole study (top-level mapping from YAML) and every run it expands to."""
+    study = validate_section("", SCHEMA, data if data is not None else {})
+    _check_overrides("grid", study["grid"], lists=True)
+    for i, variant in enumerate(study["variants"]):
+        _check_overrides(f"variants[{i}]", variant, lists=False)
+    expand(study)  # every run must validate before anything trains
+    return study
+
+
+def apply_set(data: dict, assignments: list[str]) -> dict:
+    """Apply ``--set key=value`` (value parsed as YAML) to the raw config mapping."""
+    data = copy.deepcopy(data or {})
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set training.lr=0.001")
+        field_at(key) if not key.startswith(("grid.", "variants")) else None
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+        if key.startswith("grid."):
+            data.setdefault("grid", {})[key[5:]] = value
+        else:
+            set_dotted(data, key, value)
+    return data
+
+
+def load_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{path}' could not be read: {e}") from None
+
+
+def load_study(path: str | Path, assignments: list[str] | None = None) -> dict:
+    return validate_study(apply_set(load_yaml(path), assignments or []))

@@ -1,0 +1,76 @@
+"""Aggregate the ``results.json`` files of many runs into a Markdown/CSV report and plots.
+
+:func:`build_report` reads every ``results.json`` (format: :mod:`avl_peft.study.results`) under a folder,
+recursively, groups the runs by
+``(method, options, strategy)`` across seeds and writes, in the output folder:
+
+* ``report.csv``: one row per group with raw numbers (fractions, not percentages): the mean and the sample
+  standard deviation over seeds of each metric (``acc_mean``, ``acc_std``, ...; std is 0 for one seed),
+  trainable parameters, mean training time and, where the runs logged subspace diagnostics, the mean
+  overlap, mean alignment and final-experience feature drift;
+* ``report.md``: the same table formatted by :func:`format_table` (accuracies as percentages);
+* ``plots/acc_matrix_<run-id>.png``: one accuracy-matrix heatmap per finished run;
+* ``plots/forgetting_vs_params.png``: forgetting against trainable parameters, one colour per method;
+* ``plots/forgetting_vs_overlap.png`` and ``plots/forgetting_vs_alignment.png`` when subspace data exist.
+
+Failed runs get a row of their own (status ``failed`` plus the error) and are left out of the averages.
+A ``results.json`` that cannot be read or does not follow the schema is skipped with a warning, so one
+broken run does not hide the others. Metric definitions are in :mod:`avl_peft.instruments.metrics`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ...errors import DataError
+from .. import results
+from .plots import write_plots
+from .runs import REPORT_METRICS, CorruptResults, Run, load_run, warn_duplicate_ids
+from .table import CSV_COLUMNS, SUBSPACE_COLUMNS, aggregate, format_table, markdown_report, write_csv
+
+__all__ = ["CSV_COLUMNS", "REPORT_METRICS", "SUBSPACE_COLUMNS", "build_report", "format_table"]
+
+
+def build_report(run_dir_root: str | Path, out_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Read every results.json under ``run_dir_root`` and write report.md, report.csv and plots/.
+
+    The files go to ``out_dir`` (created if needed; default: ``run_dir_root``). Returns the table rows as
+    dicts keyed by :data:`CSV_COLUMNS` holding raw numbers (None where a value is missing), sorted by
+    method, options and strategy. Raises DataError when the folder does not exist or holds no readable
+    results.json; unreadable or malformed files are skipped with a warning naming them.
+    """
+    root = Path(run_dir_root)
+    if not root.is_dir():
+        raise DataError(
+            f"run folder '{root}' does not exist or is not a folder; pass the folder the runs were written to"
+        )
+    paths = sorted(p for p in root.rglob(results.FILENAME) if p.is_file())
+    if not paths:
+        raise DataError(
+            f"no {results.FILENAME} found under '{root}' (searched recursively); "
+            "run some experiments first or pass the folder they wrote their results to"
+        )
+
+    runs: list[Run] = []
+    for path in paths:
+        try:
+            runs.append(load_run(path))
+        except CorruptResults as exc:
+            warnings.warn(f"skipping {path}: {exc}", stacklevel=2)
+    if not runs:
+        raise DataError(
+            f"none of the {len(paths)} {results.FILENAME} files under '{root}' could be read "
+            "(see the warnings for each file)"
+        )
+    warn_duplicate_ids(runs)
+
+    rows = aggregate(runs)
+    out = Path(out_dir) if out_dir is not None else root
+    plots_dir = out / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    plot_files = write_plots(runs, rows, plots_dir)
+    write_csv(rows, out / "report.csv")
+    (out / "report.md").write_text(markdown_report(rows, runs, root, out, plot_files), encoding="utf-8")
+    return rows

@@ -1,0 +1,152 @@
+"""Report plots: accuracy-matrix heatmaps and forgetting scatter plots (matplotlib, no display)."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import AvlPeftError
+from ...instruments.metrics import MATRIX_KINDS, validate_matrix
+from .runs import Run
+
+
+def write_plots(runs: list[Run], rows: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
+    """Write every plot the data allow and return their paths (summary plots first)."""
+    written: list[Path] = []
+    finished_rows = [row for row in rows if row["status"] == "finished"]
+    scatters = [
+        ("trainable_params", "trainable parameters (log scale)", "forgetting_vs_params.png", True),
+        ("overlap_mean", "mean subspace overlap", "forgetting_vs_overlap.png", False),
+        ("alignment_mean", "mean subspace alignment", "forgetting_vs_alignment.png", False),
+    ]
+    # Colours are assigned once over all methods so a method looks the same in every plot.
+    methods = sorted({row["method"] for row in finished_rows})
+    for x_key, x_label, filename, log_x in scatters:
+        if _plot_forgetting_scatter(finished_rows, methods, x_key, x_label, plots_dir / filename, log_x):
+            written.append(plots_dir / filename)
+
+    used_names: set[str] = set()
+    for run in sorted((r for r in runs if r.status == "finished"), key=lambda r: r.run_id):
+        matrices = {}
+        for kind in MATRIX_KINDS:
+            if kind not in run.matrices:
+                continue
+            try:
+                matrices[kind] = validate_matrix(run.matrices[kind], f"accuracy_matrix['{kind}']")
+            except AvlPeftError as exc:
+                warnings.warn(f"no heatmap for {kind} of {run.path}: {exc}", stacklevel=3)
+        if not matrices:
+            continue
+        path = plots_dir / f"acc_matrix_{_unique_name(_safe_filename(run.run_id), used_names)}.png"
+        _plot_accuracy_matrices(matrices, run.run_id, path)
+        written.append(path)
+    return written
+
+
+def _safe_filename(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "run"
+
+
+def _unique_name(name: str, used: set[str]) -> str:
+    # Run ids should be unique, but copies of a run folder happen; never let one heatmap overwrite another.
+    candidate, n = name, 2
+    while candidate in used:
+        candidate, n = f"{name}-{n}", n + 1
+    used.add(candidate)
+    return candidate
+
+
+def _new_figure(width: float, height: float) -> Any:
+    # An Agg canvas on a bare Figure instead of pyplot: no global backend switch in the caller's process,
+    # no figure registry to leak memory through, and nothing can ever open a window.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _plot_accuracy_matrices(matrices: dict[str, np.ndarray], run_id: str, path: Path) -> None:
+    import matplotlib
+
+    size = max(m.shape[0] for m in matrices.values())
+    side = max(3.5, 0.55 * size + 1.5)
+    figure = _new_figure(side * len(matrices) + 1.0, side + 0.5)
+    axes = figure.subplots(1, len(matrices), squeeze=False)[0]
+    # Cells above the diagonal (not yet trained experiences) are NaN in validated matrices: draw them grey.
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = None
+    for ax, (kind, matrix) in zip(axes, matrices.items(), strict=True):
+        T = matrix.shape[0]
+        image = ax.imshow(np.ma.masked_invalid(matrix * 100), vmin=0, vmax=100, cmap=cmap)
+        if T <= 20:  # beyond that the numbers no longer fit in the cells
+            fontsize = max(5, 10 - T // 3)
+            for t in range(T):
+                for i in range(t + 1):
+                    value = matrix[t, i] * 100
+                    colour = "white" if value < 50 else "black"  # readable on viridis' dark and light ends
+                    ax.text(i, t, f"{value:.1f}", ha="center", va="center", color=colour, fontsize=fontsize)
+        ax.set_title(kind.replace("_", "-"))
+        ax.set_xlabel("evaluated on experience i")
+        ax.set_ylabel("after training experience t")
+        ticks = range(0, T, max(1, T // 10))
+        ax.set_xticks(list(ticks))
+        ax.set_yticks(list(ticks))
+    figure.colorbar(image, ax=list(axes), label="accuracy (%)", shrink=0.8)
+    figure.suptitle(f"Accuracy matrix: {run_id}")
+    figure.savefig(path, dpi=100)
+
+
+def _plot_forgetting_scatter(
+    rows: list[dict[str, Any]], all_methods: list[str], x_key: str, x_label: str, path: Path, log_x: bool
+) -> bool:
+    """Forgetting (mean ± std over seeds) against one column, one colour per method; False if no data."""
+    import matplotlib
+
+    points = [
+        row
+        for row in rows
+        if row.get(x_key) is not None
+        and row.get("forgetting_mean") is not None
+        and (not log_x or row[x_key] > 0)  # a log axis cannot place 0 trainable parameters
+    ]
+    if not points:
+        return False
+    methods = sorted({row["method"] for row in points})
+    cmap = matplotlib.colormaps["tab10" if len(all_methods) <= 10 else "tab20"]
+    figure = _new_figure(7.0, 4.5)
+    ax = figure.subplots()
+    for method in methods:
+        mine = [row for row in points if row["method"] == method]
+        ax.errorbar(
+            [row[x_key] for row in mine],
+            [row["forgetting_mean"] * 100 for row in mine],
+            yerr=[(row["forgetting_std"] or 0.0) * 100 for row in mine],
+            fmt="o",
+            capsize=3,
+            color=cmap(all_methods.index(method) % cmap.N),
+            label=method,
+        )
+        for row in mine:
+            label = ", ".join(part for part in (row["options"], row["strategy"]) if part)
+            ax.annotate(
+                label,
+                (row[x_key], row["forgetting_mean"] * 100),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("forgetting, class-incremental (%)")
+    ax.set_title(f"Forgetting vs {x_label.split(' (')[0]}")
+    ax.grid(alpha=0.3)
+    ax.legend(title="method", fontsize=8)
+    figure.savefig(path, dpi=100)
+    return True

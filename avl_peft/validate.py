@@ -1,0 +1,78 @@
+"""Value checks shared by every layer: one definition of "an integer", "a finite number", "one of".
+
+YAML and Python both hand us values whose types lie a little: ``bool`` is an ``int`` subclass (``rank:
+true`` is a mistake, not 1), numpy scalars are not ``int``/``float``, and ``.nan``/``.inf`` are floats that
+pass every ``<``/``>`` bound. Each check raises :class:`~avl_peft.errors.ConfigError` naming the key, what
+was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Integral, Real
+from typing import Any
+
+from .errors import ConfigError
+from .registry import suggest
+
+
+def is_int(value: Any) -> bool:
+    """An integer (Python or numpy), and not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A real number (Python or numpy), and not a bool. NaN and inf count: see :func:`is_finite`."""
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def is_finite(value: Any) -> bool:
+    return is_number(value) and math.isfinite(float(value))
+
+
+def check_int(key: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    if not is_int(value):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{key} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_number(
+    key: str, value: Any, *, low: float | None = None, high: float | None = None, exclusive_low: bool = False
+) -> float:
+    """A finite number within [low, high] (or (low, high] with ``exclusive_low``)."""
+    if not is_number(value):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    below = low is not None and (value < low or (exclusive_low and value == low))
+    if below or (high is not None and value > high):
+        left = "(" if exclusive_low else "["
+        if low is not None and high is not None:
+            bounds = f"in {left}{low}, {high}]"
+        elif low is not None:
+            bounds = f"{'>' if exclusive_low else '>='} {low}"
+        else:
+            bounds = f"<= {high}"
+        raise ConfigError(f"{key} must be {bounds}, got {value}")
+    return value
+
+
+def check_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":  # numpy.bool_ without importing numpy
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def check_choice(key: str, value: Any, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(
+            f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}." + suggest(str(value), list(choices))
+        )
+    return value
