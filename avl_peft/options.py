@@ -14,7 +14,8 @@ T = TypeVar("T")
 
 
 def option_names(cls: type) -> list[str]:
-    """The keys ``cls`` accepts: its fields, plus the spellings in its ``ALIASES`` (e.g. ``lambda``)."""
+    """The keys users write for ``cls``: its fields, under their ``ALIASES`` spelling where one exists
+    (e.g. ``lambda`` for ``orth_lambda``, a Python keyword)."""
     aliases = getattr(cls, "ALIASES", {})
     return [aliases.get(f.name, f.name) for f in dataclasses.fields(cls)]
 
@@ -26,14 +27,18 @@ def parse_options(cls: type[T], owner: str, options: Any) -> T:
     if not isinstance(options, dict):
         raise ConfigError(f"{owner}: options must be a mapping of names to values, got {type(options).__name__}")
     allowed = option_names(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
     inverse = {v: k for k, v in getattr(cls, "ALIASES", {}).items()}
     kwargs = {}
     for key, value in options.items():
-        if not isinstance(key, str) or key not in allowed:
+        if not isinstance(key, str) or (key not in allowed and key not in fields):
             raise ConfigError(
                 f"{owner} has no option '{key}'. Allowed: {', '.join(allowed) or '(none)'}.{suggest(str(key), allowed)}"
             )
-        kwargs[inverse.get(key, key)] = value
+        field = inverse.get(key, key)
+        if field in kwargs:
+            raise ConfigError(f"{owner}: give '{key}' or '{field}', not both")
+        kwargs[field] = value
     return cls(**kwargs)
 
 

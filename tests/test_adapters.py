@@ -30,6 +30,8 @@ TABLE = {
     # shared: one (φ, ψ) per target type, 2·d_in·r each, independent of depth
     "wegeft": ({"rank": R}, sum(2 * i * R for o, i in LAYERS) + HEAD),
     "loretta": ({"rank": R, "tt_rank": 3}, 2 * sum(tt_count(R * i, 3) + tt_count(o * R, 3) for o, i in LAYERS) + HEAD),
+    "inflora": ({"rank": R}, 2 * sum(R * o for o, i in LAYERS) + HEAD),  # A is a designed, frozen buffer: only B trains
+    "sdlora": ({"rank": R}, 2 * sum(R * (o + i) + 1 for o, i in LAYERS) + HEAD),  # LoRA factors + one magnitude
     "full": ({}, None),  # every parameter
     "head": ({}, HEAD),
 }
@@ -90,7 +92,7 @@ def test_merge_preserves_outputs(method):
     avl_peft.merge(model)
     assert not adapted_layers(model)
     assert (model(X) - before).abs().max().item() <= 1e-4
-    assert model.peft_config is None
+    assert model.avl_peft_injection is None
     assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("head"))
 
 

@@ -7,13 +7,13 @@ from conftest import tiny_vit
 
 import avl_peft
 from avl_peft.adapters.budget import (
-    LORETTA_MAX_RANK,
-    TT_RANKS,
     adapter_methods,
     budget_table,
     count_adapter_params,
     select_for_budget,
 )
+from avl_peft.adapters.loretta import MAX_BUDGET_RANK as LORETTA_MAX_RANK
+from avl_peft.adapters.loretta import TT_RANKS
 from avl_peft.errors import ConfigError
 
 BUDGETS = (7_000, 20_000, 75_000, 400_000)
@@ -67,7 +67,7 @@ def test_counts_follow_targets(model, targets):
 def test_counting_leaves_the_model_alone(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     select_for_budget("pissa", 50_000, backbone_model=model)
-    assert getattr(model, "peft_config", None) is None
+    assert getattr(model, "avl_peft_injection", None) is None
     after = model.state_dict()
     assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
 
@@ -154,7 +154,7 @@ def test_bad_options_and_targets_are_config_errors(model):
 def test_budget_table_has_every_adapter_method(model):
     rows = budget_table(model, 20_000)
     assert [r["method"] for r in rows] == adapter_methods()
-    assert set(adapter_methods()) == {"lora", "pissa", "wegeft", "loretta"}
+    assert set(adapter_methods()) == {"lora", "pissa", "wegeft", "loretta", "inflora", "sdlora"}
     for row in rows:
         assert row["error"] is None
         assert row["adapter_params"] <= 20_000

@@ -105,7 +105,7 @@ class Recorder(SupervisedPlugin):
                     n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_optimizer
                 ],
                 "stale_in_optimizer": len(in_optimizer - {id(p) for p in model.parameters()}),
-                "config": dict(model.peft_config or {}),
+                "config": dict(model.avl_peft_injection or {}),
                 "layers": dict(adapted_layers(model)),
             }
         )
@@ -213,7 +213,7 @@ def test_merge_policy_folds_and_reinjects(method):
     train(parts, 1)
     # ΔW folded: no wrappers left, same function, and the target layers' weights changed
     assert not adapted_layers(model)
-    assert model.peft_config is None
+    assert model.avl_peft_injection is None
     torch.testing.assert_close(outputs(model, x), pre.outputs[0], rtol=1e-4, atol=1e-5)
     after_merge = dict(model.backbone.named_parameters())
     targets = [n for n in after_merge if n.endswith(tuple(f"{t}.weight" for t in DEFAULT_TARGETS))]

@@ -1,9 +1,23 @@
 """The adapter contract and the one wrapper around ``nn.Linear`` that every method shares.
 
-A target layer computes ``y = W x + b`` with ``W`` of shape (d_out, d_in). An adapter defines a dense
-update ``ΔW`` (:meth:`Adapter.delta_weight`, the specification) and a forward pass that must equal
+A target layer computes ``y = W x + b`` with ``W`` of shape (d_out, d_in). An adapter (a *branch*) defines
+a dense update ``ΔW`` (:meth:`Adapter.delta_weight`, the specification), the same update in factored form
+``ΔW = L R`` (:meth:`Adapter.factors`, L (d_out, q), R (q, d_in)) and a forward pass that must equal
 ``F.linear(x, W + ΔW, b)`` but may be computed faster without materialising ``ΔW``
 (:meth:`Adapter.forward`, an optimisation tied to the dense path by the tests).
+
+Interference control (options shared by every method, see :class:`AdapterOptions`):
+
+* ``project``: a branch may be confined to the orthogonal complement of a basis M (d_in, k) of earlier
+  experiences' layer inputs, ``ΔW_conf = ΔW (I − M Mᵀ)``. Every method enters the input only through its
+  input-side factor R, so confining R (``R − (R M) Mᵀ``, a q × d_in × k product) confines ΔW exactly and
+  costs nothing per token — cheaper than projecting every input ``x − M (Mᵀ x)``.
+* ``orthogonal``: a loss term between the current branch's input factor and the frozen branches' ones
+  (see :mod:`avl_peft.adapters.interference`).
+
+:class:`AdaptedLinear` holds the current (trainable) branch in ``adapter`` and, under ``policy: stack``,
+the branches of earlier experiences in ``frozen`` (see :mod:`avl_peft.adapters.stack`):
+``y = W x + b + Σ_{frozen} L_i (R_i x) + ΔW_current x``.
 """
 
 from __future__ import annotations
@@ -17,9 +31,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..options import parse_options as parse_dataclass
 from ..registry import Registry, suggest
 
 METHODS: Registry[type] = Registry("method")
+
+INTERFERENCE = ("none", "orthogonal", "project")
+# Option names that are not Python identifiers: the user-facing key -> the dataclass field.
+OPTION_ALIASES = {"lambda": "orth_lambda"}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclasses.dataclass
@@ -29,6 +52,13 @@ class AdapterOptions:
     rank: int = 8  # r: the size of the update subspace; 8 is the study's mid-range default
     alpha: float | None = None  # LoRA scale s = alpha / r; None means alpha = r (s = 1), the study's choice
     dropout: float = 0.0  # dropout on the adapter path's input; 0 keeps runs deterministic and fast
+    interference: str = "none"  # none | orthogonal (O-LoRA loss term) | project (GPM/InfLoRA confinement)
+    # λ of the orthogonal penalty; the option key is ``lambda`` (a Python keyword, hence the field name).
+    # The penalty's size depends on the factors' scale, so this is a starting point to tune.
+    orth_lambda: float = 0.5
+    gpm_threshold: float = 0.97  # energy the kept input subspace must explain (GPM's ε_th)
+
+    ALIASES: ClassVar[dict[str, str]] = {"orth_lambda": "lambda"}  # field -> the key users write
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -37,48 +67,133 @@ class AdapterOptions:
             raise ConfigError(f"alpha must be a positive number (or null for alpha = rank), got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if self.interference not in INTERFERENCE:
+            raise ConfigError(
+                f"interference must be one of {', '.join(INTERFERENCE)}, got {self.interference!r}"
+                f"{suggest(str(self.interference), list(INTERFERENCE))}"
+            )
+        if not _is_number(self.orth_lambda) or self.orth_lambda < 0:
+            raise ConfigError(f"lambda (the orthogonal penalty weight) must be a number >= 0, got {self.orth_lambda!r}")
+        if not _is_number(self.gpm_threshold) or not 0.0 < self.gpm_threshold <= 1.0:
+            raise ConfigError(f"gpm_threshold must be a number in (0, 1], got {self.gpm_threshold!r}")
 
     @property
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
 
-def parse_options(cls: type[AdapterOptions], method: str, options: dict[str, Any]) -> AdapterOptions:
-    """Build a method's options dataclass, turning unknown keys into an actionable ConfigError."""
-    allowed = [f.name for f in dataclasses.fields(cls)]
-    for key in options:
-        if key not in allowed:
-            raise ConfigError(
-                f"method '{method}' has no option '{key}'. Allowed: {', '.join(allowed) or '(none)'}."
-                f"{suggest(key, allowed)}"
-            )
-    return cls(**options)
+def parse_options(cls: type, method: str, options: dict[str, Any]) -> Any:
+    """Build a method's options dataclass, turning unknown keys into an actionable ConfigError.
+
+    ``lambda`` is accepted for ``orth_lambda`` (the dataclass' ``ALIASES``); giving both is an error.
+    """
+    return parse_dataclass(cls, f"method '{method}'", options)
+
+
+class WeightView:
+    """Stands in for an ``nn.Linear`` where a constructor only reads ``.weight`` (shape, dtype, device, values).
+
+    :func:`~avl_peft.adapters.stack.stack` uses it to build PiSSA's next branch on the effective weight.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
 
 
 class Adapter(nn.Module):
-    """Base class of a low-rank update attached to one ``nn.Linear``.
+    """Base class of a low-rank update (one branch) attached to one ``nn.Linear``.
 
-    Subclasses set ``Options`` and implement ``delta_weight(weight)``; they override ``forward`` with a
-    factored pass when one exists. ``weight`` is always passed in (never stored), so an adapter never
-    holds a second reference to the frozen backbone.
+    Subclasses set ``Options`` and implement ``delta_weight(weight)``, ``factors(weight)`` and
+    ``input_factor()``, applying :meth:`confine` to their input side; they override ``forward`` with a
+    factored pass when one exists. ``weight`` is always passed in (never stored), so an adapter never holds
+    a second reference to the frozen backbone.
+
+    ``basis`` (d_in, k), a buffer: the subspace this branch is confined away from (k = 0: unconfined). It is
+    set when the branch starts (``interference: project``) and never changes afterwards, so a frozen branch
+    keeps computing exactly the update it was trained as.
     """
 
+    # --- capabilities: what the rest of the package reads off a registry entry (never its name) ---
     Options: ClassVar[type[AdapterOptions]] = AdapterOptions
+    adds_adapter: ClassVar[bool] = True  # False for the full/head baselines
+    trains_backbone: ClassVar[bool] = False  # True for full fine-tuning
+    budget_knobs: ClassVar[tuple[str, ...]] = ("rank",)  # options an equal-budget comparison chooses
+    budget_monotone: ClassVar[bool] = True  # adapter size grows with every knob: binary search is exact
+    requires_stack: ClassVar[bool] = False  # one branch per experience by design (needs policy: stack)
     # Adapters of one type that share parameters across layers (WeGeFT) fill this per injection.
     shared: ClassVar[bool] = False
+    # PiSSA: a stacked branch is re-derived from the layer's effective weight W + ΣΔW (see stack.py).
+    derives_from_weight: ClassVar[bool] = False
 
     def __init__(self, layer: nn.Linear, opts: AdapterOptions, shared: nn.Module | None = None):
         super().__init__()
         self.opts = opts
         self.scale = opts.scale
         self.drop = nn.Dropout(opts.dropout) if opts.dropout > 0 else nn.Identity()
+        w = layer.weight
+        self.register_buffer("basis", torch.empty(w.shape[1], 0, dtype=w.dtype, device=w.device))
 
     @staticmethod
     def max_rank(d_out: int, d_in: int) -> int:
         return min(d_out, d_in)
 
+    @staticmethod
+    def new_shared(layer: nn.Linear, opts: AdapterOptions) -> nn.Module | None:
+        """The module shared by every layer of one target type (``shared`` methods); None otherwise."""
+        return None
+
+    @classmethod
+    def budget_candidates(cls, max_rank: int, fixed: dict[str, Any]) -> list[dict[str, int]]:
+        """Every setting of :attr:`budget_knobs` the budget search considers, smallest first."""
+        ranks = [fixed["rank"]] if "rank" in fixed else range(1, max_rank + 1)
+        return [{"rank": r} for r in ranks]
+
+    @staticmethod
+    def closed_form_count(d_out: int, d_in: int, opts: AdapterOptions) -> int | None:
+        """Parameters of one (unshared) adapter without building it, where building is too slow to search."""
+        return None
+
+    @property
+    def needs_memory(self) -> bool:
+        """Whether the layer must keep a GPM basis of input features for this method (project, InfLoRA)."""
+        return self.opts.interference == "project"
+
+    def confine(self, t: torch.Tensor) -> torch.Tensor:
+        """t (I − M Mᵀ) for t (..., d_in): removes the component of t's rows in span(basis)."""
+        m = self.basis
+        if m.shape[1] == 0:
+            return t
+        # In the basis' precision even under autocast: a bf16 projection would leave ~1e-2 of span(M).
+        with torch.autocast(t.device.type, enabled=False):
+            t32 = t.to(m.dtype)
+            return (t32 - (t32 @ m) @ m.t()).to(t.dtype)
+
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:  # (d_out, d_in)
         raise NotImplementedError
+
+    def factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L (d_out, q), R (q, d_in)) with L R = delta_weight(weight); R already confined."""
+        raise NotImplementedError
+
+    def input_factor(self) -> torch.Tensor:
+        """The update's input-side factor (q, d_in) whose rows the orthogonal penalty compares."""
+        raise NotImplementedError
+
+    def factor_owner(self) -> nn.Module:
+        """The module owning :meth:`input_factor` (a shared WeGeFT generator), so penalties count it once."""
+        return self
+
+    def shared_module(self) -> nn.Module | None:
+        """The parameters this branch shares with other layers' branches, or None."""
+        return None
+
+    def begin(self, inputs: torch.Tensor | None, memory: torch.Tensor) -> None:
+        """Called before the branch trains, with the layer's collected inputs (n, d_in) and GPM basis."""
+
+    def freeze(self) -> None:
+        """Make this branch a frozen earlier branch (stacking): nothing of it trains any more."""
+        for p in self.parameters():
+            p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
         # Dense reference path; subclasses override with a factored equivalent.
@@ -86,12 +201,22 @@ class Adapter(nn.Module):
 
 
 class AdaptedLinear(nn.Module):
-    """An ``nn.Linear`` plus one adapter: ``y = (W + ΔW) x + b``. The only wrapper in avl-peft."""
+    """An ``nn.Linear`` plus its branches: ``y = (W + Σ_frozen ΔW_i + ΔW_current) x + b``.
+
+    ``adapter`` is the current branch, ``frozen`` the earlier ones (empty unless stacked), ``memory``
+    (d_in, k) the GPM basis of earlier experiences' inputs (a buffer, k = 0 until an experience ends with
+    ``interference: project`` or InfLoRA). The only wrapper in avl-peft.
+    """
 
     def __init__(self, base: nn.Linear, adapter: Adapter):
         super().__init__()
         self.base = base
         self.adapter = adapter
+        self.frozen = nn.ModuleList()
+        w = base.weight
+        self.register_buffer("memory", torch.empty(w.shape[1], 0, dtype=w.dtype, device=w.device))
+        # Set by end_experience, cleared by stack: a branch that finished an experience must not restart.
+        self.experience_done = False
 
     @property
     def weight(self) -> torch.Tensor:  # timm code sometimes reads .weight (e.g. dtype checks)
@@ -109,14 +234,27 @@ class AdaptedLinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    def branches(self) -> list[Adapter]:
+        """Every branch, oldest first; the last one is the current (trainable) branch."""
+        return [*self.frozen, self.adapter]
+
     def delta_weight(self) -> torch.Tensor:
-        return self.adapter.delta_weight(self.base.weight)
+        w = self.base.weight
+        return sum((b.delta_weight(w) for b in self.frozen), self.adapter.delta_weight(w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter(x, self.base)
+        out = self.adapter(x, self.base)
+        if len(self.frozen):
+            # Earlier branches as one rank-Σq path; they see the clean input (no dropout): they are part
+            # of the model function now, exactly as if merged.
+            parts = [b.factors(self.base.weight) for b in self.frozen]
+            left = torch.cat([p[0] for p in parts], dim=1)  # (d_out, Σq)
+            right = torch.cat([p[1] for p in parts], dim=0)  # (Σq, d_in)
+            out = out + (x @ right.t()) @ left.t()
+        return out
 
     def merged(self) -> nn.Linear:
-        """The base layer with ΔW folded into its weight (one-way)."""
+        """The base layer with every branch's ΔW folded into its weight (one-way)."""
         with torch.no_grad():
             self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
         return self.base

@@ -6,11 +6,24 @@ only the classifier learns. The classifier head trains in every method.
 
 from __future__ import annotations
 
+import dataclasses
+
 from .base import METHODS
 
 
+@dataclasses.dataclass
+class NoOptions:
+    """Baselines take no options."""
+
+
 class Baseline:
-    trains_backbone: bool = False
+    """Registry entry of a method without adapters; the capabilities mirror :class:`~.base.Adapter`'s."""
+
+    Options = NoOptions
+    adds_adapter = False
+    trains_backbone = False
+    budget_knobs: tuple[str, ...] = ()
+    requires_stack = False
 
 
 @METHODS.register("full", "full fine-tuning: every backbone weight trains")

@@ -7,10 +7,12 @@ distinct target-layer shape exactly as :func:`avl_peft.inject` builds them, incl
 generators shared per target type, and counted as ``parameter_counts(model)["adapter"]`` counts them
 (unique trainable adapter parameters; PiSSA's frozen A₀, B₀ are buffers, not parameters).
 
-Search spaces: rank 1 … the largest rank every target layer allows (LoRA, PiSSA, WeGeFT; their counts
-grow with rank, so a binary search is exact); LoRETTA rank 1 … ``LORETTA_MAX_RANK`` × tt_rank in
-``TT_RANKS`` (its count is not monotone in rank — the tensor-train shape of r·d_in depends on r's prime
-factors — so every pair is counted). Ties: larger rank, then smaller tt_rank.
+Each method's registry entry says what to search (:attr:`~.base.Adapter.budget_knobs`,
+:meth:`~.base.Adapter.budget_candidates`): by default rank 1 … the largest rank every target layer allows,
+binary-searched since counts grow with rank; a method whose count is not monotone
+(``budget_monotone = False``, e.g. LoRETTA's rank × tt_rank) has every candidate counted. A method with a
+:meth:`~.base.Adapter.closed_form_count` is counted by formula and the answer re-checked on built modules.
+Ties: larger count, then larger rank, then the earlier candidate.
 """
 
 from __future__ import annotations
@@ -23,20 +25,14 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
-from . import METHODS
-from .base import parse_options
-from .baselines import Baseline
+from ..validate import is_int
+from .base import METHODS, parse_options
 from .inject import find_targets
-from .loretta import tt_param_count
-
-TT_RANKS = tuple(range(2, 17))  # LoRETTA inner TT-ranks searched (the paper uses single digits)
-LORETTA_MAX_RANK = 64  # LoRETTA's r only adds a small mode to the tensor train: beyond this nothing changes much
-SEARCHED = ("rank", "tt_rank")
 
 
 def adapter_methods() -> list[str]:
-    """Registered methods that add adapters (every method except the ``full``/``head`` baselines)."""
-    return [m for m in METHODS.names() if not issubclass(METHODS.get(m), Baseline)]
+    """Registered methods that can be budgeted (they add adapters; not the ``full``/``head`` baselines)."""
+    return [m for m in METHODS.names() if METHODS.get(m).budget_knobs]
 
 
 def _target_layers(model: nn.Module, targets: list[str] | None) -> list[tuple[str, int, int]]:
@@ -50,14 +46,6 @@ def _freeze(options: dict[str, Any]) -> tuple:
     return tuple(sorted(options.items()))
 
 
-def _loretta_closed_form(d_out: int, d_in: int, opts: Any) -> int:
-    # Two tensor trains: A (r × d_in) and B (d_out × r), over the same automatic shapes TensorTrain uses.
-    return tt_param_count(opts.rank * d_in, opts.tt_rank) + tt_param_count(d_out * opts.rank, opts.tt_rank)
-
-
-# Per-adapter counts in closed form where building the modules (even on meta) is too slow for an
-# exhaustive search. select_for_budget re-checks its answer against the built modules.
-CLOSED_FORM = {"loretta": _loretta_closed_form}
 
 
 @lru_cache(maxsize=8192)
@@ -66,9 +54,10 @@ def _own_params(
 ) -> tuple[int, int]:
     """(parameters of one adapter not in a shared generator, parameters of one shared generator)."""
     cls = METHODS.get(method)
-    if fast and method in CLOSED_FORM and not shared:
-        return CLOSED_FORM[method](d_out, d_in, parse_options(cls.Options, method, dict(frozen_opts))), 0
     opts = parse_options(cls.Options, method, dict(frozen_opts))
+    closed = cls.closed_form_count(d_out, d_in, opts) if fast and not shared else None
+    if closed is not None:
+        return closed, 0
     layer = nn.Linear(d_in, d_out, device="meta")
     gen = cls.new_shared(layer, opts) if shared else None
     adapter = cls(layer, opts, gen)
@@ -87,7 +76,7 @@ def count_adapter_params(
 
 def _count(method: str, layers: list[tuple[str, int, int]], options: dict[str, Any], fast: bool = True) -> int:
     cls = METHODS.get(method)
-    if issubclass(cls, Baseline):
+    if not cls.budget_knobs:
         raise ConfigError(f"method '{method}' adds no adapter; parameter budgets apply to adapter methods only")
     opts = parse_options(cls.Options, method, options)  # validates names and values
     for _, d_out, d_in in layers:
@@ -111,17 +100,11 @@ def _count(method: str, layers: list[tuple[str, int, int]], options: dict[str, A
 def _candidates(method: str, layers: list[tuple[str, int, int]], fixed: dict[str, Any]) -> list[dict[str, int]]:
     cls = METHODS.get(method)
     max_rank = min(cls.max_rank(d_out, d_in) for _, d_out, d_in in layers)
-    fields = {f.name for f in dataclasses.fields(cls.Options)}
-    if "tt_rank" in fields:
-        ranks = [fixed["rank"]] if "rank" in fixed else range(1, min(max_rank, LORETTA_MAX_RANK) + 1)
-        tts = [fixed["tt_rank"]] if "tt_rank" in fixed else TT_RANKS
-        return [{"rank": r, "tt_rank": t} for r in ranks for t in tts]
-    ranks = [fixed["rank"]] if "rank" in fixed else range(1, max_rank + 1)
-    return [{"rank": r} for r in ranks]
+    return cls.budget_candidates(max_rank, fixed)
 
 
 def _monotone(method: str) -> bool:
-    return "tt_rank" not in {f.name for f in dataclasses.fields(METHODS.get(method).Options)}
+    return METHODS.get(method).budget_monotone
 
 
 def select_for_budget(
@@ -141,12 +124,12 @@ def select_for_budget(
     the method's smallest adapter: ConfigError naming that minimum.
     """
     cls = METHODS.get(method)
-    if issubclass(cls, Baseline):
+    if not cls.budget_knobs:
         raise ConfigError(
             f"method '{method}' has no parameter budget (it adds no adapter); choose one of "
             f"{', '.join(adapter_methods())}"
         )
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+    if not is_int(budget) or budget <= 0:
         raise ConfigError(f"budget must be a positive integer number of parameters, got {budget!r}")
     fixed = dict(options)
     parse_options(cls.Options, method, fixed)  # unknown or invalid fixed options fail here, by name
@@ -158,7 +141,7 @@ def select_for_budget(
 
     count = counter(True)
     chosen = _search(method, budget, candidates, count)
-    if chosen is not None and method in CLOSED_FORM and count(chosen) != counter(False)(chosen):
+    if chosen is not None and count(chosen) != counter(False)(chosen):
         count = counter(False)  # the closed form disagrees with the built modules: trust the modules
         chosen = _search(method, budget, candidates, count)
     if chosen is None:
@@ -174,7 +157,7 @@ def select_for_budget(
 def _search(
     method: str, budget: int, candidates: list[dict[str, int]], count: Callable[[dict[str, int]], int]
 ) -> dict[str, int] | None:
-    """The candidate with the largest count not above budget (ties: larger rank, smaller tt_rank)."""
+    """The candidate with the largest count not above budget (ties: larger rank, then the earlier one)."""
     if _monotone(method):  # counts grow with rank: binary search for the last candidate that fits
         if count(candidates[0]) > budget:
             return None
@@ -189,7 +172,7 @@ def _search(
     best: tuple[tuple[int, int, int], dict[str, int]] | None = None
     for c in candidates:
         n = count(c)
-        key = (n, c["rank"], -c.get("tt_rank", 0))
+        key = (n, c.get("rank", 0))
         if n <= budget and (best is None or key > best[0]):
             best = (key, c)
     return None if best is None else best[1]

@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from . import METHODS, AdaptedLinear, Adapter
-from .base import parse_options
-from .baselines import Baseline
+from .base import METHODS, AdaptedLinear, Adapter, parse_options
+from .stack import adapted_layers, load_adapter_state
 
 # Every linear layer in a ViT block. Dotted suffixes: a bare "proj" would also name the patch
 # embedding's Conv2d (patch_embed.proj).
@@ -109,18 +108,18 @@ def inject(model: nn.Module, method: str, *, targets: list[str] | None = None, *
     default: every linear layer in the blocks. ``options``: the method's options (``rank``, ``alpha``,
     ``dropout``, PiSSA ``svd_niter``, WeGeFT ``share``, LoRETTA ``tt_rank``/``init``).
     """
-    if getattr(model, "peft_config", None) is not None:
+    if getattr(model, "avl_peft_injection", None) is not None:
         raise ConfigError(
-            f"model already has '{model.peft_config['method']}' injected; call avl_peft.merge(model) first "
+            f"model already has '{model.avl_peft_injection['method']}' injected; call avl_peft.merge(model) first "
             "or start from a fresh model"
         )
     cls = METHODS.get(method)
-    if issubclass(cls, Baseline):
+    if not cls.adds_adapter:
         if options or targets is not None:
             given = sorted(options) + (["targets"] if targets is not None else [])
             raise ConfigError(f"method '{method}' takes no options, got {', '.join(given)}")
         _freeze_backbone(model, cls.trains_backbone)
-        model.peft_config = {"method": method, "targets": [], "options": {}}
+        model.avl_peft_injection = {"method": method, "targets": None, "options": {}}
         return model
 
     opts = parse_options(cls.Options, method, options)
@@ -147,16 +146,12 @@ def inject(model: nn.Module, method: str, *, targets: list[str] | None = None, *
             gen = shared[key]
         adapter: Adapter = cls(base, opts, gen)
         _set_module(model, name, AdaptedLinear(base, adapter))
-    model.peft_config = {
+    model.avl_peft_injection = {
         "method": method,
         "targets": list(DEFAULT_TARGETS if targets is None else targets),
         "options": dict(options),
     }
     return model
-
-
-def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
 
 
 def delta_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -173,7 +168,7 @@ def merge(model: nn.Module) -> nn.Module:
         for name, layer in layers.items():
             layer.base.weight.add_(deltas[name].to(layer.base.weight.dtype))
             _set_module(model, name, layer.base)
-    model.peft_config = None
+    model.avl_peft_injection = None
     return model
 
 
@@ -192,3 +187,42 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What distinguishes this model from its frozen backbone: adapter tensors and trainable weights."""
     trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable or ".adapter." in k}
+
+
+def injection(model: nn.Module) -> dict[str, Any] | None:
+    """What is injected into ``model``: ``{"method", "targets" (None for baselines), "options"}`` or None.
+
+    The one descriptor checkpoints, run states and restores use; :func:`reinject` rebuilds it.
+    """
+    config = getattr(model, "avl_peft_injection", None)
+    if config is None:
+        return None
+    return {
+        "method": config["method"],
+        "targets": None if config["targets"] is None else list(config["targets"]),
+        "options": dict(config["options"]),
+    }
+
+
+def reinject(model: nn.Module, descriptor: dict[str, Any] | None, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Give a fresh ``model`` the structure ``descriptor`` describes, then load ``state`` (non-strict).
+
+    The one re-injection path for methods and baselines: a baseline only sets what trains; an adapter
+    method is injected with its targets and options, stacked to the saved number of frozen branches and
+    its variable-size buffers (GPM bases) sized from ``state``. A baseline marker already on ``model``
+    (``full`` during a base session) is replaced; another adapter method is refused.
+    """
+    current = injection(model)
+    if descriptor is not None and current != descriptor:
+        if current is not None and current["targets"] is not None:
+            raise ConfigError(
+                f"model has '{current['method']}' injected but the saved state holds '{descriptor['method']}'; "
+                "merge(model) or start from a fresh model"
+            )
+        model.avl_peft_injection = None
+        inject(model, descriptor["method"], targets=descriptor["targets"], **descriptor["options"])
+    if state is not None:
+        if adapted_layers(model):
+            load_adapter_state(model, state)
+        else:
+            model.load_state_dict(state, strict=False)

@@ -2,6 +2,8 @@
 
 ΔW = s · B A with A ∈ R^{r×d_in} (kaiming-uniform, a=√5), B ∈ R^{d_out×r} (zero), s = α / r.
 Factored forward: y = W x + b + s · B (A drop(x)) — two thin matmuls, ΔW never materialised.
+Confined (``interference: project``, basis M (d_in, k)): A is replaced by A (I − M Mᵀ) in every path.
+Input-side factor (orthogonal penalty): A.
 """
 
 from __future__ import annotations
@@ -24,8 +26,15 @@ class LoRA(Adapter):
         self.lora_B = nn.Parameter(torch.zeros(w.shape[0], opts.rank, dtype=w.dtype, device=w.device))
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.scale * (self.lora_B @ self.lora_A)
+        return self.confine(self.scale * (self.lora_B @ self.lora_A))
+
+    def factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scale * self.lora_B, self.confine(self.lora_A)
+
+    def input_factor(self) -> torch.Tensor:
+        return self.lora_A
 
     def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
         # One fused node: base output plus the scaled rank-r path (see _lowrank for the backward).
-        return low_rank_linear(x, layer.weight, layer.bias, self.lora_A, self.lora_B, self.scale, self.drop(x))
+        a = self.confine(self.lora_A)
+        return low_rank_linear(x, layer.weight, layer.bias, a, self.lora_B, self.scale, self.drop(x))

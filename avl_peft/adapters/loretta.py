@@ -12,6 +12,8 @@ Init: Gaussian cores scaled so reconstructed entries have std ≈ √(1/(d_in+d_
 is zero so ΔW = 0 at injection. ``init: reference`` keeps B non-zero (the original non-zero start).
 Dense ΔW reconstructs A and B with tensorly (pytorch backend); the forward contracts the same cores with
 plain matmuls (tested equal) and computes y = W x + b + s B (A x).
+Interference: the input-side factor is the reconstructed A (r × d_in) — ΔW x depends on x only through
+A x — so the orthogonal penalty compares reconstructed A's and ``project`` confines A to A (I − M Mᵀ).
 """
 
 from __future__ import annotations
@@ -123,9 +125,27 @@ class TensorTrain(nn.Module):
         return out.reshape(self.rows, self.cols)
 
 
+TT_RANKS = tuple(range(2, 17))  # inner TT-ranks an equal-budget search tries (the paper uses single digits)
+MAX_BUDGET_RANK = 64  # r only adds a small mode to the tensor train: beyond this the count barely changes
+
+
 @METHODS.register("loretta", "LoRETTA: LoRA factors stored as tensor trains (Yang et al. 2024)")
 class LoRETTA(Adapter):
     Options = LoRETTAOptions
+    budget_knobs = ("rank", "tt_rank")
+    # Not monotone: the tensor-train shape of r·d_in depends on r's prime factors, so every pair is counted.
+    budget_monotone = False
+
+    @classmethod
+    def budget_candidates(cls, max_rank: int, fixed: dict) -> list[dict[str, int]]:
+        ranks = [fixed["rank"]] if "rank" in fixed else range(1, min(max_rank, MAX_BUDGET_RANK) + 1)
+        tts = [fixed["tt_rank"]] if "tt_rank" in fixed else TT_RANKS
+        return [{"rank": r, "tt_rank": t} for r in ranks for t in tts]
+
+    @staticmethod
+    def closed_form_count(d_out: int, d_in: int, opts: LoRETTAOptions) -> int:
+        # Two tensor trains: A (r × d_in) and B (d_out × r), over the same automatic shapes TensorTrain uses.
+        return tt_param_count(opts.rank * d_in, opts.tt_rank) + tt_param_count(d_out * opts.rank, opts.tt_rank)
 
     def __init__(self, layer: nn.Linear, opts: LoRETTAOptions, shared: nn.Module | None = None):
         super().__init__(layer, opts)
@@ -136,8 +156,15 @@ class LoRETTA(Adapter):
         self.tt_B = TensorTrain(d_out, opts.rank, opts.tt_rank, std, zero_last=opts.init == "zero", **kw)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.scale * (self.tt_B.matrix() @ self.tt_A.matrix())
+        return self.confine(self.scale * (self.tt_B.matrix() @ self.tt_A.matrix()))
+
+    def factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scale * self.tt_B.fast_matrix(), self.confine(self.tt_A.fast_matrix())
+
+    def input_factor(self) -> torch.Tensor:
+        return self.tt_A.fast_matrix()
 
     def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-        a, b = self.tt_A.fast_matrix(), self.tt_B.fast_matrix()  # (r, d_in), (d_out, r): tiny, rebuilt per step
+        # (r, d_in), (d_out, r): tiny, rebuilt per step
+        a, b = self.confine(self.tt_A.fast_matrix()), self.tt_B.fast_matrix()
         return low_rank_linear(x, layer.weight, layer.bias, a, b, self.scale, self.drop(x))

@@ -6,6 +6,15 @@ The reference implementation rewrites W to the residual W − s B₀A₀, which 
 backbone. Here W stays untouched and frozen copies A₀, B₀ are kept (buffers), so
     ΔW = s (B A − B₀ A₀)   — zero at initialisation, and the same function as the reference.
 Factored forward: y = W x + b + s · [B, −B₀] ([A; A₀] x)  (one rank-2r path when dropout is off).
+
+Confined (``interference: project``, basis M (d_in, k)): both terms are confined,
+ΔW = s (B A − B₀ A₀)(I − M Mᵀ), so the branch's *total* update vanishes on span(M) and is still zero at
+the start. Confining B A alone would break both: −s B₀ A₀ M Mᵀ would remain.
+Input-side factor (orthogonal penalty): the trainable A (the constant −B₀A₀ term cannot move, so it would
+only add a constant).
+
+Stacked branches (``policy: stack``) are re-derived from the layer's effective weight W + ΣΔW, exactly as
+``policy: merge`` re-derives them from the merged weight.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ def principal_factors(weight: torch.Tensor, rank: int, svd_niter: int | None) ->
 @METHODS.register("pissa", "PiSSA: LoRA initialised on W's principal singular directions (Meng et al. 2024)")
 class PiSSA(Adapter):
     Options = PiSSAOptions
+    derives_from_weight = True
 
     def __init__(self, layer: nn.Linear, opts: PiSSAOptions, shared: nn.Module | None = None):
         super().__init__(layer, opts)
@@ -66,16 +76,23 @@ class PiSSA(Adapter):
         self.register_buffer("B0", b0)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.scale * (self.lora_B @ self.lora_A - self.B0 @ self.A0)
+        return self.confine(self.scale * (self.lora_B @ self.lora_A - self.B0 @ self.A0))
+
+    def factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = torch.cat([self.lora_B, -self.B0], dim=1)  # (d_out, 2r)
+        return self.scale * b, self.confine(torch.cat([self.lora_A, self.A0], dim=0))
+
+    def input_factor(self) -> torch.Tensor:
+        return self.lora_A
 
     def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
         if isinstance(self.drop, nn.Identity):
-            a = torch.cat([self.lora_A, self.A0], dim=0)  # (2r, d_in)
+            a = self.confine(torch.cat([self.lora_A, self.A0], dim=0))  # (2r, d_in)
             b = torch.cat([self.lora_B, -self.B0], dim=1)  # (d_out, 2r)
             return low_rank_linear(x, layer.weight, layer.bias, a, b, self.scale)
         # With dropout the frozen part must see the clean input to match the reference residual W.
         return (
             layer(x)
-            + (self.drop(x) @ self.lora_A.t()) @ (self.scale * self.lora_B).t()
-            - (x @ self.A0.t()) @ (self.scale * self.B0).t()
+            + (self.drop(x) @ self.confine(self.lora_A).t()) @ (self.scale * self.lora_B).t()
+            - (x @ self.confine(self.A0).t()) @ (self.scale * self.B0).t()
         )

@@ -6,6 +6,13 @@ so every column of ΔW lies in the column space of W ("structurally aligned"). B
 pair is shared by all layers of the same target type (e.g. every ``attn.proj``), so the parameter cost
 does not grow with depth; ``share: false`` gives each layer its own pair.
 Fast forward: y = W (x + φ (ψ x)) + b — a rank-r correction of the input, then one base matmul.
+Factored form (for stacked branches): ΔW = (s W φ) ψ, L = s W φ (d_out × r) costs d_out·d_in·r per call,
+independent of the number of tokens.
+
+Interference: the input side of ΔW = s W φ ψ is ψ — ΔW x depends on x only through ψ x — so ψ's rows are
+the update's input subspace (orthogonal penalty), and ``project`` confines ψ to ψ (I − M Mᵀ) with the
+layer's own basis M, even when ψ is shared across layers (each layer confines its own copy of the product).
+Stacking gives every target type a fresh shared generator, so earlier generators stay frozen.
 """
 
 from __future__ import annotations
@@ -64,11 +71,24 @@ class WeGeFT(Adapter):
         return d_in
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.scale * (weight @ self.gen.phi @ self.gen.psi)
+        return self.confine(self.scale * (weight @ self.gen.phi @ self.gen.psi))
+
+    def factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scale * (weight @ self.gen.phi), self.confine(self.gen.psi)
+
+    def input_factor(self) -> torch.Tensor:
+        return self.gen.psi
+
+    def factor_owner(self) -> nn.Module:
+        return self.gen
+
+    def shared_module(self) -> nn.Module | None:
+        return self.gen if self.opts.share else None
 
     def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        psi = self.confine(self.gen.psi)
         if isinstance(self.drop, nn.Identity):
             # x + s φ ψ x, then the single base matmul, fused (see _lowrank for the backward).
-            return generated_linear(x, layer.weight, layer.bias, self.gen.phi_t, self.gen.psi, self.scale)
-        h = x + (self.drop(x) @ self.gen.psi.t()) @ (self.scale * self.gen.phi_t)
+            return generated_linear(x, layer.weight, layer.bias, self.gen.phi_t, psi, self.scale)
+        h = x + (self.drop(x) @ psi.t()) @ (self.scale * self.gen.phi_t)
         return layer(h)

@@ -21,15 +21,9 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models import IncrementalClassifier
 
 from .. import atomic
-from ..adapters import METHODS
-from ..adapters.inject import head_names, inject, trainable_state_dict
+from ..adapters.inject import head_names, injection, reinject, trainable_state_dict
+from ..adapters.stack import adapted_layers, adapter_state_dict, load_adapter_state
 from ..errors import ConfigError
-
-
-def _adapter_methods() -> set[str]:
-    from ..adapters.baselines import Baseline
-
-    return {m for m in METHODS.names() if not issubclass(METHODS.get(m), Baseline)}
 
 
 def checkpoint_state(model: torch.nn.Module, experience: int, **meta: Any) -> dict[str, Any]:
@@ -39,18 +33,11 @@ def checkpoint_state(model: torch.nn.Module, experience: int, **meta: Any) -> di
     targets and options, so :func:`restore_checkpoint` can rebuild the same structure.
     """
     state = trainable_state_dict(model)
+    state.update(adapter_state_dict(model))  # frozen branches and GPM bases (policy: stack) too
     full = model.state_dict()
     for head in head_names(model):  # e.g. IncrementalClassifier.active_units: which classes are unmasked
         state.update({k: v.detach().clone() for k, v in full.items() if k.startswith(head + ".")})
-    config = getattr(model, "peft_config", None)
-    injected = None
-    if config is not None:
-        injected = {
-            "method": config["method"],
-            "targets": list(config["targets"]) if config["method"] in _adapter_methods() else None,
-            "options": dict(config["options"]),
-        }
-    return {"experience": int(experience), **meta, "injected": injected, "model": state}
+    return {"experience": int(experience), **meta, "injected": injection(model), "model": state}
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, experience: int, **meta: Any) -> Path:
@@ -87,20 +74,11 @@ def restore_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike | d
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if "model" not in checkpoint:
         raise ConfigError("not an avl-peft checkpoint: it has no 'model' entry")
-    state, injected = checkpoint["model"], checkpoint.get("injected")
-    config = getattr(model, "peft_config", None)
-    if injected is not None and (config is None or config["method"] != injected["method"]):
-        if config is not None and config["method"] in _adapter_methods():
-            raise ConfigError(
-                f"model has '{config['method']}' injected but the checkpoint holds '{injected['method']}'; "
-                "merge(model) or start from a fresh model"
-            )
-        model.peft_config = None  # a baseline marker (full/head) only sets requires_grad; replace it
-        if injected["method"] in _adapter_methods():
-            inject(model, injected["method"], targets=injected["targets"], **injected["options"])
-        else:
-            inject(model, injected["method"])
+    state = checkpoint["model"]
+    reinject(model, checkpoint.get("injected"))
     _resize_incremental_heads(model, state)
+    if adapted_layers(model):
+        load_adapter_state(model, state)  # stacks to the saved branch count, sizes GPM bases, then loads
     own = model.state_dict()
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]

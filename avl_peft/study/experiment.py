@@ -55,6 +55,8 @@ class RunParts:
     device: torch.device
     tracker: SubspaceTracker | None
     budget: dict[str, Any] | None
+    # Plugins whose bookkeeping a resumed run must get back: name -> object with state_dict()/load_state_dict().
+    stateful: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def versions() -> dict[str, str]:
@@ -176,7 +178,8 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         eval_every=-1,
         **strategy_options(spec.name, cfg["strategy"]["options"]),
     )
-    return RunParts(model, benchmark, strategy, matrix, peft, evaluator, device, tracker, budget)
+    stateful = {"tracker": tracker} if tracker is not None else {}
+    return RunParts(model, benchmark, strategy, matrix, peft, evaluator, device, tracker, budget, stateful)
 
 
 def run_experiment(

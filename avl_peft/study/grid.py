@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from ..adapters import METHODS
 from ..errors import ConfigError
 from .schema import (
     SCHEMA,
@@ -85,10 +86,9 @@ def expand(study: dict) -> list[tuple[str, dict]]:
                     if f"method.options.{k}" in explicit or accepts(method, k) or k not in known_options()
                 }
             cfg = validate_section("", {k: v for k, v in SCHEMA.items() if k not in STUDY_ONLY}, cfg)
-            if cfg["budget"] is not None:  # the budget chooses rank (and tt_rank); drop configured ones
-                cfg["method"]["options"] = {
-                    k: v for k, v in cfg["method"]["options"].items() if k not in ("rank", "tt_rank")
-                }
+            if cfg["budget"] is not None:  # the budget chooses the method's budget knobs; drop configured ones
+                knobs = METHODS.get(cfg["method"]["name"]).budget_knobs if cfg["method"]["name"] in METHODS else ()
+                cfg["method"]["options"] = {k: v for k, v in cfg["method"]["options"].items() if k not in knobs}
             check_run(cfg)
             rid = run_id(cfg, axes)
             key = yaml.safe_dump(cfg, sort_keys=True)

@@ -27,7 +27,8 @@ from avalanche.models.utils import avalanche_model_adaptation
 from tqdm.auto import tqdm
 
 from .. import atomic
-from ..adapters.inject import inject
+from ..adapters.inject import injection, reinject
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from .experiment import RunParts
@@ -134,24 +135,25 @@ def clear_states(run_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def rebuild_structure(model: torch.nn.Module, injected: dict[str, Any] | None, test_stream: Any) -> None:
+def rebuild_structure(
+    model: torch.nn.Module, injected: dict[str, Any] | None, test_stream: Any, state: dict[str, torch.Tensor]
+) -> None:
     """Give a fresh model the saved one's structure (adapter injected, heads grown) before loading."""
     was_training = model.training
     model.eval()  # eval-mode adaptation grows heads without marking classes as trained
     for experience in test_stream:
         avalanche_model_adaptation(model, experience)
     model.train(was_training)
-    if injected is not None:
-        inject(model, injected["method"], targets=injected.get("targets"), **injected.get("options", {}))
+    reinject(model, injected, state)
 
 
 def save_run_state(run_dir: Path, t: int, parts: RunParts, progress_state: dict) -> None:
     """Everything needed to continue after experience ``t``: model, optimizer, RNGs, plugin bookkeeping."""
-    strategy, tracker = parts.strategy, parts.tracker
+    strategy = parts.strategy
     payload = {
         "experience": t,
         "model": {k: v.detach().cpu() for k, v in strategy.model.state_dict().items()},
-        "injected": getattr(strategy.model, "peft_config", None),
+        "injected": injection(strategy.model),
         "optimizer": optimizer_state(strategy),
         "rng": rng_state(),
         "matrix": {
@@ -160,7 +162,7 @@ def save_run_state(run_dir: Path, t: int, parts: RunParts, progress_state: dict)
             "trained": parts.matrix.trained,
         },
         "peft_experiences_done": parts.peft.experiences_done,
-        "tracker": tracker.state_dict() if tracker is not None else None,
+        "plugins": {name: plugin.state_dict() for name, plugin in parts.stateful.items()},
         "progress": progress_state,
     }
     save_state(run_dir, t, payload)
@@ -175,7 +177,7 @@ def restore_run_state(run_dir: Path, parts: RunParts) -> tuple[int, dict] | None
         return None
     strategy = parts.strategy
     model = strategy.model
-    rebuild_structure(model, state["injected"], parts.benchmark.test_stream)
+    rebuild_structure(model, state["injected"], parts.benchmark.test_stream, state["model"])
     model.load_state_dict(state["model"])
     model.to(parts.device)
     load_optimizer_state(strategy, state["optimizer"])
@@ -186,7 +188,11 @@ def restore_run_state(run_dir: Path, parts: RunParts) -> tuple[int, dict] | None
         state["matrix"]["trained"],
     )
     parts.peft.experiences_done = state["peft_experiences_done"]
-    if parts.tracker is not None and state["tracker"] is not None:
-        parts.tracker.load_state_dict(state["tracker"])
+    saved = state.get("plugins", {})
+    missing = sorted(set(parts.stateful) - set(saved))
+    if missing:  # written by a run configured differently: its bookkeeping cannot be trusted
+        raise ConfigError(f"saved run state in '{run_dir}' has no state for {', '.join(missing)}; rerun with --force")
+    for name, plugin in parts.stateful.items():
+        plugin.load_state_dict(saved[name])
     set_rng_state(state["rng"])
     return state["experience"] + 1, state["progress"]

@@ -20,12 +20,12 @@ import yaml
 
 from ..adapters import METHODS
 from ..adapters.base import parse_options
-from ..adapters.baselines import Baseline
 from ..adapters.budget import select_for_budget
 from ..cl.backbone import closest_models, create_backbone
 from ..cl.scenarios import SCENARIOS
 from ..cl.strategies import STRATEGIES, strategy_options
 from ..errors import ConfigError
+from ..options import option_names
 from ..registry import suggest
 
 
@@ -229,7 +229,7 @@ def check_run(cfg: dict) -> None:
     SCENARIOS.get(cfg["scenario"]["name"])
     strategy_options(cfg["strategy"]["name"], cfg["strategy"]["options"])
     cls = METHODS.get(cfg["method"]["name"])
-    if issubclass(cls, Baseline):
+    if not cls.adds_adapter:
         if cfg["method"]["options"]:
             raise ConfigError(f"method.options: method '{cfg['method']['name']}' takes no options")
     else:
@@ -266,7 +266,7 @@ def accepts(method: Any, option: str) -> bool:
     if not isinstance(method, str) or method not in METHODS:
         return True
     cls = METHODS.get(method)
-    return not issubclass(cls, Baseline) and option in {f.name for f in dataclasses.fields(cls.Options)}
+    return cls.adds_adapter and option in option_names(cls.Options)
 
 
 def _check_backbone(bb: dict) -> None:
@@ -286,7 +286,7 @@ _META_MODELS: dict[str, Any] = {}
 def _check_budget(cfg: dict) -> None:
     """The budget must fit the method on this backbone (checked on a meta-device model: no memory, fast)."""
     method = cfg["method"]
-    if issubclass(METHODS.get(method["name"]), Baseline):
+    if not METHODS.get(method["name"]).budget_knobs:
         return
     bb = cfg["backbone"]
     key = yaml.safe_dump({"name": bb["name"], "kwargs": bb["kwargs"]}, sort_keys=True)
@@ -308,8 +308,8 @@ def _check_budget(cfg: dict) -> None:
 def known_options() -> set[str]:
     """Every option some registered adapter takes (a name none takes is a typo and stays to be reported)."""
     return {
-        f.name
+        key
         for name in METHODS.names()
-        if not issubclass(METHODS.get(name), Baseline)
-        for f in dataclasses.fields(METHODS.get(name).Options)
+        if METHODS.get(name).adds_adapter
+        for key in option_names(METHODS.get(name).Options)
     }

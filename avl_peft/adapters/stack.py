@@ -1,0 +1,129 @@
+"""``policy: stack`` — a new branch per experience, earlier branches frozen and kept — and its checkpoints.
+
+After experience t a layer holds branches 0…t (one per experience) on its frozen weight W (d_out, d_in):
+
+    y = W x + b + Σ_{i<t} ΔW_i x + ΔW_t x,      ΔW_i = L_i R_i  (L_i (d_out, q_i), R_i (q_i, d_in)).
+
+:func:`stack` freezes every layer's current branch into ``AdaptedLinear.frozen`` and starts a fresh one of
+the same method and options, with ΔW = 0 (so outputs do not change at stacking):
+
+* WeGeFT: one fresh generator (φ, ψ) per group of layers that shared the previous one; the old generators
+  freeze with their branches.
+* PiSSA: the new branch is derived from the layer's effective weight W + Σ_i ΔW_i (all branches, the one
+  just frozen included) — the same starting point ``policy: merge`` gives it, where the merged weight is W.
+* SD-LoRA: freezing rescales the magnitude so the frozen direction is unit-norm (see sdlora.py).
+* ``interference: project``: the new branch is confined away from the layer's GPM memory.
+
+Why branches and not folding them into W (which is what ``merge`` does): the earlier branches' factors are
+what the orthogonal penalty compares against, what SD-LoRA's learnable magnitudes scale, and what lets a
+checkpoint say which experience contributed which update. Forward cost of the frozen branches is one
+thin path of rank Σ q_i per layer; :func:`avl_peft.merge` still folds every branch at once.
+
+Checkpoints: frozen branches (``<layer>.frozen.<i>.…``) and the GPM memory (``<layer>.memory``) live in
+the module's ``state_dict`` but outside ``<layer>.adapter.``, and ``basis``/``memory`` buffers change
+size as the bases grow. :func:`adapter_state_dict` returns every adapter tensor; :func:`load_adapter_state`
+re-creates the branch count and buffer sizes from the saved keys and shapes, then loads the values.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import AdaptedLinear, Adapter, WeightView
+
+_FROZEN_KEY = re.compile(r"(?:^|\.)frozen\.(\d+)\.")
+# Buffers whose column count grows with the GPM bases: (d_in, k).
+_VARIABLE = ("basis", "memory")
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    """Every adapted layer by module name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def stack(model: nn.Module) -> int:
+    """Freeze every layer's current branch and start a fresh one; return the frozen branches per layer."""
+    layers = adapted_layers(model)
+    if not layers:
+        raise ConfigError("stack: the model has no adapters; inject a method first")
+    fresh: dict[int, nn.Module] = {}  # id(previous shared module) -> its successor
+    with torch.no_grad():
+        for layer in layers.values():
+            old: Adapter = layer.adapter
+            cls = type(old)
+            ref = WeightView(layer.base.weight + layer.delta_weight()) if cls.derives_from_weight else layer.base
+            gen = None
+            prev = old.shared_module()
+            if prev is not None:
+                if id(prev) not in fresh:
+                    fresh[id(prev)] = cls.new_shared(layer.base, old.opts)
+                gen = fresh[id(prev)]
+            new = cls(ref, old.opts, gen)
+            if new.opts.interference == "project":
+                new.basis = layer.memory.clone()
+            old.freeze()
+            layer.frozen.append(old)
+            layer.adapter = new
+            layer.experience_done = False
+    return len(next(iter(layers.values())).frozen)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of every adapted layer except its frozen base: current and frozen branches, memory."""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in adapted_layers(model).items():
+        for key, value in layer.state_dict().items():
+            if not key.startswith("base."):
+                out[f"{name}.{key}"] = value.detach().clone()
+    return out
+
+
+def frozen_count(state: Mapping[str, torch.Tensor]) -> int:
+    """How many frozen branches per layer a saved state holds (0 without stacking)."""
+    found = [int(m.group(1)) for key in state for m in [_FROZEN_KEY.search(key)] if m]
+    return max(found) + 1 if found else 0
+
+
+def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Load a saved state (e.g. a checkpoint's model tensors) into a model injected like the saved one.
+
+    ``model`` has the same method, targets and options injected and has not been stacked further than the
+    saved one. This stacks it to the saved branch count, resizes the ``basis``/``memory`` buffers to the
+    saved shapes, then loads ``state`` non-strictly (keys of other modules, such as the head, load too).
+    Every saved adapter key must find a tensor of the same shape, or ConfigError.
+    """
+    layers = adapted_layers(model)
+    if not layers:
+        raise ConfigError("load_adapter_state: the model has no adapters; inject the saved method first")
+    have = len(next(iter(layers.values())).frozen)
+    want = frozen_count(state)
+    if have > want:
+        raise ConfigError(f"the model has {have} frozen branches per layer but the saved state only {want}")
+    for _ in range(want - have):
+        stack(model)
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        if leaf in _VARIABLE and owner in modules:
+            mod = modules[owner]
+            current = mod._buffers.get(leaf)
+            if current is not None and current.shape != value.shape:
+                mod._buffers[leaf] = torch.empty(value.shape, dtype=current.dtype, device=current.device)
+    own = model.state_dict()
+    prefixes = tuple(f"{n}." for n in layers)
+    missing = [k for k in state if k.startswith(prefixes) and k not in own]
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or mismatched:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
+            for label, keys in (("no such adapter tensor", missing), ("shape mismatch", mismatched))
+            if keys
+        )
+        raise ConfigError(f"saved adapter state does not fit this model ({detail})")
+    model.load_state_dict(dict(state), strict=False)
+    return model
