@@ -201,7 +201,7 @@ def test_registry_and_defaults():
     [
         ("ranpc", {}, "did you mean 'ranpac'"),
         ("ranpac", {"dimm": 10}, "Did you mean 'dim'"),
-        ("prototype", {"dim": 10}, "Allowed: (none)"),
+        ("prototype", {"dim": 10}, "has no option .dim.. Allowed"),
         ("ranpac", {"dim": 0}, "'dim' must be a positive integer"),
         ("ranpac", {"dim": True}, "'dim' must be a positive integer"),
         ("ranpac", {"dim": 2.5}, "'dim' must be a positive integer"),
