@@ -200,7 +200,7 @@ def test_loretta_any_size_and_reference_count():
     for n in (192, 576, 768, 2304, 3072, 1009, 2 * 1009):
         shape = tt_shape(8 * n)
         assert int(torch.tensor(shape).prod()) == 8 * n
-    # SPEC §2: one 768×768 matrix at r=8, t=5 costs ≈ 1,160 parameters (8·8·12·8 for each factor).
+    # The LoRETTA paper's reference: one 768×768 matrix at r=8, t=5 costs ≈ 1,160 parameters (8·8·12·8 for each factor).
     layer = nn.Linear(768, 768)
     model = nn.Sequential()
     model.add_module("blk", nn.Module())

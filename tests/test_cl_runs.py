@@ -13,7 +13,6 @@ from torch import nn
 
 import avl_peft
 from avl_peft.adapters import METHODS
-from avl_peft.adapters.baselines import Baseline
 from avl_peft.adapters.inject import adapted_layers
 from avl_peft.cl.backbone import create_continual_model
 from avl_peft.cl.checkpoints import CheckpointPlugin
@@ -30,12 +29,14 @@ L2P_OPTIONS = {"pool_size": 4, "prompt_length": 2, "top_k": 2, "lr": 0.03}
 
 
 def make_cfg(method, *, strategy="naive", strategy_options=None, epochs=2, lr=1e-2):
-    options = {} if issubclass(METHODS.get(method), Baseline) else {"rank": 4}
+    spec = METHODS.get(method)
+    options = {"rank": 4} if spec.adds_adapter else {}
+    policy = "stack" if spec.requires_stack else "continue"
     data = {
         "backbone": {"name": "vit_tiny_patch16_224", "kwargs": BACKBONE_KWARGS},
         "scenario": {"name": "synthetic", "n_experiences": 3},
         "training": {"epochs": epochs, "batch_size": 16, "lr": lr},
-        "method": {"name": method, "options": options},
+        "method": {"name": method, "options": options, "policy": policy},
         "strategy": {"name": strategy, "options": strategy_options or {}},
     }
     ((_, cfg),) = expand(validate_study(data))
@@ -43,7 +44,7 @@ def make_cfg(method, *, strategy="naive", strategy_options=None, epochs=2, lr=1e
 
 
 def check_run_folder(run_dir, results, *, method, strategy):
-    """results.json (schema 1) and TensorBoard events as SPEC §5 lists them."""
+    """results.json (avl_peft/study/results.py) and TensorBoard events as docs/design.md lists them."""
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results, default=float))
     assert on_disk["schema"] == 2

@@ -414,3 +414,53 @@ def test_prompted_vit_features_calls_l2p_models():
     strategy = type("S", (), {"original_vit": Query(), "model": Prompted()})()
     x = torch.ones(2, 3)
     torch.testing.assert_close(prompted_vit_features(strategy, x), torch.full((2, 3), 3.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Wired into runs: training.head / head_options through the YAML schema
+# ------------------------------------------------------------------------------------------------
+
+
+def _run_cfg(head, **head_options):
+    from avl_peft.study.grid import expand, validate_study
+
+    data = {
+        "backbone": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 4, "depth": 1}},
+        "scenario": {"name": "synthetic", "n_experiences": 3},
+        "training": {"epochs": 2, "batch_size": 16, "lr": 1e-2, "head": head, "head_options": head_options},
+        "method": {"name": "lora", "options": {"rank": 2}},
+        "subspace": {"enabled": False},
+    }
+    ((_, cfg),) = expand(validate_study(data))
+    return cfg
+
+
+@pytest.mark.parametrize("head", ["prototype", "ranpac"])
+def test_run_with_statistics_head_records_both_heads(head, tmp_path):
+    from avl_peft.study.experiment import run_experiment
+
+    out = run_experiment(_run_cfg(head), tmp_path / head, progress=False)
+    ref = run_experiment(_run_cfg("linear"), tmp_path / "linear", progress=False)
+    assert out["heads"]["class_incremental"] == head and ref["heads"] == {"class_incremental": "linear"}
+    # The statistics head never touches training: the linear head's numbers equal a plain linear run's.
+    assert out["heads"]["linear"]["accuracy_matrix"] == ref["accuracy_matrix"]
+    assert out["accuracy_matrix"] != ref["accuracy_matrix"]  # the class-IL numbers come from the other head
+    if head == "ranpac":
+        assert out["heads"]["summary"]["lambda"] > 0
+
+
+@pytest.mark.parametrize(
+    "training, fragment",
+    [
+        ({"head": "nearest"}, "prototype"),
+        ({"head": "ranpac", "head_options": {"dims": 10}}, "did you mean 'dim'"),
+        ({"head": "ranpac", "head_options": {"dim": -1}}, "positive integer"),
+        ({"head": "prototype", "task_incremental": True}, "use head: linear"),
+        ({"head": "multi"}, "task_incremental: true"),
+    ],
+)
+def test_bad_head_config_is_refused(training, fragment):
+    from avl_peft.study.grid import validate_study
+
+    with pytest.raises(ConfigError, match=f"(?i){fragment}"):
+        validate_study({"scenario": {"name": "synthetic"}, "training": training})

@@ -34,7 +34,8 @@ def make_cfg(
     n_experiences=2,
     policy="continue",
     pretrain=False,
-    head="incremental",
+    head="linear",
+    task_incremental=False,
     options=None,
     strategy_options=None,
     epochs=2,
@@ -54,6 +55,7 @@ def make_cfg(
             "lr": lr,
             "pretrain": pretrain,
             "head": head,
+            "task_incremental": task_incremental,
             "train_mask": train_mask,
         },
         "method": {"name": method, "policy": policy, "options": options},
@@ -322,7 +324,7 @@ def test_checkpoints_load_and_reproduce(tmp_path, setup):
 
 
 def test_multi_head_with_task_labels(tmp_path):
-    cfg = make_cfg("lora", head="multi", n_experiences=3, epochs=3, lr=1e-2)
+    cfg = make_cfg("lora", task_incremental=True, n_experiences=3, epochs=3, lr=1e-2)
     results = study.run_experiment(cfg, tmp_path, progress=False)
     parts = study.build(cfg, None)
     assert type(parts.model).__name__ == "MultiHeadViT"

@@ -1,4 +1,4 @@
-"""The subspace instruments (SPEC §4): known-answer math, method geometry, and the tracker plugin."""
+"""The subspace instruments (avl_peft/instruments/geometry.py): known-answer math, method geometry, tracker."""
 
 import math
 

@@ -33,16 +33,24 @@ class AccuracyMatrixPlugin(SupervisedPlugin, supports_distributed=True):
     """Fills ``matrices[kind][t][i]`` during ``strategy.eval(test_stream)`` after each experience t.
 
     Only experiences of the stream named ``stream`` (default ``test``) are recorded, so an extra
-    ``strategy.eval(train_stream)`` cannot overwrite the test accuracies.
+    ``strategy.eval(train_stream)`` cannot overwrite the test accuracies. ``output`` names the strategy
+    attribute holding the scores (``mb_output``; ``linear_output`` is the trained linear head's scores when
+    a statistics head replaced ``mb_output``).
     """
 
-    def __init__(self, n_experiences: int, stream: str = "test"):
+    def __init__(self, n_experiences: int, stream: str = "test", output: str = "mb_output"):
         super().__init__()
-        self.n, self.stream = n_experiences, stream
+        self.n, self.stream, self.output = n_experiences, stream, output
         self.matrices = {k: [[0.0] * self.n for _ in range(self.n)] for k in ("class_incremental", "task_aware")}
         self.seen: set[int] = set()
         self.trained = 0  # experiences trained so far; eval after training t fills row t
         self._counts: dict[str, list[int]] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"matrices": self.matrices, "seen": sorted(self.seen), "trained": self.trained}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.matrices, self.seen, self.trained = state["matrices"], set(state["seen"]), state["trained"]
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self.seen |= set(int(c) for c in strategy.experience.classes_in_this_experience)
@@ -62,7 +70,7 @@ class AccuracyMatrixPlugin(SupervisedPlugin, supports_distributed=True):
     def after_eval_iteration(self, strategy: Any, **kwargs: Any) -> None:
         if not self._recording(strategy):
             return
-        out, y = strategy.mb_output.float(), strategy.mb_y
+        out, y = getattr(strategy, self.output, strategy.mb_output).float(), strategy.mb_y
         for kind, classes in (("class_incremental", sorted(self.seen)), ("task_aware", self._own)):
             idx = torch.tensor([c for c in classes if c < out.shape[1]], device=out.device, dtype=torch.long)
             if idx.numel() == 0:

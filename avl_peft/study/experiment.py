@@ -30,6 +30,7 @@ from ..adapters.inject import parameter_counts
 from ..cl import distributed
 from ..cl.backbone import create_continual_model, data_config
 from ..cl.evaluation import AccuracyMatrixPlugin, make_evaluator
+from ..cl.heads import StatisticsHeadPlugin, build_head
 from ..cl.loss import TrainMaskLoss
 from ..cl.plugin import PEFTPlugin
 from ..cl.scenarios import build_scenario
@@ -109,8 +110,13 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
     training, method = cfg["training"], cfg["method"]
     device = resolve_device(training["device"])
     bb = cfg["backbone"]
+    task_incremental = training["task_incremental"]
     model = create_continual_model(
-        bb["name"], head=training["head"], pretrained=bb["pretrained"], checkpoint=bb["checkpoint"], **bb["kwargs"]
+        bb["name"],
+        head="multi" if task_incremental else "incremental",
+        pretrained=bb["pretrained"],
+        checkpoint=bb["checkpoint"],
+        **bb["kwargs"],
     )
     budget = resolve_budget(cfg, model)
     options = budget["options"] if budget is not None else method["options"]
@@ -120,7 +126,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         n_experiences=sc["n_experiences"],
         seed=cfg["seed"],
         root=sc["root"],
-        task_labels=training["head"] == "multi",
+        task_labels=task_incremental,
         **data_config(model.backbone),
         **sc["options"],
     )
@@ -146,6 +152,13 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         batch_size //= world
         plugins.append(distributed.GradientAverage())
     spec = STRATEGIES.get(cfg["strategy"]["name"])
+    stateful: dict[str, Any] = {}
+    linear_matrix = None
+    head = build_head(training["head"], model.backbone.num_features, seed=cfg["seed"], **training["head_options"])
+    if head is not None:  # a statistics head replaces the linear one for evaluation; both are recorded
+        stateful["head"] = StatisticsHeadPlugin(head, feature_fn=spec.features)
+        linear_matrix = AccuracyMatrixPlugin(n_exp, output="linear_output")
+        plugins += [stateful["head"], linear_matrix]
     tracker = None
     sub = cfg.get("subspace") or {}
     if sub.get("enabled") and spec.trains_weights:  # prompt-only strategies make no weight update to measure
@@ -178,8 +191,22 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         eval_every=-1,
         **strategy_options(spec.name, cfg["strategy"]["options"]),
     )
-    stateful = {"tracker": tracker} if tracker is not None else {}
+    if tracker is not None:
+        stateful["tracker"] = tracker
+    if linear_matrix is not None:
+        stateful["linear_matrix"] = linear_matrix
     return RunParts(model, benchmark, strategy, matrix, peft, evaluator, device, tracker, budget, stateful)
+
+
+def heads_block(cfg: dict, parts: RunParts) -> dict[str, Any]:
+    """Which classifier produced ``accuracy_matrix`` and, for a statistics head, the linear head's numbers."""
+    name = cfg["training"]["head"]
+    block: dict[str, Any] = {"class_incremental": name}
+    if "head" in parts.stateful:
+        block["summary"] = parts.stateful["head"].head.summary()
+        linear = parts.stateful["linear_matrix"].matrices
+        block["linear"] = {"accuracy_matrix": linear, "metrics": summarize_both(linear)}
+    return block
 
 
 def run_experiment(
@@ -266,6 +293,7 @@ def run_experiment(
             "peak_memory_mb": _peak_memory_mb(parts.device),
         },
     }
+    out["heads"] = heads_block(cfg, parts)
     if "resumed_at_experience" in done:
         out["resumed_at_experience"] = done["resumed_at_experience"]
     results.write(run_dir, out)

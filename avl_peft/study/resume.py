@@ -156,11 +156,7 @@ def save_run_state(run_dir: Path, t: int, parts: RunParts, progress_state: dict)
         "injected": injection(strategy.model),
         "optimizer": optimizer_state(strategy),
         "rng": rng_state(),
-        "matrix": {
-            "matrices": parts.matrix.matrices,
-            "seen": sorted(parts.matrix.seen),
-            "trained": parts.matrix.trained,
-        },
+        "matrix": parts.matrix.state_dict(),
         "peft_experiences_done": parts.peft.experiences_done,
         "plugins": {name: plugin.state_dict() for name, plugin in parts.stateful.items()},
         "progress": progress_state,
@@ -181,12 +177,7 @@ def restore_run_state(run_dir: Path, parts: RunParts) -> tuple[int, dict] | None
     model.load_state_dict(state["model"])
     model.to(parts.device)
     load_optimizer_state(strategy, state["optimizer"])
-    m = parts.matrix
-    m.matrices, m.seen, m.trained = (
-        state["matrix"]["matrices"],
-        set(state["matrix"]["seen"]),
-        state["matrix"]["trained"],
-    )
+    parts.matrix.load_state_dict(state["matrix"])
     parts.peft.experiences_done = state["peft_experiences_done"]
     saved = state.get("plugins", {})
     missing = sorted(set(parts.stateful) - set(saved))

@@ -22,6 +22,8 @@ from ..adapters import METHODS
 from ..adapters.base import parse_options
 from ..adapters.budget import select_for_budget
 from ..cl.backbone import closest_models, create_backbone
+from ..cl.heads import head_options
+from ..cl.plugin import POLICIES, check_policy
 from ..cl.scenarios import SCENARIOS
 from ..cl.strategies import STRATEGIES, strategy_options
 from ..errors import ConfigError
@@ -46,6 +48,8 @@ def F(types, default=None, doc="", **kw) -> Field:
 
 
 NUM = (int, float)
+# Values training.head took before it chose the classifier; refused with the new spelling (check_run).
+LEGACY_HEADS = ("incremental", "multi")
 
 # The schema: section -> key -> Field. Defaults are the quickstart-scale choices; each has its reason.
 SCHEMA: dict[str, Any] = {
@@ -75,7 +79,15 @@ SCHEMA: dict[str, Any] = {
         "eval_batch_size": F(int, 128, "evaluation mini-batch size", minimum=1),
         "device": F(str, "cpu", "cpu, cuda, cuda:N or auto"),
         "train_mask": F(str, "current", "logits entering the training loss", choices=("current", "seen")),
-        "head": F(str, "incremental", "class-incremental or task-incremental head", choices=("incremental", "multi")),
+        "head": F(
+            str,
+            "linear",
+            "classifier for class-incremental evaluation: the trained linear head, or a statistics head on the "
+            "backbone's features without class-incremental bias",
+            choices=("linear", "prototype", "ranpac", *LEGACY_HEADS),
+        ),
+        "head_options": F(dict, {}, "options of the statistics head (ranpac: dim, lambdas, val_fraction)"),
+        "task_incremental": F(bool, False, "one head per task (Avalanche MultiHeadClassifier) with task labels"),
         "pretrain": F(bool, False, "base session: train experience 0 with full fine-tuning"),
         "pretrain_epochs": F(int, None, "epochs of the base session (null: epochs)", minimum=1, nullable=True),
         "pretrain_lr": F(NUM, None, "lr of the base session (null: lr)", minimum=0, exclusive_min=True, nullable=True),
@@ -83,7 +95,7 @@ SCHEMA: dict[str, Any] = {
     },
     "method": {
         "name": F(str, "lora", "a method from `avl-peft list`"),
-        "policy": F(str, "continue", "adapter lifecycle across experiences", choices=("continue", "merge")),
+        "policy": F(str, "continue", "adapter lifecycle across experiences", choices=POLICIES),
         "targets": F(list, None, "module-name suffixes or regexes (null: qkv, proj, fc1, fc2)", nullable=True),
         "options": F(dict, {}, "method options: rank, alpha, dropout, svd_niter, share, tt_rank, init"),
     },
@@ -248,6 +260,26 @@ def check_run(cfg: dict) -> None:
     device = cfg["training"]["device"]
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", device):
         raise ConfigError(f"training.device: {device!r} is not a device; use cpu, cuda, cuda:N, mps or auto")
+    training = cfg["training"]
+    if training["head"] in LEGACY_HEADS:
+        new = "task_incremental: true" if training["head"] == "multi" else "head: linear"
+        raise ConfigError(
+            f"training.head: '{training['head']}' is now spelled training.{new} (training.head chooses the "
+            "class-incremental classifier: linear, prototype or ranpac)"
+        )
+    try:
+        head_options(training["head"], **training["head_options"])
+    except ConfigError as e:
+        raise ConfigError(f"training.head_options: {e}") from None
+    if training["head"] != "linear" and training["task_incremental"]:
+        raise ConfigError(
+            f"training.head: {training['head']} removes class-incremental bias; a task-incremental run "
+            "(training.task_incremental: true) ranks each task's classes with its own head: use head: linear"
+        )
+    try:
+        check_policy(cfg["method"]["name"], cfg["method"]["policy"], cfg["method"]["options"])
+    except ConfigError as e:
+        raise ConfigError(f"method: {e}") from None
     spec = STRATEGIES.get(cfg["strategy"]["name"])
     if spec.check is not None:
         spec.check(cfg)

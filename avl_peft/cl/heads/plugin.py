@@ -184,6 +184,7 @@ class StatisticsHeadPlugin(SupervisedPlugin, supports_distributed=True):
 
     @torch.no_grad()
     def after_eval_forward(self, strategy: Any, **kwargs: Any) -> None:
+        strategy.linear_output = strategy.mb_output  # the trained linear head's scores, for comparison
         if not self._active:
             return
         x, feats = strategy.mb_x, self._captured

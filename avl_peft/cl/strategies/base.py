@@ -30,6 +30,8 @@ class StrategySpec:
     :param trains_weights: updates backbone weights (or adapters); False for prompt-only strategies, whose
         weight geometry is not measured.
     :param check: extra checks of a whole run config, raising ConfigError.
+    :param features: ``(strategy, images) -> features`` for statistics heads when the strategy's model has no
+        ``backbone`` module (L2P's prompted ViT); None: ``strategy.model.backbone``.
     """
 
     name: str
@@ -41,6 +43,7 @@ class StrategySpec:
     owns_model: bool = False
     trains_weights: bool = True
     check: Callable[[dict], None] | None = None
+    features: Callable[[Any, Any], Any] | None = None
 
     def parse(self, options: Any) -> dict[str, Any]:
         """The options merged over their defaults, validated, as a plain mapping."""

@@ -21,6 +21,7 @@ from torch import nn
 from ...errors import ConfigError
 from ...validate import check_int, check_number
 from ..checkpoints import CheckpointPlugin
+from ..heads import prompted_vit_features
 from ..plugin import PEFTPlugin
 from .base import STRATEGIES, StrategySpec
 
@@ -282,8 +283,8 @@ class L2POptions:
 
 def check_l2p_run(cfg: dict) -> None:
     """L2P's own constraints on a run config (called by the schema before anything trains)."""
-    if cfg["training"]["head"] == "multi":
-        raise ConfigError("strategy l2p brings its own class-incremental head; use training.head: incremental")
+    if cfg["training"]["task_incremental"]:
+        raise ConfigError("strategy l2p brings its own class-incremental head; set training.task_incremental: false")
     if cfg["method"]["name"] != "head":
         raise ConfigError(
             "strategy l2p trains its own prompts on a frozen ViT and takes no adapter: set method.name: head "
@@ -302,5 +303,6 @@ STRATEGIES.register("l2p", "Learning to Prompt baseline (Avalanche LearningToPro
         owns_model=True,
         trains_weights=False,
         check=check_l2p_run,
+        features=prompted_vit_features,
     )
 )
