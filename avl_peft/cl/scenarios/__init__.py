@@ -18,7 +18,7 @@ training seed of the caller.
 """
 
 # One module per dataset family; importing them fills the registry.
-from . import cifar, core50, five_datasets, offline  # noqa: F401
+from . import cifar, core50, five_datasets, imagenet_r, offline  # noqa: F401
 from .base import SCENARIOS, build_scenario
 
 __all__ = ["SCENARIOS", "build_scenario"]
