@@ -29,7 +29,15 @@ def _classes_per_exp(benchmark) -> list[list[int]]:
 
 def test_all_scenarios_registered_with_one_line_descriptions():
     described = SCENARIOS.describe()
-    assert set(described) >= {"digits", "mnist5k", "synthetic", "split_cifar100", "core50", "five_datasets", "imagenet_r"}
+    assert set(described) >= {
+        "digits",
+        "mnist5k",
+        "synthetic",
+        "split_cifar100",
+        "core50",
+        "five_datasets",
+        "imagenet_r",
+    }
     for name, text in described.items():
         assert text and "\n" not in text, name
 
