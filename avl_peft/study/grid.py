@@ -45,6 +45,8 @@ def run_id(cfg: dict, axes: list[str]) -> str:
     """Readable, unique id from the method, its options, the strategy, varied axes and the seed."""
     parts = [cfg["method"]["name"]]
     parts += [f"{k}{v}" for k, v in sorted(cfg["method"]["options"].items())]
+    if cfg["method"]["policy"] != "continue":  # the default policy stays out of ids (they stay as they were)
+        parts.append(cfg["method"]["policy"])
     parts.append(cfg["strategy"]["name"])
     if cfg.get("budget") is not None:
         parts.append(f"budget{cfg['budget']}")
