@@ -34,6 +34,11 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Remove an entry (for plugins registered temporarily, e.g. in tests)."""
+        self.get(name)
+        del self._items[name], self._docs[name]
+
     def get(self, name: str) -> T:
         if name not in self._items:
             names = self.names()
