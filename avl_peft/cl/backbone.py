@@ -23,7 +23,7 @@ def closest_models(name: str) -> str:
     return f" Closest timm names: {', '.join(close)}." if close else " See timm.list_models()."
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DataError(f"checkpoint '{path}' does not exist; give the path of a local .pth or .safetensors file")
     try:
@@ -46,7 +46,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a local state dict into a timm model, resizing as timm does for pretrained weights:
     position embeddings are resampled (timm's checkpoint_filter_fn) and a head of another size is dropped."""
     path = Path(path).expanduser()
-    sd = _read_state_dict(path)
+    sd = read_state_dict(path)
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:

@@ -24,6 +24,7 @@ before training (``a_-1``) and after every experience (``a_0, a_1, …``) with o
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -269,22 +270,34 @@ class UpstreamRetentionPlugin(SupervisedPlugin, supports_distributed=True):
         self.probe = probe
         self.get_backbone = get_backbone or (lambda strategy: strategy.model.backbone)
         self.acc: list[float] = []
+        self.seconds = 0.0  # wall time spent evaluating
+
+    def _measure(self, strategy: Any) -> None:
+        start = time.perf_counter()
+        self.acc.append(self.probe.evaluate(self.get_backbone(strategy)))
+        self.seconds += time.perf_counter() - start
+        # TensorBoard: step 0 is the model as built (experience −1), step t + 1 after experience t.
+        for logger in getattr(getattr(strategy, "evaluator", None), "loggers", None) or []:
+            writer = getattr(logger, "writer", None)
+            if writer is not None and hasattr(writer, "add_scalar"):
+                writer.add_scalar("upstream/acc", self.acc[-1], len(self.acc) - 1)
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         if not self.acc:
-            self.acc.append(self.probe.evaluate(self.get_backbone(strategy)))
+            self._measure(strategy)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        self.acc.append(self.probe.evaluate(self.get_backbone(strategy)))
+        self._measure(strategy)
 
     def summary(self) -> dict[str, Any]:
         return upstream_summary(self.acc)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"acc": list(self.acc)}
+        return {"acc": list(self.acc), "seconds": self.seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.acc = [float(a) for a in state["acc"]]
+        self.seconds = float(state.get("seconds", 0.0))
 
 
 def upstream_summary(acc: Sequence[float]) -> dict[str, Any]:

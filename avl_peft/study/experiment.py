@@ -41,6 +41,7 @@ from ..instruments.metrics import summarize_both
 from ..instruments.tracker import SubspaceTracker
 from . import results
 from . import resume as run_state
+from .upstream import build_upstream
 
 
 @dataclasses.dataclass
@@ -78,6 +79,14 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; whole process
 
 
+def resolve_checkpoint(bb: dict) -> Path | None:
+    """The backbone weights file: ``backbone.checkpoint`` (a file, or a pretrain output folder)."""
+    if bb["checkpoint"] is None:
+        return None
+    path = Path(bb["checkpoint"]).expanduser()
+    return path / "model.safetensors" if path.is_dir() else path
+
+
 def probe_batch(benchmark: Any, size: int) -> torch.Tensor:
     """A fixed probe batch for feature drift: the first images of every test experience, in turn."""
     streams = list(benchmark.test_stream)
@@ -111,11 +120,12 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
     device = resolve_device(training["device"])
     bb = cfg["backbone"]
     task_incremental = training["task_incremental"]
+    checkpoint = resolve_checkpoint(bb)
     model = create_continual_model(
         bb["name"],
         head="multi" if task_incremental else "incremental",
         pretrained=bb["pretrained"],
-        checkpoint=bb["checkpoint"],
+        checkpoint=checkpoint,
         **bb["kwargs"],
     )
     budget = resolve_budget(cfg, model)
@@ -159,6 +169,10 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         stateful["head"] = StatisticsHeadPlugin(head, feature_fn=spec.features)
         linear_matrix = AccuracyMatrixPlugin(n_exp, output="linear_output")
         plugins += [stateful["head"], linear_matrix]
+    upstream = build_upstream(cfg, model, checkpoint)
+    if upstream is not None:
+        stateful["upstream"] = upstream
+        plugins.append(upstream)
     tracker = None
     sub = cfg.get("subspace") or {}
     if sub.get("enabled") and spec.trains_weights:  # prompt-only strategies make no weight update to measure
@@ -294,6 +308,10 @@ def run_experiment(
         },
     }
     out["heads"] = heads_block(cfg, parts)
+    if "upstream" in parts.stateful:
+        plugin = parts.stateful["upstream"]
+        out["upstream"] = {"dataset": cfg["upstream"]["dataset"], "head": cfg["upstream"]["head"], **plugin.summary()}
+        out["timing"]["upstream_s"] = plugin.seconds
     if "resumed_at_experience" in done:
         out["resumed_at_experience"] = done["resumed_at_experience"]
     results.write(run_dir, out)

@@ -29,6 +29,7 @@ from ..cl.strategies import STRATEGIES, strategy_options
 from ..errors import ConfigError
 from ..options import option_names
 from ..registry import suggest
+from .upstream import check_upstream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +112,23 @@ SCHEMA: dict[str, Any] = {
         minimum=1,
         nullable=True,
     ),
+    "upstream": {
+        "dataset": F(
+            str,
+            None,
+            "pretrained knowledge to measure: glyphs, an offline scenario or imagefolder:<path> (null: off)",
+            nullable=True,
+        ),
+        "head": F(
+            str,
+            "checkpoint",
+            "checkpoint: the checkpoint's own frozen classifier; knn: cosine k-NN on backbone features",
+            choices=("checkpoint", "knn"),
+        ),
+        "k": F(int, 10, "neighbours of the k-NN classifier", minimum=1),
+        "per_class": F(int, 20, "images per class in the upstream query (and k-NN reference) set", minimum=1),
+        "seed": F(int, 0, "seed of the upstream data (glyphs: which fonts are held out; use the pretraining seed)"),
+    },
     "subspace": {
         "enabled": F(bool, True, "measure update-subspace geometry and feature drift after each experience"),
         "k": F(int, 8, "size of the top-k singular subspaces", minimum=1),
@@ -280,6 +298,7 @@ def check_run(cfg: dict) -> None:
         check_policy(cfg["method"]["name"], cfg["method"]["policy"], cfg["method"]["options"])
     except ConfigError as e:
         raise ConfigError(f"method: {e}") from None
+    check_upstream(cfg)
     spec = STRATEGIES.get(cfg["strategy"]["name"])
     if spec.check is not None:
         spec.check(cfg)
@@ -305,10 +324,18 @@ def _check_backbone(bb: dict) -> None:
     arch = bb["name"].split(".")[0]
     if not timm.is_model(arch):
         raise ConfigError(f"backbone.name: unknown timm model '{bb['name']}'.{closest_models(bb['name'])}")
-    if bb["checkpoint"] is not None and not Path(bb["checkpoint"]).expanduser().is_file():
+    if bb["checkpoint"] is None:
+        return
+    path = Path(bb["checkpoint"]).expanduser()
+    if path.is_dir() and not (path / "model.safetensors").is_file():
+        raise ConfigError(
+            f"backbone.checkpoint: folder '{path}' has no model.safetensors; give an `avl-peft pretrain` output "
+            "folder or a .pth/.safetensors file"
+        )
+    if not path.exists():
         raise ConfigError(
             f"backbone.checkpoint: '{bb['checkpoint']}' does not exist; give the path of a local .pth or "
-            ".safetensors state dict"
+            ".safetensors state dict, or an `avl-peft pretrain` output folder"
         )
 
 
