@@ -202,7 +202,7 @@ def test_markdown_report_shows_rows_as_percentages(run_root: Path):
     rows = build_report(run_root)
     markdown = (run_root / "report.md").read_text(encoding="utf-8")
     assert format_table(rows) in markdown
-    lora = next(line for line in markdown.splitlines() if line.startswith("| lora | rank=8 | naive | 2 |"))
+    lora = next(line for line in markdown.splitlines() if line.startswith("| lora | rank=8 | naive | linear | 2 |"))
     assert _status_ok(lora)
     assert f"72.0 ± {statistics.stdev([0.70, 0.74]) * 100:.1f}" in lora  # ACC
     assert "-12.0 ± 2.8" in lora  # BWT
@@ -296,5 +296,35 @@ def test_format_table_has_one_line_per_row(run_root: Path):
     rows = build_report(run_root)
     table = format_table(rows).splitlines()
     assert len(table) == 2 + len(rows)
-    assert table[0].startswith("| Method | Options | Strategy | Seeds | ACC (%)")
+    assert table[0].startswith("| Method | Options | Strategy | Head | Seeds | ACC (%)")
     assert all(line.count(" | ") == table[0].count(" | ") for line in table[2:])
+
+
+def test_schema_2_heads_and_upstream_columns_and_plot(tmp_path: Path):
+    """A prototype-head run sits beside the linear-head run of the same method, with the linear head's ACC;
+    upstream accuracy and retention are averaged over seeds and plotted against experience."""
+    for seed, (acc, up) in enumerate([(0.80, [0.9, 0.8, 0.7]), (0.84, [0.9, 0.7, 0.6])]):
+        data = _results(f"lora-proto-s{seed}", "lora", seed, {"acc": acc, "forgetting": 0.1}, options={"rank": 8})
+        data["schema"] = 2
+        data["heads"] = {"class_incremental": "prototype", "linear": {"metrics": {"acc": acc - 0.5}}}
+        data["upstream"] = {"dataset": "glyphs", "head": "checkpoint", "acc": up, "retention": up[-1] / up[0]}
+        _write(tmp_path, data)
+    linear = _results("lora-linear-s0", "lora", 0, {"acc": 0.3, "forgetting": 0.4}, options={"rank": 8})
+    linear["schema"] = 2
+    linear["heads"] = {"class_incremental": "linear"}
+    _write(tmp_path, linear)
+
+    rows = build_report(tmp_path)
+    by_head = {row["head"]: row for row in rows}
+    assert set(by_head) == {"linear", "prototype"}
+    proto = by_head["prototype"]
+    assert proto["seeds"] == 2 and proto["acc_mean"] == pytest.approx(0.82)
+    assert proto["linear_acc_mean"] == pytest.approx(0.32)
+    assert proto["upstream_acc_mean"] == pytest.approx(0.65)  # the final upstream accuracy, mean over seeds
+    assert proto["upstream_retention_mean"] == pytest.approx((0.7 / 0.9 + 0.6 / 0.9) / 2)
+    assert by_head["linear"]["upstream_acc_mean"] is None
+    markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "Linear-head ACC (%)" in markdown and "Upstream retention" in markdown
+    line = next(x for x in markdown.splitlines() if x.startswith("| lora | rank=8 | naive | prototype | 2 |"))
+    assert "32.0" in line and "65.0" in line and "0.722" in line
+    assert (tmp_path / "plots" / "upstream_acc.png").stat().st_size > 0

@@ -29,6 +29,9 @@ def write_plots(runs: list[Run], rows: list[dict[str, Any]], plots_dir: Path) ->
         if _plot_forgetting_scatter(finished_rows, methods, x_key, x_label, plots_dir / filename, log_x):
             written.append(plots_dir / filename)
 
+    if _plot_upstream(runs, plots_dir / "upstream_acc.png"):
+        written.append(plots_dir / "upstream_acc.png")
+
     used_names: set[str] = set()
     for run in sorted((r for r in runs if r.status == "finished"), key=lambda r: r.run_id):
         matrices = {}
@@ -149,4 +152,29 @@ def _plot_forgetting_scatter(
     ax.grid(alpha=0.3)
     ax.legend(title="method", fontsize=8)
     figure.savefig(path, dpi=100)
+    return True
+
+
+def _plot_upstream(runs: list[Run], path: Path) -> bool:
+    """Upstream accuracy against experience (−1 = the model as built), one line per configuration, mean
+    over seeds; False when no run measured it."""
+    groups: dict[tuple[str, ...], list[list[float]]] = {}
+    for run in runs:
+        if run.status == "finished" and run.upstream:
+            groups.setdefault(run.key, []).append(run.upstream)
+    if not groups:
+        return False
+    fig = _new_figure(7.5, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for (method, options, strategy, head), curves in sorted(groups.items()):
+        length = min(len(c) for c in curves)
+        values = np.nanmean(np.array([c[:length] for c in curves]) * 100, axis=0)
+        label = " ".join(p for p in (method, options, strategy if strategy != "naive" else "", head) if p)
+        ax.plot(range(-1, length - 1), values, marker="o", label=f"{label} (n={len(curves)})")
+    ax.set_xlabel("experience (−1: before training)")
+    ax.set_ylabel("upstream accuracy (%)")
+    ax.set_title("Pretrained knowledge kept: upstream accuracy after each experience")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.savefig(path, dpi=110)
     return True

@@ -49,10 +49,14 @@ class Run:
     alignment: float | None = None
     final_drift: float | None = None
     matrices: dict[str, Any] = field(default_factory=dict)
+    head: str = "linear"  # the classifier behind the class-incremental numbers
+    linear_acc: float | None = None  # the trained linear head's class-IL ACC when a statistics head was used
+    upstream: list[float] | None = None  # upstream accuracy before training and after each experience
+    upstream_retention: float | None = None
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.method, self.options, self.strategy)
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.method, self.options, self.strategy, self.head)
 
 
 def load_run(path: Path) -> Run:
@@ -75,6 +79,8 @@ def load_run(path: Path) -> Run:
     options = run.get("options") or {}
     if not isinstance(options, dict):
         raise CorruptResults("'run.options' is not an object")
+    if run.get("policy") not in (None, "continue"):  # another lifecycle is another configuration
+        options = {**options, "policy": run["policy"]}
     # The folder name is the natural fallback id: runners name run folders after the run id.
     run_id = str(run.get("id") or path.parent.name)
 
@@ -105,7 +111,31 @@ def load_run(path: Path) -> Run:
     result.trainable = round(trainable) if trainable is not None else None
     result.train_s = _number(_section(data, "timing").get("train_s"), "timing.train_s")
     _read_subspace(data.get("subspace"), result)
+    _read_heads(data.get("heads"), result)
+    _read_upstream(data.get("upstream"), result)
     return result
+
+
+def _read_heads(heads: Any, run: Run) -> None:
+    """Schema 2: which head produced the class-IL numbers; a statistics head also keeps the linear ACC."""
+    if heads is None:
+        return
+    if not isinstance(heads, dict) or not isinstance(heads.get("class_incremental"), str):
+        raise CorruptResults("'heads' is not an object naming its 'class_incremental' head")
+    run.head = heads["class_incremental"]
+    linear = heads.get("linear")
+    if isinstance(linear, dict) and isinstance(linear.get("metrics"), dict):
+        run.linear_acc = _number(linear["metrics"].get("acc"), "heads.linear.metrics.acc")
+
+
+def _read_upstream(upstream: Any, run: Run) -> None:
+    if upstream is None:
+        return
+    if not isinstance(upstream, dict) or not isinstance(upstream.get("acc"), list) or not upstream["acc"]:
+        raise CorruptResults("'upstream' is not an object with a non-empty 'acc' list")
+    values = [_number(v, "upstream.acc[]") for v in upstream["acc"]]
+    run.upstream = [v if v is not None else float("nan") for v in values]
+    run.upstream_retention = _number(upstream.get("retention"), "upstream.retention")
 
 
 def _metrics_from_matrices(matrices: dict[str, Any]) -> dict[str, float]:

@@ -11,6 +11,7 @@ from typing import Any
 from .runs import REPORT_METRICS, Run, mean
 
 SUBSPACE_COLUMNS: tuple[str, ...] = ("overlap_mean", "alignment_mean", "final_feature_drift")
+UPSTREAM_COLUMNS: tuple[str, ...] = ("upstream_acc_mean", "upstream_retention_mean")
 
 # The CSV always has every column (empty cells where a value is missing) so that tools reading several
 # reports see one stable schema; the Markdown table drops the subspace columns when no run has them.
@@ -18,12 +19,15 @@ CSV_COLUMNS: tuple[str, ...] = (
     "method",
     "options",
     "strategy",
+    "head",
     "status",
     "seeds",
     "seed_list",
     *(f"{metric}_{stat}" for metric in REPORT_METRICS for stat in ("mean", "std")),
     "trainable_params",
     "train_s_mean",
+    "linear_acc_mean",
+    *UPSTREAM_COLUMNS,
     *SUBSPACE_COLUMNS,
     "error",
     "run_ids",
@@ -35,9 +39,15 @@ _MARKDOWN_ERROR_CHARS = 120  # the full error stays in the CSV and in report.md'
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Format rows as returned by :func:`build_report` as a Markdown table (accuracies in %)."""
     with_subspace = any(row.get(column) is not None for row in rows for column in SUBSPACE_COLUMNS)
-    headers = ["Method", "Options", "Strategy", "Seeds", "ACC (%)", "Avg-inc ACC (%)", "BWT (%)"]
+    with_linear = any(row.get("linear_acc_mean") is not None for row in rows)
+    with_upstream = any(row.get(column) is not None for row in rows for column in UPSTREAM_COLUMNS)
+    headers = ["Method", "Options", "Strategy", "Head", "Seeds", "ACC (%)", "Avg-inc ACC (%)", "BWT (%)"]
     headers += ["Forgetting (%)", "Max-forgetting (%)", "TIL ACC (%)", "TIL forgetting (%)", "Trainable params"]
     headers += ["Train time (s)"]
+    if with_linear:
+        headers.append("Linear-head ACC (%)")
+    if with_upstream:
+        headers += ["Upstream acc (%)", "Upstream retention"]
     if with_subspace:
         headers += ["Overlap", "Alignment", "Final drift"]
     headers.append("Status")
@@ -45,11 +55,18 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for row in rows:
         cells = [str(row.get("method", "")), row.get("options") or "-", str(row.get("strategy", ""))]
-        cells.append(str(row.get("seeds", "")))
+        cells += [str(row.get("head") or "linear"), str(row.get("seeds", ""))]
         cells += [_percent(row.get(f"{m}_mean"), row.get(f"{m}_std")) for m in REPORT_METRICS]
         params = row.get("trainable_params")
         cells.append(f"{params:,}" if params is not None else "n/a")
         cells.append(_number_cell(row.get("train_s_mean"), ".1f"))
+        if with_linear:
+            cells.append(_number_cell(_scaled(row.get("linear_acc_mean")), ".1f"))
+        if with_upstream:
+            cells += [
+                _number_cell(_scaled(row.get("upstream_acc_mean")), ".1f"),
+                _number_cell(row.get("upstream_retention_mean"), ".3f"),
+            ]
         if with_subspace:
             cells += [_number_cell(row.get(column), ".3f") for column in SUBSPACE_COLUMNS]
         if row.get("status") == "failed":
@@ -61,24 +78,26 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, str, str], list[Run]] = {}
+    groups: dict[tuple[str, str, str, str], list[Run]] = {}
     for run in runs:
         if run.status == "finished":
             groups.setdefault(run.key, []).append(run)
     rows = [_group_row(key, members) for key, members in groups.items()]
     rows += [_failed_row(run) for run in runs if run.status == "failed"]
     # Finished row first, then the failed runs of the same configuration right below it.
-    rows.sort(key=lambda r: (r["method"], r["options"], r["strategy"], r["status"] != "finished", r["run_ids"]))
+    rows.sort(
+        key=lambda r: (r["method"], r["options"], r["strategy"], r["head"], r["status"] != "finished", r["run_ids"])
+    )
     return rows
 
 
-def _empty_row(key: tuple[str, str, str], status: str) -> dict[str, Any]:
+def _empty_row(key: tuple[str, str, str, str], status: str) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(CSV_COLUMNS)
-    row.update(method=key[0], options=key[1], strategy=key[2], status=status, error="")
+    row.update(method=key[0], options=key[1], strategy=key[2], head=key[3], status=status, error="")
     return row
 
 
-def _group_row(key: tuple[str, str, str], members: list[Run]) -> dict[str, Any]:
+def _group_row(key: tuple[str, str, str, str], members: list[Run]) -> dict[str, Any]:
     row = _empty_row(key, "finished")
     members = sorted(members, key=lambda r: (r.seed is None, r.seed or 0, r.run_id))
     row["seeds"] = len(members)
@@ -92,6 +111,9 @@ def _group_row(key: tuple[str, str, str], members: list[Run]) -> dict[str, Any]:
     row["overlap_mean"] = mean([r.overlap for r in members if r.overlap is not None])
     row["alignment_mean"] = mean([r.alignment for r in members if r.alignment is not None])
     row["final_feature_drift"] = mean([r.final_drift for r in members if r.final_drift is not None])
+    row["linear_acc_mean"] = mean([r.linear_acc for r in members if r.linear_acc is not None])
+    row["upstream_acc_mean"] = mean([r.upstream[-1] for r in members if r.upstream])
+    row["upstream_retention_mean"] = mean([r.upstream_retention for r in members if r.upstream_retention is not None])
     return row
 
 
@@ -151,6 +173,10 @@ def _relative(path: Path, base: Path) -> str:
         return path.relative_to(base).as_posix()
     except ValueError:
         return str(path)
+
+
+def _scaled(fraction: float | None) -> float | None:
+    return None if fraction is None else fraction * 100
 
 
 def _percent(mean: float | None, std: float | None) -> str:
