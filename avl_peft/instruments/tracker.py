@@ -28,12 +28,20 @@ from .geometry import (
     principal_overlap,
     relative_norm,
     stable_rank_from,
-    top_left_singular,
     top_singular,
 )
 
 # Layer-averaged values in every record (and TensorBoard tags subspace/<name>).
-METRICS = ("overlap", "alignment", "principal_energy", "effective_rank", "relative_norm", "feature_drift")
+METRICS = (
+    "overlap",
+    "input_overlap",
+    "alignment",
+    "principal_energy",
+    "effective_rank",
+    "relative_norm",
+    "feature_drift",
+)
+OPTIONAL = ("overlap", "input_overlap")  # undefined (None) at the first experience
 LAYER_METRICS = METRICS[:-1]
 
 
@@ -52,7 +60,7 @@ def _mean(values: list[float | None]) -> float | None:
 class _Layer:
     """What the tracker keeps per layer: W₀ (and its top-k bases), C_{t−1}, the span of increments."""
 
-    __slots__ = ("w0", "w0_norm", "u0", "v0", "prev", "span")
+    __slots__ = ("w0", "w0_norm", "u0", "v0", "prev", "span", "span_in")
 
     def __init__(self, w0: torch.Tensor):
         self.w0 = w0
@@ -61,6 +69,7 @@ class _Layer:
         self.v0: torch.Tensor | None = None
         self.prev: torch.Tensor | None = None  # cumulative update after the previous experience
         self.span: torch.Tensor | None = None  # orthonormal basis of earlier increments' top-k spans
+        self.span_in: torch.Tensor | None = None  # the same on the input side (right singular vectors)
 
 
 @contextlib.contextmanager
@@ -202,14 +211,18 @@ class SubspaceTracker(SupervisedPlugin, supports_distributed=True):
             layer.u0, _, layer.v0 = top_singular(layer.w0, k, exact=exact)
         cum = weight - layer.w0
         inc = cum if layer.prev is None else cum - layer.prev
-        u_cum, s_cum, _ = top_singular(cum, k, exact=exact)
-        u_inc = u_cum if inc is cum else top_left_singular(inc, k, exact=exact)
-        overlap = None
+        u_cum, s_cum, v_cum = top_singular(cum, k, exact=exact)
+        u_inc, _, v_inc = (u_cum, s_cum, v_cum) if inc is cum else top_singular(inc, k, exact=exact)
+        overlap = input_overlap = None
         if not first and layer.span is not None and layer.span.shape[1] and u_inc.shape[1]:
             overlap = principal_overlap(u_inc, layer.span)
+        # Input side: interference control (orthogonal, project) keeps the increments' row spaces apart.
+        if not first and layer.span_in is not None and layer.span_in.shape[1] and v_inc.shape[1]:
+            input_overlap = principal_overlap(v_inc, layer.span_in)
         fro2 = float(cum.pow(2).sum())
         out = {
             "overlap": overlap,
+            "input_overlap": input_overlap,
             "alignment": principal_overlap(u_cum, layer.u0),
             "principal_energy": principal_energy_in(cum, layer.u0, layer.v0),
             # σ₁ from the same (randomized) SVD: no second decomposition of C_t.
@@ -218,6 +231,7 @@ class SubspaceTracker(SupervisedPlugin, supports_distributed=True):
         }
         if u_inc.shape[1]:
             layer.span = u_inc if layer.span is None else orthonormalize([layer.span, u_inc])
+            layer.span_in = v_inc if layer.span_in is None else orthonormalize([layer.span_in, v_inc])
         layer.prev = cum
         return out
 
@@ -237,8 +251,8 @@ class SubspaceTracker(SupervisedPlugin, supports_distributed=True):
             self._layers = {}
             for name, slots in state["layers"].items():
                 layer = _Layer.__new__(_Layer)
-                for slot, value in slots.items():
-                    setattr(layer, slot, value)
+                for slot in _Layer.__slots__:
+                    setattr(layer, slot, slots.get(slot))
                 self._layers[name] = layer
 
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
@@ -272,7 +286,7 @@ class SubspaceTracker(SupervisedPlugin, supports_distributed=True):
         record: dict[str, Any] = {"experience": t}
         for metric in LAYER_METRICS:
             mean = _mean([v[metric] for v in per_layer.values()])
-            record[metric] = mean if mean is not None or metric == "overlap" else 0.0
+            record[metric] = mean if mean is not None or metric in OPTIONAL else 0.0
         record["feature_drift"] = feature_drift(self._features0, features)
         base_session = self.base_session and t == 0
         if base_session:

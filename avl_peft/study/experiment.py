@@ -162,7 +162,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         batch_size //= world
         plugins.append(distributed.GradientAverage())
     spec = STRATEGIES.get(cfg["strategy"]["name"])
-    stateful: dict[str, Any] = {}
+    stateful: dict[str, Any] = {"loss": criterion}
     linear_matrix = None
     head = build_head(training["head"], model.backbone.num_features, seed=cfg["seed"], **training["head_options"])
     if head is not None:  # a statistics head replaces the linear one for evaluation; both are recorded
