@@ -62,13 +62,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from .adapters import METHODS
+    from .cl.heads import HEADS
     from .cl.scenarios import SCENARIOS
     from .cl.strategies import STRATEGIES
 
-    for title, reg in (("methods", METHODS), ("scenarios", SCENARIOS), ("strategies", STRATEGIES)):
+    registries = (
+        ("methods", METHODS),
+        ("scenarios", SCENARIOS),
+        ("strategies", STRATEGIES),
+        ("classifier heads (training.head)", HEADS),
+    )
+    for title, reg in registries:
         print(f"{title}:")
         for name, doc in reg.describe().items():
-            print(f"  {name:<15} {doc}")
+            tags = "; ".join(getattr(reg.get(name), "capabilities", lambda: [])())
+            print(f"  {name:<15} {doc}" + (f"  [{tags}]" if tags else ""))
     return 0
 
 

@@ -137,6 +137,12 @@ class Adapter(nn.Module):
     def max_rank(d_out: int, d_in: int) -> int:
         return min(d_out, d_in)
 
+    @classmethod
+    def capabilities(cls) -> list[str]:
+        """Short tags for ``avl-peft list``."""
+        tags = [f"budget: {', '.join(cls.budget_knobs)}"] if cls.budget_knobs else []
+        return tags + (["needs policy: stack"] if cls.requires_stack else [])
+
     @staticmethod
     def new_shared(layer: nn.Linear, opts: AdapterOptions) -> nn.Module | None:
         """The module shared by every layer of one target type (``shared`` methods); None otherwise."""

@@ -25,6 +25,10 @@ class Baseline:
     budget_knobs: tuple[str, ...] = ()
     requires_stack = False
 
+    @classmethod
+    def capabilities(cls) -> list[str]:
+        return ["trains the backbone"] if cls.trains_backbone else ["frozen backbone"]
+
 
 @METHODS.register("full", "full fine-tuning: every backbone weight trains")
 class Full(Baseline):
