@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -57,6 +58,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     rows = build_report(args.dir, args.out)
     print(format_table(rows))
     print(f"\nwrote {Path(args.out or args.dir) / 'report.md'}, report.csv and plots/")
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .study.pretrain import find_or_build, load_pretrain_config
+
+    cfg = load_pretrain_config(args.config)
+    out = find_or_build(cfg, out_dir=args.out, force=args.force, progress=not args.quiet)
+    card = json.loads((out / "card.json").read_text())
+    print(f"{out}: held-out-font accuracy {card['test_accuracy']:.3f} ({card['wall_time_s']:.0f} s to train)")
+    print(f"use it with  backbone.checkpoint: {out}   (or backbone.pretrain: {args.config})")
     return 0
 
 
@@ -148,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="timm.create_model argument, e.g. --timm img_size=32 (repeatable)",
     )
     b.set_defaults(func=_cmd_budget)
+    pt = sub.add_parser("pretrain", help="pretrain a backbone offline (glyphs) and cache it for backbone.pretrain")
+    pt.add_argument("config", help="pretrain YAML, e.g. configs/pretrain_glyphs.yaml")
+    pt.add_argument("--out", help="output folder (default: the cache, ~/.cache/avl-peft/pretrain/<name>-<hash>)")
+    pt.add_argument("--force", action="store_true", help="retrain even if a valid output exists")
+    pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    pt.set_defaults(func=_cmd_pretrain)
     ls = sub.add_parser("list", help="methods, scenarios and strategies")
     ls.set_defaults(func=_cmd_list)
     return p
