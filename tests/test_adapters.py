@@ -314,9 +314,12 @@ def test_regex_targets_and_head_protection():
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("separate_input", [True, False])
-def test_fused_low_rank_backward_is_exact(bias, separate_input):
+@pytest.mark.parametrize("path", ["merged", "split"])
+def test_fused_low_rank_backward_is_exact(bias, separate_input, path, monkeypatch):
+    from avl_peft.adapters import _lowrank
     from avl_peft.adapters._lowrank import low_rank_linear
 
+    monkeypatch.setattr(_lowrank, "FORCE_PATH", path)
     g = torch.Generator().manual_seed(5)
 
     def t(*shape):
@@ -329,17 +332,14 @@ def test_fused_low_rank_backward_is_exact(bias, separate_input):
     assert torch.autograd.gradcheck(lambda *args: low_rank_linear(*args), inputs)
     ref = torch.nn.functional.linear(x, w, bias_t) + 0.7 * ((x if x_l is None else x_l) @ a.t()) @ b.t()
     assert torch.allclose(low_rank_linear(*inputs), ref)
+    # Frozen W and A (InfLoRA): only B and x get gradients, and the same ones.
+    frozen = (x, w.detach(), bias_t, a.detach(), b, 0.7, x_l)
+    assert torch.autograd.gradcheck(lambda *args: low_rank_linear(*args), frozen)
 
 
-def test_fused_generated_backward_is_exact():
-    from avl_peft.adapters._lowrank import generated_linear
+def test_merged_path_is_chosen_by_token_count():
+    from avl_peft.adapters._lowrank import use_merged
 
-    g = torch.Generator().manual_seed(6)
-
-    def t(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
-
-    x, w, bias, phi_t, psi = t(2, 3, 6), t(5, 6), t(5), t(2, 6), t(2, 6)
-    assert torch.autograd.gradcheck(lambda *args: generated_linear(*args), (x, w, bias, phi_t, psi, 0.9))
-    ref = torch.nn.functional.linear(x + 0.9 * (x @ psi.t()) @ phi_t, w, bias)
-    assert torch.allclose(generated_linear(x, w, bias, phi_t, psi, 0.9), ref)
+    # ViT-Tiny's qkv (576 × 192): merging pays from 256 tokens on; ViT-B's fc1 (3072 × 768) from 1,118.
+    assert not use_merged(255, 576, 192) and use_merged(256, 576, 192)
+    assert not use_merged(1117, 3072, 768) and use_merged(1118, 3072, 768)

@@ -22,6 +22,7 @@ from ..adapters import METHODS
 from ..adapters.base import parse_options
 from ..adapters.budget import select_for_budget
 from ..cl.backbone import closest_models, create_backbone
+from ..cl.precision import PRECISIONS, check_precision
 from ..cl.scenarios import SCENARIOS
 from ..cl.strategies import STRATEGIES, strategy_options
 from ..errors import ConfigError
@@ -46,6 +47,7 @@ def F(types, default=None, doc="", **kw) -> Field:
 
 
 NUM = (int, float)
+PRECISION_NAMES = tuple(PRECISIONS)
 
 # The schema: section -> key -> Field. Defaults are the quickstart-scale choices; each has its reason.
 SCHEMA: dict[str, Any] = {
@@ -80,6 +82,11 @@ SCHEMA: dict[str, Any] = {
         "pretrain_epochs": F(int, None, "epochs of the base session (null: epochs)", minimum=1, nullable=True),
         "pretrain_lr": F(NUM, None, "lr of the base session (null: lr)", minimum=0, exclusive_min=True, nullable=True),
         "num_workers": F(int, 0, "data-loader worker processes", minimum=0),
+        "precision": F(
+            str, "fp32", "fp32, or bf16/fp16 autocast (fp16 with loss scaling, CUDA only)", choices=PRECISION_NAMES
+        ),
+        "compile": F(bool, False, "torch.compile the backbone, adapters included (first steps pay the compile)"),
+        "threads": F(int, None, "CPU threads (null: OMP_NUM_THREADS, else cores/workers)", minimum=1, nullable=True),
     },
     "method": {
         "name": F(str, "lora", "a method from `avl-peft list`"),
@@ -248,6 +255,9 @@ def check_run(cfg: dict) -> None:
     device = cfg["training"]["device"]
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", device):
         raise ConfigError(f"training.device: {device!r} is not a device; use cpu, cuda, cuda:N, mps or auto")
+    # cuda is checked again when the run resolves its device (bf16 support of the GPU it gets)
+    resolved = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    check_precision(cfg["training"]["precision"], torch.device(resolved.split(":")[0]))
     spec = STRATEGIES.get(cfg["strategy"]["name"])
     if spec.check is not None:
         spec.check(cfg)
