@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 
 FULL_PRECISION = (torch.float32, torch.float64)
-# Tests set this to "merged" or "split" to exercise one path regardless of the shape rule.
+# Tests and benchmarks set this to "merged" or "split" to exercise one path regardless of the shape rule,
+# or to "plain" for the unfused definition (plain ops; what autocast ran before the node supported it).
 FORCE_PATH: str | None = None
 
 
@@ -123,6 +124,8 @@ def low_rank_linear(
     # The node gets x_l = None when the adapter reads x itself (no dropout): one tensor passed as two inputs
     # would also make torch.compile break the graph here.
     x_l = None if x_lora is None or x_lora is x else x_lora
+    if FORCE_PATH == "plain":
+        return torch.nn.functional.linear(x, weight, bias) + ((x if x_l is None else x_l) @ a.t()) @ (scale * b).t()
     low = _autocast_dtype(x)
     if low is not None:
         # Cast as autocast casts F.linear's operands (differentiably: gradients return in each input's
