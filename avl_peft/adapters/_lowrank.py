@@ -1,13 +1,14 @@
-"""The shared fast path of every low-rank adapter: y = x Wᵀ + b + s · (x_l Aᵀ) Bᵀ in one autograd node.
+"""The shared fast path of every low-rank adapter: y = x (W + L₀R₀)ᵀ + b + s · (x_l Aᵀ) Bᵀ in one autograd node.
 
-LoRA, PiSSA (rank 2r: [A; A₀], [B, −B₀]), LoRETTA (reconstructed A, B), InfLoRA (frozen A), SD-LoRA (c·B)
-and WeGeFT (ΔW = s W φ ψ, i.e. A = ψ, B = W φ) all call :func:`low_rank_linear`.
+LoRA, PiSSA (frozen term L₀R₀ = −s·B₀A₀), LoRETTA (reconstructed A, B), InfLoRA (frozen A), SD-LoRA (c·B)
+and WeGeFT (ΔW = s W φ ψ, i.e. A = ψ, B = W φ) all call :func:`low_rank_linear`; under ``policy: stack``
+the layer's earlier branches join the frozen term L₀R₀ (:class:`~avl_peft.adapters.base.AdaptedLinear`).
 
 Why a custom node: the rank-r path is memory-bound work — each thin product streams an (N × d) activation
 or gradient through memory — so what counts is how many such passes a step makes, not FLOPs. Two paths:
 
 - **merged** (same input for both paths, full precision, enough tokens): the forward runs one GEMM with the
-  effective weight W + s·B A (formed per call: d_out·d_in·r FLOPs, independent of the N tokens), and the
+  effective weight W + L₀R₀ + s·B A (formed per call: d_out·d_in·r FLOPs, independent of the N tokens), and the
   backward gets the input gradient from one GEMM with it as well. Against the frozen-backbone limit this
   leaves three thin passes (x Aᵀ in the forward; Bᵀ gᵀ, (x A)ᵀ g in the backward) instead of five plus
   two read-modify-write passes over the output and the input gradient (measured per layer at N = 2080,
@@ -24,7 +25,8 @@ weight's 8-bit mantissa, which autocast's LoRA does not do. In both paths no gra
 does not need one (the frozen W, InfLoRA's A, the first block's input). ``torch.autograd.gradcheck`` tests
 tie both paths to the plain-ops definition.
 
-Shapes: x, x_l (..., d_in); W (d_out, d_in); b (d_out,) or None; A (q, d_in); B (d_out, q).
+Shapes: x, x_l (..., d_in); W (d_out, d_in); b (d_out,) or None; A (q, d_in); B (d_out, q);
+L₀ (d_out, q₀), R₀ (q₀, d_in).
 ``x_l`` is the adapter path's input (``dropout(x)``, or ``x`` itself when dropout is off).
 """
 
@@ -52,56 +54,76 @@ def use_merged(n: int, d_out: int, d_in: int) -> bool:
 
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_l, weight, bias, a, b, scale: float):
+    def forward(ctx, x, x_l, weight, bias, a, b, left, right, scale: float):
         shape = x.shape
         d_out = weight.shape[0]
         x2 = x.reshape(-1, shape[-1])  # (N, d_in)
         same = x_l is None  # None: the adapter path reads x itself
         xl2 = x2 if same else x_l.reshape(-1, shape[-1])
+        frozen = left is not None
         merged = same and weight.dtype in FULL_PRECISION and use_merged(x2.shape[0], d_out, shape[-1])
-        need_x, _, need_w, _, need_a, need_b, _ = ctx.needs_input_grad
+        need_x, _, need_w, _, need_a, need_b, need_left, need_right, _ = ctx.needs_input_grad
         xa = xl2 @ a.t() if (need_b or not merged) else None  # (N, q)
-        if merged:
-            w_eff = torch.addmm(weight, b, a, alpha=scale)  # W + s·B A: one GEMM for both paths
-            out = torch.addmm(bias, x2, w_eff.t()) if bias is not None else x2 @ w_eff.t()
-        else:
-            out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        xr = x2 @ right.t() if frozen and (need_left or not merged) else None  # (N, q₀)
+        w = _effective(weight, a, b, left, right, scale) if merged else weight
+        out = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
+        if not merged:
             out.addmm_(xa, b.t(), alpha=scale)  # (N, d_out): base + s·(x A^T) B^T, one accumulation
-        keep_x = x2 if (need_a and same) or need_w else None
+            if frozen:
+                out.addmm_(xr, left.t())
+        keep_x = x2 if (need_a and same) or need_w or need_right else None
         keep_xl = xl2 if need_a and not same else None
-        ctx.save_for_backward(keep_x, keep_xl, xa if need_b else None, weight, a, b)
+        ctx.save_for_backward(
+            keep_x, keep_xl, xa if need_b else None, xr if need_left else None, weight, a, b, left, right
+        )
         ctx.scale, ctx.shape, ctx.has_bias, ctx.same, ctx.merged = scale, shape, bias is not None, same, merged
         return out.view(*shape[:-1], d_out)
 
     @staticmethod
     def backward(ctx, grad):
-        x2, xl2, xa, weight, a, b = ctx.saved_tensors
+        x2, xl2, xa, xr, weight, a, b, left, right = ctx.saved_tensors
         xl2 = x2 if ctx.same else xl2
         s = ctx.scale
         g = grad.reshape(-1, weight.shape[0])  # (N, d_out)
-        need_x, need_xl, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
-        grad_x = grad_xl = grad_w = grad_bias = grad_a = grad_b = None
-        gxa_t = None
-        if need_a or need_xl or (need_x and not ctx.merged and ctx.same):
+        need_x, need_xl, need_w, need_bias, need_a, need_b, need_left, need_right, _ = ctx.needs_input_grad
+        grad_x = grad_xl = grad_w = grad_bias = grad_a = grad_b = grad_left = grad_right = None
+        split_x = need_x and not ctx.merged  # the input gradient is assembled from the separate paths
+        gxa_t = glr_t = None
+        if need_a or need_xl or (split_x and ctx.same):
             gxa_t = (b.t() @ g.t()).mul_(s)  # (q, N) = (g · sB)^T, computed in the fast layout
             if need_a:
                 grad_a = gxa_t @ xl2  # (q, d_in)
         if need_b:
             grad_b = (xa.t() @ g).t().mul_(s)  # (d_out, q)
+        if left is not None and (need_right or split_x):
+            glr_t = left.t() @ g.t()  # (q₀, N)
+            if need_right:
+                grad_right = glr_t @ x2
+        if need_left:
+            grad_left = (xr.t() @ g).t()
         if need_x and ctx.merged:
-            grad_x = (g @ torch.addmm(weight, b, a, alpha=s)).view(ctx.shape)  # W + s·B A, recomputed
-        elif need_x and ctx.same:
-            # Both paths read the same x: accumulate them in one addmm instead of autograd's extra add.
-            grad_x = (g @ weight).addmm_(gxa_t.t(), a).view(ctx.shape)
+            grad_x = g @ _effective(weight, a, b, left, right, s)  # recomputed, not saved
         elif need_x:
-            grad_x = (g @ weight).view(ctx.shape)
+            grad_x = g @ weight
+            if ctx.same:  # both paths read x: accumulate in place instead of autograd's extra add
+                grad_x.addmm_(gxa_t.t(), a)
+            if glr_t is not None:
+                grad_x.addmm_(glr_t.t(), right)
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.shape)
         if need_xl:
             grad_xl = (gxa_t.t() @ a).view(ctx.shape)
         if need_w:
             grad_w = (x2.t() @ g).t()
         if need_bias and ctx.has_bias:
             grad_bias = g.sum(0)
-        return grad_x, grad_xl, grad_w, grad_bias, grad_a, grad_b, None
+        return grad_x, grad_xl, grad_w, grad_bias, grad_a, grad_b, grad_left, grad_right, None
+
+
+def _effective(weight, a, b, left, right, scale: float) -> torch.Tensor:
+    """W + L₀ R₀ + s·B A (d_out × d_in): d_out·d_in·(q + q₀) FLOPs, whatever the number of tokens."""
+    w = torch.addmm(weight, b, a, alpha=scale)
+    return w.addmm_(left, right) if left is not None else w
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -119,25 +141,33 @@ def low_rank_linear(
     b: torch.Tensor,
     scale: float,
     x_lora: torch.Tensor | None = None,
+    frozen: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """F.linear(x, W, bias) + scale · F.linear(F.linear(x_lora, A), B), fused (x_lora defaults to x)."""
+    """F.linear(x, W + L₀R₀, bias) + scale · F.linear(F.linear(x_lora, A), B), fused.
+
+    ``x_lora`` defaults to x. ``frozen`` = (L₀ (d_out, q₀), R₀ (q₀, d_in)): a low-rank term that belongs to
+    the layer's weight on the clean input — earlier stacked branches, PiSSA's −s·B₀A₀ — folded into the
+    same node (gradients reach L₀/R₀ only if they require them, e.g. SD-LoRA's magnitudes through L₀).
+    """
     # The node gets x_l = None when the adapter reads x itself (no dropout): one tensor passed as two inputs
     # would also make torch.compile break the graph here.
     x_l = None if x_lora is None or x_lora is x else x_lora
+    left, right = frozen if frozen is not None else (None, None)
     if FORCE_PATH == "plain":
-        return torch.nn.functional.linear(x, weight, bias) + ((x if x_l is None else x_l) @ a.t()) @ (scale * b).t()
+        out = torch.nn.functional.linear(x, weight, bias) + ((x if x_l is None else x_l) @ a.t()) @ (scale * b).t()
+        return out + (x @ right.t()) @ left.t() if left is not None else out
     low = _autocast_dtype(x)
     if low is not None:
         # Cast as autocast casts F.linear's operands (differentiably: gradients return in each input's
         # dtype), then run the node in that dtype with autocast off so every product inside stays in it.
         x, weight, a, b = x.to(low), weight.to(low), a.to(low), b.to(low)
-        x_l = x_l.to(low) if x_l is not None else None
-        bias = bias.to(low) if bias is not None else None
+        x_l, bias, left, right = (t.to(low) if t is not None else None for t in (x_l, bias, left, right))
         with torch.autocast(x.device.type, enabled=False):
-            return _LowRankLinear.apply(x, x_l, weight, bias, a, b, float(scale))
+            return _LowRankLinear.apply(x, x_l, weight, bias, a, b, left, right, float(scale))
     dtype = weight.dtype
-    if any(t is not None and t.dtype != dtype for t in (x, x_l, a, b)):
+    if any(t is not None and t.dtype != dtype for t in (x, x_l, a, b, left, right)):
         # Mixed dtypes outside autocast: plain ops (and PyTorch's own dtype errors).
         x_l = x if x_l is None else x_l
-        return torch.nn.functional.linear(x, weight, bias) + (x_l @ a.t()) @ (scale * b).t()
-    return _LowRankLinear.apply(x, x_l, weight, bias, a, b, float(scale))
+        out = torch.nn.functional.linear(x, weight, bias) + (x_l @ a.t()) @ (scale * b).t()
+        return out + (x @ right.t()) @ left.t() if left is not None else out
+    return _LowRankLinear.apply(x, x_l, weight, bias, a, b, left, right, float(scale))

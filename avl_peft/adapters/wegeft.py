@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ._lowrank import low_rank_linear
-from .base import METHODS, Adapter, AdapterOptions, kaiming_uniform_
+from .base import METHODS, Adapter, AdapterOptions, Frozen, kaiming_uniform_
 
 
 @dataclasses.dataclass
@@ -85,8 +85,9 @@ class WeGeFT(Adapter):
     def shared_module(self) -> nn.Module | None:
         return self.gen if self.opts.share else None
 
-    def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: nn.Linear, frozen: Frozen = None) -> torch.Tensor:
         # ΔW x = s (W φ)(ψ x): the low-rank node with B = W φ. Computing y = W (x + s φ ψ x) instead would
         # stream an extra (tokens × d_in) input copy through memory in the forward and again in the backward.
         b = layer.weight @ self.gen.phi_t.t()  # (d_out, r)
-        return low_rank_linear(x, layer.weight, layer.bias, self.confine(self.gen.psi), b, self.scale, self.drop(x))
+        psi = self.confine(self.gen.psi)
+        return low_rank_linear(x, layer.weight, layer.bias, psi, b, self.scale, self.drop(x), frozen)
