@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import threads
 from .errors import AvlPeftError
 
 
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    threads.configure()  # this process's thread budget (README: Threads); training.threads overrides per run
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)

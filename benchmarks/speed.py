@@ -1,29 +1,44 @@
-"""Adapter cost against the frozen-backbone limit, HF peft's LoRA, and merged evaluation.
+"""Adapter cost against the frozen-backbone limit, for every method, layout, precision and (optionally)
+compiled; HF peft's LoRA; merged evaluation; statistics heads; PiSSA initialisation; the pipeline.
 
-    python benchmarks/speed.py [--model NAME --img-size N --patch-size P --device cpu|cuda --bf16]
+    python benchmarks/speed.py                                   # CPU: ViT-Tiny and ViT-S layouts, fp32 + bf16
+    python benchmarks/speed.py --device cuda                     # GPU: ViT-B/16 at 224 px, fp32 + bf16, images/s
+    python benchmarks/speed.py --layouts tiny --precisions fp32 --compile --rounds 5   # a subset
 
-Measured in one process with interleaved repetitions (every variant once per round, rounds repeated) and
-medians, so drift in machine load hits every variant alike. Results go to
-benchmarks/results/<machine>-<date>.json; benchmarks/README.md summarises them.
+The same script runs on CPU and CUDA; what the hardware cannot do is skipped and said so. Results go to
+benchmarks/results/<machine>-<date>-<model>-<size>px-<device>.json (one file per layout); the README there
+summarises them.
 
-- train step: forward + backward + AdamW step on a batch of 32, relative to the **frozen-backbone
-  limit**: no adapter, activation gradients still flow through every block down to the patch embedding,
-  but no backbone weight gradient is computed (the head trains, as in every method) — the least any
-  in-backbone method can pay.
-- HF peft LoRA on the same timm model, same rank and targets; ours/peft ratio.
-- eval throughput (no grad) unmerged and after merge, relative to the plain backbone.
-- PiSSA initialisation on ViT-B/16 (all default targets): exact SVD and svd_niter.
-- memory: bytes saved for backward per step (activation memory) plus parameters/gradients/optimizer
-  state; on CUDA also torch.cuda.max_memory_allocated.
+- train step: forward + backward + AdamW step on a batch of 32 (rank 8, default targets), per variant,
+  relative to the **frozen-backbone limit** — no adapter, activation gradients still flow through every
+  block down to the patch embedding, no backbone weight gradient (the head trains, as in every method):
+  the least any in-backbone method can pay. Every round times every variant once, in a shuffled order,
+  and the ratio is taken *within* the round (variant / limit), so load drifting between rounds cancels;
+  the median and quartiles of the per-round ratios are reported. On CPU with one thread the timer is the
+  process CPU time (time spent descheduled by other jobs on a shared machine does not count); otherwise
+  wall time (CUDA synchronised). Both are recorded.
+- stacked methods (InfLoRA, SD-LoRA, ``interference: project``) are timed in their second experience:
+  one frozen branch per layer, A designed / the branch confined by the first experience's input basis.
+- ``--precisions``: fp32 and bf16 autocast (the limit is timed in the same precision); in bf16 also
+  ``lora_plain``: LoRA through plain autocast ops instead of the fused node (what autocast ran before).
+- ``--compile``: the limit and ``--compile-methods`` again under ``torch.compile`` (compile time recorded).
+- eval (no grad): each method unmerged and merged, relative to the plain backbone; statistics heads
+  (prototype, RanPAC): update and scoring cost per batch relative to the backbone's eval forward.
+- memory: bytes saved for backward (distinct tensors, parameters excluded) plus weights, gradients and
+  AdamW state; on CUDA also ``torch.cuda.max_memory_allocated``.
+- the machine's load (``os.getloadavg``) before, during (per round) and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import json
+import os
 import platform
+import random
 import socket
 import statistics
 import time
@@ -33,15 +48,23 @@ import torch
 from torch import nn
 
 import avl_peft
+from avl_peft.adapters import _lowrank, begin_experience, collect_inputs, end_experience, stack
 
-METHODS = ["lora", "pissa", "wegeft", "loretta"]
+METHODS = ["lora", "pissa", "wegeft", "loretta", "inflora", "sdlora", "lora_project"]
+MERGEABLE = ["lora", "pissa", "wegeft", "loretta", "inflora", "sdlora", "lora_project"]
+LAYOUTS = {  # name -> (timm model, image size, patch size); 32 px / patch 4 keeps 65 tokens, CPU-sized
+    "tiny": ("vit_tiny_patch16_224", 32, 4),  # width 192, 12 blocks
+    "wide": ("vit_small_patch16_224", 32, 4),  # width 384, 12 blocks
+    "vitb224": ("vit_base_patch16_224", 224, 16),  # width 768, 197 tokens: the GPU study's layout
+}
 PEFT_TARGETS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def backbone(args) -> nn.Module:
+def backbone(layout: str, device: str) -> nn.Module:
     torch.manual_seed(0)
-    kw = {"img_size": args.img_size, "patch_size": args.patch_size} if args.img_size else {}
-    return avl_peft.create_backbone(args.model, num_classes=100, **kw).to(args.device)
+    model, size, patch = LAYOUTS[layout]
+    return avl_peft.create_backbone(model, num_classes=100, img_size=size, patch_size=patch).to(device)
 
 
 def frozen_limit(model: nn.Module) -> nn.Module:
@@ -54,38 +77,57 @@ def frozen_limit(model: nn.Module) -> nn.Module:
     return model
 
 
-def peft_lora(model: nn.Module, rank: int) -> nn.Module:
-    import peft
+def second_experience(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """A stacked method as it trains its second experience: one frozen branch, memory/basis from the first."""
+    inputs = collect_inputs(model, [x], max_samples=512)
+    begin_experience(model, inputs)
+    with torch.no_grad():  # a trained first branch (non-zero), so the frozen path carries signal
+        for name, p in model.named_parameters():
+            if ".adapter." in name and p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    end_experience(model, inputs)
+    stack(model)
+    begin_experience(model, inputs)
+    return model
 
-    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=PEFT_TARGETS, modules_to_save=["head"])
-    return peft.get_peft_model(model, config)
 
+def make_model(name: str, layout: str, args, x: torch.Tensor) -> nn.Module:
+    base = backbone(layout, args.device)
+    if name == "limit":
+        return frozen_limit(base)
+    if name == "full":
+        return avl_peft.inject(base, "full")
+    if name == "peft_lora":
+        import peft
 
-def make_variants(args) -> dict[str, nn.Module]:
-    variants = {"limit": frozen_limit(backbone(args))}
-    for m in METHODS:
-        variants[m] = avl_peft.inject(backbone(args), m, rank=args.rank)
-    variants["full"] = avl_peft.inject(backbone(args), "full")
-    try:
-        variants["peft_lora"] = peft_lora(backbone(args), args.rank)
-    except ImportError:
-        print("peft not installed: skipping the HF peft comparison (pip install peft)")
-    return variants
+        r = args.rank
+        config = peft.LoraConfig(r=r, lora_alpha=r, target_modules=PEFT_TARGETS, modules_to_save=["head"])
+        return peft.get_peft_model(base, config)
+    method, _, interference = name.partition("_")
+    options = {"rank": args.rank, **({"interference": interference} if interference else {})}
+    model = avl_peft.inject(base, method, **options)
+    if method in ("inflora", "sdlora") or interference == "project":
+        second_experience(model, x)
+    return model
 
 
 class Stepper:
-    def __init__(self, model: nn.Module, args):
+    def __init__(self, model: nn.Module, device: str, precision: str, force_path: str | None = None):
         self.model = model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=1e-4)
-        self.args = args
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        self.device, self.dtype, self.force_path = device, DTYPES[precision], force_path
 
     def __call__(self, x, y) -> None:
-        with torch.autocast(self.args.device, dtype=torch.bfloat16, enabled=self.args.bf16):
-            loss = nn.functional.cross_entropy(self.model(x), y)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        _lowrank.FORCE_PATH = self.force_path
+        try:
+            amp = torch.autocast(self.device, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+            with amp:
+                out = self.model(x)
+            nn.functional.cross_entropy(out.float(), y).backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        finally:
+            _lowrank.FORCE_PATH = None
 
 
 def sync(device: str) -> None:
@@ -93,29 +135,43 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str) -> float:
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t
-
-
-def interleaved(fns: dict, rounds: int, device: str, warmup: int = 2) -> dict[str, float]:
+def interleaved(fns: dict, rounds: int, device: str, reference: str, warmup: int = 2, seed: int = 0) -> dict:
+    """Every fn once per round in a shuffled order; per-round ratios to ``reference``; medians."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times = {k: [] for k in fns}
+    wall, cpu, load = {k: [] for k in fns}, {k: [] for k in fns}, []
+    rng = random.Random(seed)
     for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(timed(fn, device))
-    return {k: statistics.median(v) for k, v in times.items()}
+        order = list(fns)
+        rng.shuffle(order)
+        for k in order:
+            sync(device)
+            w, c = time.perf_counter(), time.process_time()
+            fns[k]()
+            sync(device)
+            wall[k].append(time.perf_counter() - w)
+            cpu[k].append(time.process_time() - c)
+        load.append(os.getloadavg()[0])
+    timer = "cpu" if device == "cpu" and torch.get_num_threads() == 1 else "wall"
+    basis = cpu if timer == "cpu" else wall
+    out = {"timer": timer, "rounds": rounds, "load_1min_median": statistics.median(load), "variants": {}}
+    for k in fns:
+        ratios = sorted(a / b for a, b in zip(basis[k], basis[reference]))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        out["variants"][k] = {
+            "ratio_median": statistics.median(ratios),
+            "ratio_q1": q[0],
+            "ratio_q3": q[2],
+            "wall_s_median": statistics.median(wall[k]),
+            "cpu_s_median": statistics.median(cpu[k]),
+        }
+    return out
 
 
-def saved_bytes(model: nn.Module, x, y, args) -> int:
+def saved_bytes(model: nn.Module, x, y) -> int:
     """Bytes of distinct tensors autograd keeps for backward (a tensor saved twice counts once)."""
     seen: dict[tuple[int, int], int] = {}
-
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # counted in state_bytes
 
     def pack(t):
@@ -125,8 +181,7 @@ def saved_bytes(model: nn.Module, x, y, args) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = nn.functional.cross_entropy(model(x), y)
+        loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(seen.values())
@@ -139,18 +194,121 @@ def state_bytes(model: nn.Module) -> int:
     return weights + 3 * trainable  # gradient + AdamW's two moments for every trainable parameter
 
 
+def train_steps(layout: str, args, x, y) -> dict:
+    names = ["limit", *args.methods, "full"] + (["peft_lora"] if has_peft() else [])
+    models = {n: make_model(n, layout, args, x) for n in names}
+    out = {"precisions": {}, "memory": {}, "params": {}}
+    for precision in args.precisions:
+        steppers = {n: Stepper(m, args.device, precision) for n, m in models.items()}
+        if precision != "fp32" and "lora" in models:
+            steppers["lora_plain"] = Stepper(models["lora"], args.device, precision, force_path="plain")
+        fns = {n: (lambda s=s: s(x, y)) for n, s in steppers.items()}
+        result = interleaved(fns, args.rounds, args.device, "limit")
+        for n in steppers:
+            result["variants"][n]["images_per_s"] = args.batch / result["variants"][n]["wall_s_median"]
+        out["precisions"][precision] = result
+        print_ratios(f"{layout} {precision}", result)
+    if args.compile:
+        out["compiled"] = compiled_steps(layout, args, x, y)
+    for n, m in models.items():
+        out["memory"][n] = {
+            "saved_for_backward_mb": saved_bytes(m.train(), x, y) / 2**20,
+            "weights_grads_optimizer_mb": state_bytes(m) / 2**20,
+        }
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            Stepper(m, args.device, "fp32")(x, y)
+            out["memory"][n]["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        if n != "peft_lora":
+            out["params"][n] = avl_peft.parameter_counts(m)
+    out["models"] = models
+    return out
+
+
+def compiled_steps(layout: str, args, x, y) -> dict:
+    """The limit and ``--compile-methods`` under torch.compile (first call = compile, timed apart)."""
+    out = {}
+    for precision in args.precisions:
+        steppers, compile_s = {}, {}
+        for n in ["limit", *args.compile_methods]:
+            model = make_model(n, layout, args, x)
+            model.compile()
+            steppers[n] = Stepper(model, args.device, precision)
+            sync(args.device)
+            t = time.perf_counter()
+            steppers[n](x, y)
+            sync(args.device)
+            compile_s[n] = time.perf_counter() - t
+        fns = {n: (lambda s=s: s(x, y)) for n, s in steppers.items()}
+        result = interleaved(fns, args.rounds, args.device, "limit")
+        result["first_step_s"] = compile_s
+        out[precision] = result
+        print_ratios(f"{layout} {precision} compiled", result)
+    return out
+
+
+def eval_costs(models: dict, layout: str, args, x) -> dict:
+    plain = backbone(layout, args.device).eval()
+    evals = {"plain": plain}
+    for m in MERGEABLE:
+        if m in models:
+            evals[m] = models[m].eval()
+            evals[f"{m}_merged"] = avl_peft.merge(copy.deepcopy(models[m])).eval()
+
+    def infer(model):
+        with torch.inference_mode():
+            model(x)
+
+    return interleaved({k: (lambda m=m: infer(m)) for k, m in evals.items()}, args.rounds, args.device, "plain")
+
+
+def head_costs(layout: str, args, x, y) -> dict:
+    """Statistics heads: per batch, updating and scoring vs the backbone's eval forward (feature extraction)."""
+    from avl_peft.cl.heads import build_head
+
+    features_model = backbone(layout, args.device).eval()
+    features_model.reset_classifier(0)
+    with torch.inference_mode():
+        f = features_model(x)
+    heads = {n: build_head(n, f.shape[1], n_classes=100) for n in ("prototype", "ranpac")}
+    for h in heads.values():
+        h.to(args.device)
+        h.update(f, y)
+    solve = {}
+    for n, h in heads.items():  # RanPAC solves its ridge system lazily, once per change of statistics
+        t = time.perf_counter()
+        h.logits(f)
+        solve[n] = time.perf_counter() - t
+
+    def forward():
+        with torch.inference_mode():
+            features_model(x)
+
+    fns = {"forward": forward}
+    for n, h in heads.items():
+        fns[f"{n}_update"] = lambda h=h: h.update(f, y)
+        fns[f"{n}_score"] = lambda h=h: (h.logits(f), sync(args.device))
+    heads["ranpac"].update(f, y)
+    result = interleaved(fns, args.rounds, args.device, "forward", warmup=1)
+    result["first_solve_s"] = solve
+    return result
+
+
 def pissa_init_times(args) -> dict[str, float]:
     torch.manual_seed(0)
     model = avl_peft.create_backbone("vit_base_patch16_224", num_classes=10).to(args.device)
     out = {}
     for label, niter in (("exact", None), (f"svd_niter={args.svd_niter}", args.svd_niter)):
         m = copy.deepcopy(model)
-        t = timed(lambda m=m, n=niter: avl_peft.inject(m, "pissa", rank=args.rank, svd_niter=n), args.device)
-        out[label] = t
+        sync(args.device)
+        t = time.perf_counter()
+        avl_peft.inject(m, "pissa", rank=args.rank, svd_niter=niter)
+        sync(args.device)
+        out[label] = time.perf_counter() - t
     return out
 
 
-def end_to_end(args) -> dict[str, float]:
+def end_to_end() -> dict[str, float]:
     """The quickstart's pipeline (Avalanche loop, data loading, callbacks, metrics, logging) against the
     pure model step for the same images: one LoRA experience of the offline digits scenario."""
     import tempfile
@@ -185,101 +343,108 @@ def end_to_end(args) -> dict[str, float]:
                     opt.zero_grad(set_to_none=True)
 
         pure()
-        times = interleaved({"pipeline": lambda: strategy.train(experience), "model": pure}, 5, "cpu", warmup=0)
-        pipeline, model_only = times["pipeline"] / n, times["model"] / n
-    return {"pipeline_s_per_image": pipeline, "model_s_per_image": model_only, "overhead": pipeline / model_only - 1}
+        fns = {"model": pure, "pipeline": lambda: strategy.train(experience)}
+        result = interleaved(fns, 5, "cpu", "model", warmup=0)
+    v = result["variants"]
+    per = "cpu_s_median" if result["timer"] == "cpu" else "wall_s_median"
+    return {
+        "pipeline_s_per_image": v["pipeline"][per] / n,
+        "model_s_per_image": v["model"][per] / n,
+        "overhead": v["pipeline"]["ratio_median"] - 1,
+        "timer": result["timer"],
+    }
+
+
+def has_peft() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        print("peft not installed: skipping the HF peft comparison (pip install peft)")
+        return False
+    return True
+
+
+def print_ratios(title: str, result: dict) -> None:
+    print(f"{title}: step / limit, median of {result['rounds']} per-round ratios ({result['timer']} time)")
+    for k, v in result["variants"].items():
+        print(
+            f"  {k:<14} {v['ratio_median']:5.3f} [{v['ratio_q1']:.3f}-{v['ratio_q3']:.3f}]"
+            f"  {v['wall_s_median'] * 1000:8.1f} ms wall  {v.get('images_per_s', 0):8.1f} img/s"
+        )
+
+
+def supported_precisions(requested: list[str], device: str) -> list[str]:
+    keep = []
+    for p in requested:
+        if p == "fp16" and device != "cuda":
+            print("fp16: CUDA only, skipped")
+        elif p == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+            print("bf16: this GPU has no bf16, skipped")
+        else:
+            keep.append(p)
+    return keep
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="vit_tiny_patch16_224")
-    ap.add_argument("--img-size", type=int, default=32, help="0: the model's own size")
-    ap.add_argument("--patch-size", type=int, default=4)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--layouts", default=None, help="tiny, wide, vitb224 (default: CPU tiny,wide; CUDA vitb224)")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16, fp16 (unsupported: skipped)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd limit and --compile-methods")
+    ap.add_argument("--compile-methods", default="lora")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--svd-niter", type=int, default=4)
+    ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--skip-heads", action="store_true")
     ap.add_argument("--skip-pissa-init", action="store_true")
     ap.add_argument("--skip-end-to-end", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-
-    variants = make_variants(args)
-    size = args.img_size or 224
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, size, size, generator=g).to(args.device)
-    y = torch.randint(0, 100, (args.batch,), generator=g).to(args.device)
-
-    steppers = {k: Stepper(m, args) for k, m in variants.items()}
-    train = interleaved({k: (lambda s=s: s(x, y)) for k, s in steppers.items()}, args.rounds, args.device)
-    limit = train["limit"]
-
-    # Evaluation: plain backbone, each method unmerged and merged.
-    plain = backbone(args).eval()
-    evals = {"plain": plain}
-    for m in METHODS:
-        evals[f"{m}"] = variants[m].eval()
-        merged = avl_peft.merge(copy.deepcopy(variants[m]))
-        evals[f"{m}_merged"] = merged.eval()
-
-    def infer(model):
-        with torch.no_grad(), torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
-            model(x)
-
-    ev = interleaved({k: (lambda m=m: infer(m)) for k, m in evals.items()}, args.rounds, args.device)
-
-    memory = {}
-    for k, m in variants.items():
-        memory[k] = {
-            "saved_for_backward_mb": saved_bytes(m.train(), x, y, args) / 2**20,
-            "weights_grads_optimizer_mb": state_bytes(m) / 2**20,
-        }
-        if args.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            steppers[k](x, y)
-            memory[k]["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-
-    results = {
+    args.layouts = (args.layouts or ("vitb224" if args.device == "cuda" else "tiny,wide")).split(",")
+    args.precisions = supported_precisions(args.precisions.split(","), args.device)
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.compile_methods = [m for m in args.compile_methods.split(",") if m]
+    machine = {
         "machine": socket.gethostname(),
         "date": dt.date.today().isoformat(),
         "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cuda_device": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "args": vars(args),
-        "train_step_s": train,
-        "train_ratio_to_limit": {k: v / limit for k, v in train.items()},
-        "ours_over_peft_lora": train["lora"] / train["peft_lora"] if "peft_lora" in train else None,
-        "eval_s": ev,
-        "eval_ratio_to_plain": {k: v / ev["plain"] for k, v in ev.items()},
-        "memory": memory,
-        "params": {k: avl_peft.parameter_counts(m) for k, m in variants.items() if k != "peft_lora"},
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
-    if not args.skip_pissa_init:
-        results["pissa_init_vit_b16_s"] = pissa_init_times(args)
-    if not args.skip_end_to_end and args.device == "cpu":
-        results["end_to_end"] = end_to_end(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.model}-{size}px-{args.device}{'-bf16' if args.bf16 else ''}"
-    path = out / f"{results['machine']}-{results['date']}-{tag}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"train step / frozen-backbone limit (median of {args.rounds}, batch {args.batch}):")
-    for k, v in results["train_ratio_to_limit"].items():
-        print(f"  {k:<10} {train[k] * 1000:8.1f} ms  {v:5.2f}x")
-    if results["ours_over_peft_lora"]:
-        print(f"ours/peft LoRA: {results['ours_over_peft_lora']:.3f}")
-    print("eval time / plain backbone:")
-    for k, v in results["eval_ratio_to_plain"].items():
-        print(f"  {k:<16} {v:5.3f}")
-    if "end_to_end" in results:
-        e = results["end_to_end"]
-        print(f"quickstart pipeline vs pure model step: +{e['overhead'] * 100:.1f}% per image")
-    if "pissa_init_vit_b16_s" in results:
-        print("PiSSA init on ViT-B/16:", {k: round(v, 2) for k, v in results["pissa_init_vit_b16_s"].items()})
-    print(f"wrote {path}")
+    for i, layout in enumerate(args.layouts):
+        load_before = os.getloadavg()
+        g = torch.Generator().manual_seed(0)
+        size = LAYOUTS[layout][1]
+        x = torch.randn(args.batch, 3, size, size, generator=g).to(args.device)
+        y = torch.randint(0, 100, (args.batch,), generator=g).to(args.device)
+        steps = train_steps(layout, args, x, y)
+        models = steps.pop("models")
+        results = {**machine, "layout": layout, "model": LAYOUTS[layout][0], "img_size": size}
+        results["args"] = {k: v for k, v in vars(args).items()}
+        results["train"] = steps
+        if "lora" in steps["precisions"].get("fp32", {}).get("variants", {}) and "peft_lora" in models:
+            v = steps["precisions"]["fp32"]["variants"]
+            results["ours_over_peft_lora"] = v["lora"]["ratio_median"] / v["peft_lora"]["ratio_median"]
+        if not args.skip_eval:
+            results["eval"] = eval_costs(models, layout, args, x)
+        if not args.skip_heads:
+            results["heads"] = head_costs(layout, args, x, y)
+        if i == 0 and not args.skip_pissa_init:
+            results["pissa_init_vit_b16_s"] = pissa_init_times(args)
+        if i == 0 and not args.skip_end_to_end and args.device == "cpu":
+            results["end_to_end"] = end_to_end()
+        results["load_1min"] = {"before": load_before[0], "after": os.getloadavg()[0]}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{machine['machine']}-{machine['date']}-{LAYOUTS[layout][0]}-{size}px-{args.device}.json"
+        path.write_text(json.dumps(results, indent=2))
+        print(f"wrote {path} (load {load_before[0]:.2f} -> {results['load_1min']['after']:.2f})")
 
 
 if __name__ == "__main__":

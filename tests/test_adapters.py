@@ -314,9 +314,13 @@ def test_regex_targets_and_head_protection():
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("separate_input", [True, False])
-def test_fused_low_rank_backward_is_exact(bias, separate_input):
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("path", ["merged", "split"])
+def test_fused_low_rank_backward_is_exact(bias, separate_input, frozen, path, monkeypatch):
+    from avl_peft.adapters import _lowrank
     from avl_peft.adapters._lowrank import low_rank_linear
 
+    monkeypatch.setattr(_lowrank, "FORCE_PATH", path)
     g = torch.Generator().manual_seed(5)
 
     def t(*shape):
@@ -325,21 +329,25 @@ def test_fused_low_rank_backward_is_exact(bias, separate_input):
     x, w, a, b = t(2, 3, 6), t(5, 6), t(2, 6), t(5, 2)
     bias_t = t(5) if bias else None
     x_l = t(2, 3, 6) if separate_input else None
-    inputs = (x, w, bias_t, a, b, 0.7, x_l)
-    assert torch.autograd.gradcheck(lambda *args: low_rank_linear(*args), inputs)
+    pair = (t(5, 3), t(3, 6)) if frozen else None  # earlier branches / PiSSA's −s·B₀A₀: L₀ (d_out, q₀), R₀
+
+    def fn(x, w, bias_t, a, b, x_l, left=None, right=None):
+        return low_rank_linear(x, w, bias_t, a, b, 0.7, x_l, (left, right) if left is not None else None)
+
+    inputs = (x, w, bias_t, a, b, x_l, *(pair or ()))
+    assert torch.autograd.gradcheck(fn, inputs)
     ref = torch.nn.functional.linear(x, w, bias_t) + 0.7 * ((x if x_l is None else x_l) @ a.t()) @ b.t()
-    assert torch.allclose(low_rank_linear(*inputs), ref)
+    if frozen:
+        ref = ref + (x @ pair[1].t()) @ pair[0].t()
+    assert torch.allclose(fn(*inputs), ref)
+    # Frozen W, A and frozen term (InfLoRA's second experience): gradients only for B and x, the same ones.
+    detached = (x, w.detach(), bias_t, a.detach(), b, x_l, *(p.detach() for p in pair or ()))
+    assert torch.autograd.gradcheck(fn, detached)
 
 
-def test_fused_generated_backward_is_exact():
-    from avl_peft.adapters._lowrank import generated_linear
+def test_merged_path_is_chosen_by_token_count():
+    from avl_peft.adapters._lowrank import use_merged
 
-    g = torch.Generator().manual_seed(6)
-
-    def t(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
-
-    x, w, bias, phi_t, psi = t(2, 3, 6), t(5, 6), t(5), t(2, 6), t(2, 6)
-    assert torch.autograd.gradcheck(lambda *args: generated_linear(*args), (x, w, bias, phi_t, psi, 0.9))
-    ref = torch.nn.functional.linear(x + 0.9 * (x @ psi.t()) @ phi_t, w, bias)
-    assert torch.allclose(generated_linear(x, w, bias, phi_t, psi, 0.9), ref)
+    # ViT-Tiny's qkv (576 × 192): merging pays from 256 tokens on; ViT-B's fc1 (3072 × 768) from 1,118.
+    assert not use_merged(255, 576, 192) and use_merged(256, 576, 192)
+    assert not use_merged(1117, 3072, 768) and use_merged(1118, 3072, 768)

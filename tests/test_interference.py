@@ -385,3 +385,29 @@ def test_budget_counts_the_new_methods(method):
 def test_bad_interference_options(options, match):
     with pytest.raises(avl_peft.ConfigError, match=match):
         avl_peft.inject(mlp(), "lora", targets=TARGETS, **options)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("interference", ["none", "project"])
+def test_fused_paths_agree_on_stacked_layers(method, interference, monkeypatch):
+    """The fused node's two paths on a layer with a frozen branch (one GEMM with W + L₀R₀ + ΔW, or the
+    separate thin products): the same outputs and the same gradients for every trainable parameter."""
+    from avl_peft.adapters import _lowrank
+
+    model = adapted_mlp(method, interference=interference)
+    experience(model, data(0, rank=3), first=True)  # low-rank inputs: the kept subspace leaves room to learn
+    experience(model, data(1, rank=3), first=False, seed=1)
+    model.train()
+    x = data(2)
+    results = {}
+    for path in ("merged", "split"):
+        monkeypatch.setattr(_lowrank, "FORCE_PATH", path)
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        results[path] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (out_m, grads_m), (out_s, grads_s) = results["merged"], results["split"]
+    assert rel(out_m, out_s) <= 1e-5
+    assert set(grads_m) == set(grads_s) and any(".frozen." in n for n in grads_m) == (method == "sdlora")
+    for name in grads_m:
+        assert rel(grads_m[name], grads_s[name]) <= 1e-4, name

@@ -1,12 +1,32 @@
-"""The shared fast path of LoRA-style adapters: y = x Wᵀ + b + s · (x_l Aᵀ) Bᵀ in one autograd node.
+"""The shared fast path of every low-rank adapter: y = x (W + L₀R₀)ᵀ + b + s · (x_l Aᵀ) Bᵀ in one autograd node.
 
-Why a custom backward: for the skinny products of a rank-r path, the operand layout PyTorch's autograd
-picks is 3-4× slower on CPU than its transpose (measured for N = 2080 tokens, d = 576, r = 8:
-``gᵀ @ xa`` 1.0 ms vs ``(xaᵀ @ g)ᵀ`` 0.21 ms; ``g @ B`` 0.81 ms vs ``(Bᵀ @ gᵀ)ᵀ`` 0.25 ms). Here every
-product is written in its fast layout, the base and low-rank outputs are accumulated in one ``addmm``,
-and no gradient is computed for what does not need one (the frozen W, usually the first block's input).
+LoRA, PiSSA (frozen term L₀R₀ = −s·B₀A₀), LoRETTA (reconstructed A, B), InfLoRA (frozen A), SD-LoRA (c·B)
+and WeGeFT (ΔW = s W φ ψ, i.e. A = ψ, B = W φ) all call :func:`low_rank_linear`; under ``policy: stack``
+the layer's earlier branches join the frozen term L₀R₀ (:class:`~avl_peft.adapters.base.AdaptedLinear`).
 
-Shapes: x, x_l (..., d_in); W (d_out, d_in); b (d_out,) or None; A (r, d_in); B (d_out, r).
+Why a custom node: the rank-r path is memory-bound work — each thin product streams an (N × d) activation
+or gradient through memory — so what counts is how many such passes a step makes, not FLOPs. Two paths:
+
+- **merged** (same input for both paths, full precision, enough tokens): the forward runs one GEMM with the
+  effective weight W + L₀R₀ + s·B A (formed per call: d_out·d_in·r FLOPs, independent of the N tokens), and the
+  backward gets the input gradient from one GEMM with it as well. Against the frozen-backbone limit this
+  leaves three thin passes (x Aᵀ in the forward; Bᵀ gᵀ, (x A)ᵀ g in the backward) instead of five plus
+  two read-modify-write passes over the output and the input gradient (measured per layer at N = 2080,
+  192 → 576 on one CPU core: 7.6 ms limit, 9.98 ms split, see benchmarks/README.md). The effective weight
+  is recomputed in the backward rather than saved, so memory stays as for the split path.
+- **split** (dropout on the adapter's input, few tokens — forming W + s·B A would cost more than the
+  passes it saves —, or a low-precision compute dtype): base output plus the scaled rank-r path, with the
+  products in the layouts that are fast on CPU (for N = 2080, d = 576, r = 8: ``gᵀ @ xa`` 1.0 ms vs
+  ``(xaᵀ @ g)ᵀ`` 0.21 ms) and both paths accumulated in one ``addmm``.
+
+Under bf16/fp16 autocast the node runs in the autocast dtype (its inputs are cast as autocast would cast
+them for ``F.linear``) on the split path: merging a small update into a bf16 weight would round it to the
+weight's 8-bit mantissa, which autocast's LoRA does not do. In both paths no gradient is computed for what
+does not need one (the frozen W, InfLoRA's A, the first block's input). ``torch.autograd.gradcheck`` tests
+tie both paths to the plain-ops definition.
+
+Shapes: x, x_l (..., d_in); W (d_out, d_in); b (d_out,) or None; A (q, d_in); B (d_out, q);
+L₀ (d_out, q₀), R₀ (q₀, d_in).
 ``x_l`` is the adapter path's input (``dropout(x)``, or ``x`` itself when dropout is off).
 """
 
@@ -14,47 +34,103 @@ from __future__ import annotations
 
 import torch
 
+FULL_PRECISION = (torch.float32, torch.float64)
+# Tests and benchmarks set this to "merged" or "split" to exercise one path regardless of the shape rule,
+# or to "plain" for the unfused definition (plain ops; what autocast ran before the node supported it).
+FORCE_PATH: str | None = None
+
+
+def use_merged(n: int, d_out: int, d_in: int) -> bool:
+    """Whether forming W + s·B A beats the passes it saves, for N = n tokens.
+
+    Merged costs about 4·d_out·d_in element transfers (form the weight in the forward and again in the
+    backward); split costs about n·(3·d_in + 2·d_out) (re-read x, read-modify-write the output and the
+    input gradient). For ViT-Tiny's qkv that is n ≥ 256 tokens, for ViT-B's fc1 n ≥ 1,118 (6 images).
+    """
+    if FORCE_PATH is not None:
+        return FORCE_PATH == "merged"
+    return n * (3 * d_in + 2 * d_out) >= 4 * d_out * d_in
+
 
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_l, weight, bias, a, b, scale: float):
+    def forward(ctx, x, x_l, weight, bias, a, b, left, right, scale: float):
         shape = x.shape
+        d_out = weight.shape[0]
         x2 = x.reshape(-1, shape[-1])  # (N, d_in)
-        xl2 = x2 if x_l is x else x_l.reshape(-1, shape[-1])
-        xa = xl2 @ a.t()  # (N, r)
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        out.addmm_(xa, b.t(), alpha=scale)  # (N, d_out): base + s·(x A^T) B^T, one accumulation
-        ctx.save_for_backward(x2, xl2, xa, weight, a, b)
-        ctx.scale, ctx.shape, ctx.has_bias, ctx.same_input = scale, shape, bias is not None, x_l is x
-        return out.view(*shape[:-1], weight.shape[0])
+        same = x_l is None  # None: the adapter path reads x itself
+        xl2 = x2 if same else x_l.reshape(-1, shape[-1])
+        frozen = left is not None
+        merged = same and weight.dtype in FULL_PRECISION and use_merged(x2.shape[0], d_out, shape[-1])
+        need_x, _, need_w, _, need_a, need_b, need_left, need_right, _ = ctx.needs_input_grad
+        xa = xl2 @ a.t() if (need_b or not merged) else None  # (N, q)
+        xr = x2 @ right.t() if frozen and (need_left or not merged) else None  # (N, q₀)
+        w = _effective(weight, a, b, left, right, scale) if merged else weight
+        out = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
+        if not merged:
+            out.addmm_(xa, b.t(), alpha=scale)  # (N, d_out): base + s·(x A^T) B^T, one accumulation
+            if frozen:
+                out.addmm_(xr, left.t())
+        keep_x = x2 if (need_a and same) or need_w or need_right else None
+        keep_xl = xl2 if need_a and not same else None
+        ctx.save_for_backward(
+            keep_x, keep_xl, xa if need_b else None, xr if need_left else None, weight, a, b, left, right
+        )
+        ctx.scale, ctx.shape, ctx.has_bias, ctx.same, ctx.merged = scale, shape, bias is not None, same, merged
+        return out.view(*shape[:-1], d_out)
 
     @staticmethod
     def backward(ctx, grad):
-        x2, xl2, xa, weight, a, b = ctx.saved_tensors
+        x2, xl2, xa, xr, weight, a, b, left, right = ctx.saved_tensors
+        xl2 = x2 if ctx.same else xl2
         s = ctx.scale
         g = grad.reshape(-1, weight.shape[0])  # (N, d_out)
-        need_x, need_xl, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
-        grad_x = grad_xl = grad_w = grad_bias = grad_a = grad_b = None
-        gxa_t = None
-        if need_xl or need_a:
-            gxa_t = (b.t() @ g.t()).mul_(s)  # (r, N) = (g · sB)^T, computed in the fast layout
+        need_x, need_xl, need_w, need_bias, need_a, need_b, need_left, need_right, _ = ctx.needs_input_grad
+        grad_x = grad_xl = grad_w = grad_bias = grad_a = grad_b = grad_left = grad_right = None
+        split_x = need_x and not ctx.merged  # the input gradient is assembled from the separate paths
+        gxa_t = glr_t = None
+        if need_a or need_xl or (split_x and ctx.same):
+            gxa_t = (b.t() @ g.t()).mul_(s)  # (q, N) = (g · sB)^T, computed in the fast layout
             if need_a:
-                grad_a = gxa_t @ xl2  # (r, d_in)
+                grad_a = gxa_t @ xl2  # (q, d_in)
         if need_b:
-            grad_b = (xa.t() @ g).t().mul_(s)  # (d_out, r)
-        if need_x and need_xl and ctx.same_input:
-            # Both paths read the same x: accumulate them in one addmm instead of autograd's extra add.
-            grad_x = (g @ weight).addmm_(gxa_t.t(), a).view(ctx.shape)
-        else:
-            if need_x:
-                grad_x = (g @ weight).view(ctx.shape)
-            if need_xl:
-                grad_xl = (gxa_t.t() @ a).view(ctx.shape)
+            grad_b = (xa.t() @ g).t().mul_(s)  # (d_out, q)
+        if left is not None and (need_right or split_x):
+            glr_t = left.t() @ g.t()  # (q₀, N)
+            if need_right:
+                grad_right = glr_t @ x2
+        if need_left:
+            grad_left = (xr.t() @ g).t()
+        if need_x and ctx.merged:
+            grad_x = g @ _effective(weight, a, b, left, right, s)  # recomputed, not saved
+        elif need_x:
+            grad_x = g @ weight
+            if ctx.same:  # both paths read x: accumulate in place instead of autograd's extra add
+                grad_x.addmm_(gxa_t.t(), a)
+            if glr_t is not None:
+                grad_x.addmm_(glr_t.t(), right)
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.shape)
+        if need_xl:
+            grad_xl = (gxa_t.t() @ a).view(ctx.shape)
         if need_w:
             grad_w = (x2.t() @ g).t()
         if need_bias and ctx.has_bias:
             grad_bias = g.sum(0)
-        return grad_x, grad_xl, grad_w, grad_bias, grad_a, grad_b, None
+        return grad_x, grad_xl, grad_w, grad_bias, grad_a, grad_b, grad_left, grad_right, None
+
+
+def _effective(weight, a, b, left, right, scale: float) -> torch.Tensor:
+    """W + L₀ R₀ + s·B A (d_out × d_in): d_out·d_in·(q + q₀) FLOPs, whatever the number of tokens."""
+    w = torch.addmm(weight, b, a, alpha=scale)
+    return w.addmm_(left, right) if left is not None else w
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 def low_rank_linear(
@@ -65,65 +141,33 @@ def low_rank_linear(
     b: torch.Tensor,
     scale: float,
     x_lora: torch.Tensor | None = None,
+    frozen: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """F.linear(x, W, bias) + scale · F.linear(F.linear(x_lora, A), B), fused (x_lora defaults to x)."""
-    x_lora = x if x_lora is None else x_lora
-    if x.dtype != weight.dtype or a.dtype != weight.dtype or not x.is_contiguous():
-        # Autocast or mixed dtypes: fall back to plain ops (autocast casts them correctly).
-        return torch.nn.functional.linear(x, weight, bias) + (x_lora @ a.t()) @ (scale * b).t()
-    return _LowRankLinear.apply(x, x_lora, weight, bias, a, b, float(scale))
+    """F.linear(x, W + L₀R₀, bias) + scale · F.linear(F.linear(x_lora, A), B), fused.
 
-
-class _GeneratedLinear(torch.autograd.Function):
-    """WeGeFT's fast path y = (x + s · (x ψᵀ) φᵀ) Wᵀ + b in one node, products in their fast layouts.
-
-    Shapes: x (..., d_in); W (d_out, d_in); φᵀ ``phi_t`` (r, d_in); ψ ``psi`` (r, d_in).
+    ``x_lora`` defaults to x. ``frozen`` = (L₀ (d_out, q₀), R₀ (q₀, d_in)): a low-rank term that belongs to
+    the layer's weight on the clean input — earlier stacked branches, PiSSA's −s·B₀A₀ — folded into the
+    same node (gradients reach L₀/R₀ only if they require them, e.g. SD-LoRA's magnitudes through L₀).
     """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, phi_t, psi, scale: float):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xp = x2 @ psi.t()  # (N, r)
-        h = torch.addmm(x2, xp, phi_t, alpha=scale)  # (N, d_in): x + s·φ(ψx), rows as vectors
-        out = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
-        # h is only needed for W's own gradient (never, with a frozen backbone): do not keep it otherwise.
-        ctx.save_for_backward(x2, xp, h if weight.requires_grad else None, weight, phi_t, psi)
-        ctx.scale, ctx.shape, ctx.has_bias = scale, shape, bias is not None
-        return out.view(*shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x2, xp, h, weight, phi_t, psi = ctx.saved_tensors
-        s = ctx.scale
-        g = grad.reshape(-1, weight.shape[0])
-        need_x, need_w, need_bias, need_phi, need_psi, _ = ctx.needs_input_grad
-        grad_x = grad_w = grad_bias = grad_phi = grad_psi = None
-        gh = g @ weight  # (N, d_in): gradient at h, needed by every other input
-        ghp_t = (phi_t @ gh.t()).mul_(s)  # (r, N) = (s · gh φ)^T, fast layout
-        if need_x:  # identity path plus the generated one: gh + (s · gh φ) ψ
-            grad_x = torch.addmm(gh, ghp_t.t(), psi).view(ctx.shape)
-        if need_phi:
-            grad_phi = (xp.t() @ gh).mul_(s)  # (r, d_in)
-        if need_psi:
-            grad_psi = ghp_t @ x2  # (r, d_in)
-        if need_w:
-            grad_w = (h.t() @ g).t()
-        if need_bias and ctx.has_bias:
-            grad_bias = g.sum(0)
-        return grad_x, grad_w, grad_bias, grad_phi, grad_psi, None
-
-
-def generated_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    phi_t: torch.Tensor,
-    psi: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """F.linear(x + scale · (x ψᵀ) φᵀ, W, bias), fused (WeGeFT: ΔW = s·Wφψ applied without forming ΔW)."""
-    if x.dtype != weight.dtype or psi.dtype != weight.dtype or not x.is_contiguous():
-        h = x + (x @ psi.t()) @ (scale * phi_t)
-        return torch.nn.functional.linear(h, weight, bias)
-    return _GeneratedLinear.apply(x, weight, bias, phi_t, psi, float(scale))
+    # The node gets x_l = None when the adapter reads x itself (no dropout): one tensor passed as two inputs
+    # would also make torch.compile break the graph here.
+    x_l = None if x_lora is None or x_lora is x else x_lora
+    left, right = frozen if frozen is not None else (None, None)
+    if FORCE_PATH == "plain":
+        out = torch.nn.functional.linear(x, weight, bias) + ((x if x_l is None else x_l) @ a.t()) @ (scale * b).t()
+        return out + (x @ right.t()) @ left.t() if left is not None else out
+    low = _autocast_dtype(x)
+    if low is not None:
+        # Cast as autocast casts F.linear's operands (differentiably: gradients return in each input's
+        # dtype), then run the node in that dtype with autocast off so every product inside stays in it.
+        x, weight, a, b = x.to(low), weight.to(low), a.to(low), b.to(low)
+        x_l, bias, left, right = (t.to(low) if t is not None else None for t in (x_l, bias, left, right))
+        with torch.autocast(x.device.type, enabled=False):
+            return _LowRankLinear.apply(x, x_l, weight, bias, a, b, left, right, float(scale))
+    dtype = weight.dtype
+    if any(t is not None and t.dtype != dtype for t in (x, x_l, a, b, left, right)):
+        # Mixed dtypes outside autocast: plain ops (and PyTorch's own dtype errors).
+        x_l = x if x_l is None else x_l
+        out = torch.nn.functional.linear(x, weight, bias) + (x_l @ a.t()) @ (scale * b).t()
+        return out + (x @ right.t()) @ left.t() if left is not None else out
+    return _LowRankLinear.apply(x, x_l, weight, bias, a, b, left, right, float(scale))

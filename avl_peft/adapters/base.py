@@ -37,6 +37,8 @@ from ..registry import Registry, suggest
 METHODS: Registry[type] = Registry("method")
 
 INTERFERENCE = ("none", "orthogonal", "project")
+# A layer's earlier (frozen) branches as one low-rank term of its weight: (L₀ (d_out, q₀), R₀ (q₀, d_in)).
+Frozen = tuple[torch.Tensor, torch.Tensor] | None
 # Option names that are not Python identifiers: the user-facing key -> the dataclass field.
 OPTION_ALIASES = {"lambda": "orth_lambda"}
 
@@ -201,9 +203,14 @@ class Adapter(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-        # Dense reference path; subclasses override with a factored equivalent.
-        return F.linear(x, layer.weight + self.delta_weight(layer.weight), layer.bias)
+    def forward(self, x: torch.Tensor, layer: nn.Linear, frozen: Frozen = None) -> torch.Tensor:
+        """y = (W + L₀R₀ + ΔW) x + b; ``frozen`` = (L₀, R₀), the layer's earlier branches, or None.
+
+        Dense reference path; subclasses override with a factored equivalent that passes ``frozen`` on to
+        :func:`~avl_peft.adapters._lowrank.low_rank_linear`.
+        """
+        w = layer.weight + self.delta_weight(layer.weight)
+        return F.linear(x, w + frozen[0] @ frozen[1] if frozen is not None else w, layer.bias)
 
 
 class AdaptedLinear(nn.Module):
@@ -249,15 +256,16 @@ class AdaptedLinear(nn.Module):
         return sum((b.delta_weight(w) for b in self.frozen), self.adapter.delta_weight(w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.adapter(x, self.base)
+        frozen = None
         if len(self.frozen):
-            # Earlier branches as one rank-Σq path; they see the clean input (no dropout): they are part
-            # of the model function now, exactly as if merged.
+            # Earlier branches as one rank-Σq term of the weight; they see the clean input (no dropout):
+            # they are part of the model function now, exactly as if merged. The current branch folds
+            # them into its fused node (one GEMM with W + L₀R₀ + ΔW when that pays).
             parts = [b.factors(self.base.weight) for b in self.frozen]
             left = torch.cat([p[0] for p in parts], dim=1)  # (d_out, Σq)
             right = torch.cat([p[1] for p in parts], dim=0)  # (Σq, d_in)
-            out = out + (x @ right.t()) @ left.t()
-        return out
+            frozen = (left, right)
+        return self.adapter(x, self.base, frozen)
 
     def merged(self) -> nn.Linear:
         """The base layer with every branch's ΔW folded into its weight (one-way)."""

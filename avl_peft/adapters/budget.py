@@ -46,8 +46,6 @@ def _freeze(options: dict[str, Any]) -> tuple:
     return tuple(sorted(options.items()))
 
 
-
-
 @lru_cache(maxsize=8192)
 def _own_params(
     method: str, d_out: int, d_in: int, frozen_opts: tuple, shared: bool, fast: bool = True

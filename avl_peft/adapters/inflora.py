@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ._lowrank import low_rank_linear
-from .base import METHODS, Adapter, AdapterOptions, kaiming_uniform_
+from .base import METHODS, Adapter, AdapterOptions, Frozen, kaiming_uniform_
 from .interference import design_input_factor
 
 ROW_SCALE = 1 / math.sqrt(3)  # LoRA's expected kaiming-uniform row norm (see module docstring)
@@ -69,6 +69,6 @@ class InfLoRA(Adapter):
     def input_factor(self) -> torch.Tensor:
         return self.lora_A
 
-    def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: nn.Linear, frozen: Frozen = None) -> torch.Tensor:
         a = self.confine(self.lora_A)
-        return low_rank_linear(x, layer.weight, layer.bias, a, self.lora_B, self.scale, self.drop(x))
+        return low_rank_linear(x, layer.weight, layer.bias, a, self.lora_B, self.scale, self.drop(x), frozen)

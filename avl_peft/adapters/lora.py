@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ._lowrank import low_rank_linear
-from .base import METHODS, Adapter, AdapterOptions, kaiming_uniform_
+from .base import METHODS, Adapter, AdapterOptions, Frozen, kaiming_uniform_
 
 
 @METHODS.register("lora", "LoRA: ΔW = s·BA, B starts at zero (Hu et al. 2021)")
@@ -34,7 +34,7 @@ class LoRA(Adapter):
     def input_factor(self) -> torch.Tensor:
         return self.lora_A
 
-    def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: nn.Linear, frozen: Frozen = None) -> torch.Tensor:
         # One fused node: base output plus the scaled rank-r path (see _lowrank for the backward).
         a = self.confine(self.lora_A)
-        return low_rank_linear(x, layer.weight, layer.bias, a, self.lora_B, self.scale, self.drop(x))
+        return low_rank_linear(x, layer.weight, layer.bias, a, self.lora_B, self.scale, self.drop(x), frozen)

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ._lowrank import low_rank_linear
-from .base import METHODS, Adapter, AdapterOptions
+from .base import METHODS, Adapter, AdapterOptions, Frozen
 
 MAX_FACTOR = 12  # moderate mode sizes: 768·8 = 6144 → (8, 8, 12, 8), the reference's shape
 
@@ -164,7 +164,7 @@ class LoRETTA(Adapter):
     def input_factor(self) -> torch.Tensor:
         return self.tt_A.fast_matrix()
 
-    def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: nn.Linear, frozen: Frozen = None) -> torch.Tensor:
         # (r, d_in), (d_out, r): tiny, rebuilt per step
         a, b = self.confine(self.tt_A.fast_matrix()), self.tt_B.fast_matrix()
-        return low_rank_linear(x, layer.weight, layer.bias, a, b, self.scale, self.drop(x))
+        return low_rank_linear(x, layer.weight, layer.bias, a, b, self.scale, self.drop(x), frozen)

@@ -5,7 +5,8 @@ LoRA whose factors start as the principal rank-r part of the pretrained weight W
 The reference implementation rewrites W to the residual W − s B₀A₀, which would silently change a shared
 backbone. Here W stays untouched and frozen copies A₀, B₀ are kept (buffers), so
     ΔW = s (B A − B₀ A₀)   — zero at initialisation, and the same function as the reference.
-Factored forward: y = W x + b + s · [B, −B₀] ([A; A₀] x)  (one rank-2r path when dropout is off).
+Factored forward: y = (W − s B₀A₀) x + b + s · B (A x) — the low-rank node with −s·B₀A₀ as its frozen term
+(gradients only for A, B; one GEMM with W − s·B₀A₀ + s·BA when that pays, see ``_lowrank``).
 
 Confined (``interference: project``, basis M (d_in, k)): both terms are confined,
 ΔW = s (B A − B₀ A₀)(I − M Mᵀ), so the branch's *total* update vanishes on span(M) and is still zero at
@@ -26,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ._lowrank import low_rank_linear
-from .base import METHODS, Adapter, AdapterOptions
+from .base import METHODS, Adapter, AdapterOptions, Frozen
 
 
 @dataclasses.dataclass
@@ -85,14 +86,11 @@ class PiSSA(Adapter):
     def input_factor(self) -> torch.Tensor:
         return self.lora_A
 
-    def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-        if isinstance(self.drop, nn.Identity):
-            a = self.confine(torch.cat([self.lora_A, self.A0], dim=0))  # (2r, d_in)
-            b = torch.cat([self.lora_B, -self.B0], dim=1)  # (d_out, 2r)
-            return low_rank_linear(x, layer.weight, layer.bias, a, b, self.scale)
-        # With dropout the frozen part must see the clean input to match the reference residual W.
-        return (
-            layer(x)
-            + (self.drop(x) @ self.confine(self.lora_A).t()) @ (self.scale * self.lora_B).t()
-            - (x @ self.confine(self.A0).t()) @ (self.scale * self.B0).t()
-        )
+    def forward(self, x: torch.Tensor, layer: nn.Linear, frozen: Frozen = None) -> torch.Tensor:
+        # The constant −s·B₀A₀ joins the layer's frozen term: it reads the clean input (as the reference's
+        # residual weight W − s·B₀A₀ does, with or without dropout) and no gradient is computed for it.
+        left, right = -self.scale * self.B0, self.confine(self.A0)
+        if frozen is not None:
+            left, right = torch.cat([frozen[0], left], dim=1), torch.cat([frozen[1], right], dim=0)
+        a = self.confine(self.lora_A)
+        return low_rank_linear(x, layer.weight, layer.bias, a, self.lora_B, self.scale, self.drop(x), (left, right))

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ._lowrank import low_rank_linear
-from .base import METHODS, Adapter, AdapterOptions, kaiming_uniform_
+from .base import METHODS, Adapter, AdapterOptions, Frozen, kaiming_uniform_
 
 
 @METHODS.register("sdlora", "SD-LoRA: frozen unit-norm directions, learnable magnitudes (Wu et al. 2025)")
@@ -87,7 +87,7 @@ class SDLoRA(Adapter):
         self.lora_B.requires_grad_(False)
         self.magnitude.requires_grad_(True)  # SD-LoRA: every magnitude keeps learning
 
-    def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: nn.Linear, frozen: Frozen = None) -> torch.Tensor:
         # The magnitude enters through B (c·B, a d_out×r product) so the fused node's scale stays a constant.
         b = self.coefficient() * self.lora_B
-        return low_rank_linear(x, layer.weight, layer.bias, self.confine(self.lora_A), b, 1.0, self.drop(x))
+        return low_rank_linear(x, layer.weight, layer.bias, self.confine(self.lora_A), b, 1.0, self.drop(x), frozen)

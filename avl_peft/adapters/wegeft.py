@@ -5,9 +5,9 @@ The update is generated from the frozen weight itself:
 so every column of ΔW lies in the column space of W ("structurally aligned"). By default one (φ, ψ)
 pair is shared by all layers of the same target type (e.g. every ``attn.proj``), so the parameter cost
 does not grow with depth; ``share: false`` gives each layer its own pair.
-Fast forward: y = W (x + φ (ψ x)) + b — a rank-r correction of the input, then one base matmul.
-Factored form (for stacked branches): ΔW = (s W φ) ψ, L = s W φ (d_out × r) costs d_out·d_in·r per call,
-independent of the number of tokens.
+Factored forward: ΔW = (s W φ) ψ, so y = W x + b + s (W φ)(ψ x) — LoRA's fused path (see ``_lowrank``)
+with A = ψ and B = W φ; B (d_out × r) costs d_out·d_in·r per call, independent of the number of tokens,
+and its gradient reaches φ through one small product (φ's gradient is Wᵀ times B's).
 
 Interference: the input side of ΔW = s W φ ψ is ψ — ΔW x depends on x only through ψ x — so ψ's rows are
 the update's input subspace (orthogonal penalty), and ``project`` confines ψ to ψ (I − M Mᵀ) with the
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ._lowrank import generated_linear
-from .base import METHODS, Adapter, AdapterOptions, kaiming_uniform_
+from ._lowrank import low_rank_linear
+from .base import METHODS, Adapter, AdapterOptions, Frozen, kaiming_uniform_
 
 
 @dataclasses.dataclass
@@ -85,10 +85,9 @@ class WeGeFT(Adapter):
     def shared_module(self) -> nn.Module | None:
         return self.gen if self.opts.share else None
 
-    def forward(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: nn.Linear, frozen: Frozen = None) -> torch.Tensor:
+        # ΔW x = s (W φ)(ψ x): the low-rank node with B = W φ. Computing y = W (x + s φ ψ x) instead would
+        # stream an extra (tokens × d_in) input copy through memory in the forward and again in the backward.
+        b = layer.weight @ self.gen.phi_t.t()  # (d_out, r)
         psi = self.confine(self.gen.psi)
-        if isinstance(self.drop, nn.Identity):
-            # x + s φ ψ x, then the single base matmul, fused (see _lowrank for the backward).
-            return generated_linear(x, layer.weight, layer.bias, self.gen.phi_t, psi, self.scale)
-        h = x + (self.drop(x) @ psi.t()) @ (self.scale * self.gen.phi_t)
-        return layer(h)
+        return low_rank_linear(x, layer.weight, layer.bias, psi, b, self.scale, self.drop(x), frozen)

@@ -21,9 +21,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
+from .. import threads
 from ..errors import ConfigError
 from ..registry import Registry
 from .run import record_failure, run_one
@@ -48,10 +48,10 @@ def sequential(todo, out_dir: Path, *, resume: bool, force: bool, progress: bool
     return out
 
 
-def _pool_init(gpu_queue: Any, threads: int) -> None:
+def _pool_init(gpu_queue: Any, workers: int) -> None:
     if gpu_queue is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
-    torch.set_num_threads(threads)
+    threads.configure(workers)  # the workers split this machine's cores (avl_peft.threads)
 
 
 def _pool_run(rid: str, cfg: dict, out_dir: str, resume: bool, force: bool) -> dict:
@@ -71,9 +71,8 @@ def local(todo, out_dir: Path, *, resume: bool, force: bool, progress: bool, wor
         gpu_queue = ctx.Manager().Queue()
         for i in range(workers):
             gpu_queue.put(i % torch.cuda.device_count())
-    threads = max(1, (os.cpu_count() or 1) // workers)
     out = []
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init, initargs=(gpu_queue, threads)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init, initargs=(gpu_queue, workers)) as pool:
         futures = {pool.submit(_pool_run, rid, cfg, str(out_dir), resume, force): (rid, cfg) for rid, cfg in todo}
         for future in tqdm(as_completed(futures), total=len(futures), desc="study", unit="run", disable=not progress):
             rid, cfg = futures[future]

@@ -23,7 +23,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .. import atomic
+from .. import atomic, threads
 from ..adapters import METHODS
 from ..adapters.budget import select_for_budget
 from ..adapters.inject import parameter_counts
@@ -33,6 +33,7 @@ from ..cl.evaluation import AccuracyMatrixPlugin, make_evaluator
 from ..cl.heads import StatisticsHeadPlugin, build_head
 from ..cl.loss import TrainMaskLoss
 from ..cl.plugin import PEFTPlugin
+from ..cl.precision import CompilePlugin, InferenceModeEval, PrecisionPlugin, check_precision, loader_options
 from ..cl.scenarios import build_scenario
 from ..cl.strategies import STRATEGIES, strategy_options
 from ..cl.training import BatchProgress, DivergenceGuard, make_optimizer, resolve_device, seed_everything
@@ -115,9 +116,11 @@ def resolve_budget(cfg: dict, model: torch.nn.Module) -> dict[str, Any] | None:
 
 def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunParts:
     """Everything a run needs, wired together (exposed for tests and for custom loops)."""
-    seed_everything(cfg["seed"])
     training, method = cfg["training"], cfg["method"]
+    threads.for_run(training["threads"])
+    seed_everything(cfg["seed"])
     device = resolve_device(training["device"])
+    check_precision(training["precision"], device)
     bb = cfg["backbone"]
     task_incremental = training["task_incremental"]
     checkpoint = resolve_checkpoint(bb)
@@ -153,7 +156,10 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         checkpoint_dir=run_dir / "checkpoints" if run_dir is not None else None,
         **options,
     )
-    plugins = [peft, matrix, criterion, DivergenceGuard()]
+    precision = PrecisionPlugin(training["precision"])
+    plugins = [peft, matrix, criterion, DivergenceGuard(), precision, InferenceModeEval()]
+    if training["compile"]:
+        plugins.append(CompilePlugin())  # after peft: compiles the injected model
     batch_size = training["batch_size"]
     world = distributed.world_size()
     if world > 1:  # torchrun: same global batch, each process takes its share and gradients are averaged
@@ -209,6 +215,8 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         stateful["tracker"] = tracker
     if linear_matrix is not None:
         stateful["linear_matrix"] = linear_matrix
+    if precision.precision == "fp16":
+        stateful["precision"] = precision  # the loss scale
     return RunParts(model, benchmark, strategy, matrix, peft, evaluator, device, tracker, budget, stateful)
 
 
@@ -264,13 +272,13 @@ def run_experiment(
             group["lr"] = lr
         strategy.optimizer.defaults["lr"] = lr
         start = time.perf_counter()
-        strategy.train(experience, num_workers=training["num_workers"])
+        strategy.train(experience, **loader_options(parts.device, training["num_workers"]))
         done["train_s"] += time.perf_counter() - start
         done["images"] += len(experience.dataset) * strategy.train_epochs
         if not base:
             done["counts"] = parameter_counts(strategy.model)
         start = time.perf_counter()
-        strategy.eval(benchmark.test_stream, num_workers=training["num_workers"])
+        strategy.eval(benchmark.test_stream, **loader_options(parts.device, training["num_workers"]))
         done["eval_s"] += time.perf_counter() - start
         if t < n_exp - 1:
             run_state.save_run_state(run_dir, t, parts, done)
@@ -305,6 +313,7 @@ def run_experiment(
             "subspace_s": tracker.seconds if tracker else 0.0,
             "images_per_s": done["images"] / done["train_s"] if done["train_s"] > 0 else 0.0,
             "peak_memory_mb": _peak_memory_mb(parts.device),
+            "threads": torch.get_num_threads(),
         },
     }
     out["heads"] = heads_block(cfg, parts)

@@ -24,6 +24,7 @@ from ..adapters.budget import select_for_budget
 from ..cl.backbone import closest_models, create_backbone
 from ..cl.heads import head_options
 from ..cl.plugin import POLICIES, check_policy
+from ..cl.precision import PRECISIONS, check_precision
 from ..cl.scenarios import SCENARIOS
 from ..cl.strategies import STRATEGIES, strategy_options
 from ..errors import ConfigError
@@ -51,6 +52,7 @@ def F(types, default=None, doc="", **kw) -> Field:
 NUM = (int, float)
 # Values training.head took before it chose the classifier; refused with the new spelling (check_run).
 LEGACY_HEADS = ("incremental", "multi")
+PRECISION_NAMES = tuple(PRECISIONS)
 
 # The schema: section -> key -> Field. Defaults are the quickstart-scale choices; each has its reason.
 SCHEMA: dict[str, Any] = {
@@ -93,6 +95,11 @@ SCHEMA: dict[str, Any] = {
         "pretrain_epochs": F(int, None, "epochs of the base session (null: epochs)", minimum=1, nullable=True),
         "pretrain_lr": F(NUM, None, "lr of the base session (null: lr)", minimum=0, exclusive_min=True, nullable=True),
         "num_workers": F(int, 0, "data-loader worker processes", minimum=0),
+        "precision": F(
+            str, "fp32", "fp32, or bf16/fp16 autocast (fp16 with loss scaling, CUDA only)", choices=PRECISION_NAMES
+        ),
+        "compile": F(bool, False, "torch.compile the backbone, adapters included (first steps pay the compile)"),
+        "threads": F(int, None, "CPU threads (null: OMP_NUM_THREADS, else cores/workers)", minimum=1, nullable=True),
     },
     "method": {
         "name": F(str, "lora", "a method from `avl-peft list`"),
@@ -299,6 +306,9 @@ def check_run(cfg: dict) -> None:
     except ConfigError as e:
         raise ConfigError(f"method: {e}") from None
     check_upstream(cfg)
+    # cuda is checked again when the run resolves its device (bf16 support of the GPU it gets)
+    resolved = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    check_precision(cfg["training"]["precision"], torch.device(resolved.split(":")[0]))
     spec = STRATEGIES.get(cfg["strategy"]["name"])
     if spec.check is not None:
         spec.check(cfg)

@@ -1,0 +1,124 @@
+"""The offline glyphs dataset: class order, image format, font split, reproducibility."""
+
+import string
+
+import numpy as np
+import pytest
+import torch
+from fontTools.ttLib import TTFont
+
+from avl_peft.cl import glyphs
+from avl_peft.cl.glyphs import CLASSES, GlyphDataset, glyph_fonts, split_fonts
+from avl_peft.errors import ConfigError
+
+
+def test_class_order_is_upper_then_lower():
+    assert list(CLASSES) == list(string.ascii_uppercase) + list(string.ascii_lowercase)
+    assert CLASSES[0] == "A" and CLASSES[25] == "Z" and CLASSES[26] == "a" and CLASSES[51] == "z"
+    ds = GlyphDataset("train", 2, seed=0)
+    assert ds.classes == list(CLASSES)
+    assert len(ds) == 104
+    assert [ds[i][1] for i in (0, 25, 26, 51, 52, 103)] == [0, 25, 26, 51, 0, 51]
+
+
+def test_image_format_white_on_black_centred():
+    ds = GlyphDataset("train", 3, seed=0)
+    x, y = ds[5]
+    assert x.shape == (1, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
+    images, labels = ds.as_tensors()
+    assert images.shape == (156, 1, 32, 32) and labels.dtype == torch.int64
+    assert images.min() >= 0 and images.max() <= 1
+    border = torch.cat([images[..., :2, :].flatten(1), images[..., -2:, :].flatten(1)], 1)
+    centre = images[..., 8:24, 8:24]
+    assert border.mean() < 0.05  # black background
+    assert centre.mean() > 0.15  # white glyph in the middle
+    assert images.amax(dim=(1, 2, 3)).min() > 0.5  # every image has ink
+
+
+def test_clean_glyph_box_is_about_26_px_and_centred():
+    ds = GlyphDataset("test", len(glyph_fonts()), seed=0, jitter=0)
+    images, labels = ds.as_tensors()
+    for f in range(len(ds.fonts)):
+        ink = images[f * 52 : (f + 1) * 52, 0] > 0.3  # the 52 letters of one font
+        rows = torch.nonzero(ink.any(0).any(1)).flatten()
+        cols = torch.nonzero(ink.any(0).any(0)).flatten()
+        height = int(rows[-1] - rows[0] + 1)  # tallest ascender to deepest descender
+        widths = [int(c[-1] - c[0] + 1) for c in (torch.nonzero(g.any(0)).flatten() for g in ink)]
+        box = max(height, max(widths))  # the letter box: height, or the widest letter if wider
+        assert 24 <= box <= 28, (ds.fonts[f].name, height, max(widths))
+        assert abs((rows[0] + rows[-1]) / 2 - 15.5) <= 1.5
+        assert abs((cols[0] + cols[-1]) / 2 - 15.5) <= 1.5
+    # case is kept by size: a clean lowercase 'x' is shorter than its capital 'X'
+    x_up, x_low = images[CLASSES.index("X"), 0] > 0.3, images[CLASSES.index("x"), 0] > 0.3
+    assert x_low.any(1).sum() < 0.85 * x_up.any(1).sum()
+
+
+def test_fonts_hold_all_letters_and_split_is_disjoint():
+    fonts = glyph_fonts()
+    names = {f.name for f in fonts}
+    assert {"DejaVuSans.ttf", "DejaVuSerif-Bold.ttf", "STIXGeneral.ttf", "cmr10.ttf"} <= names
+    # symbol fonts that reuse the letters' code points, and the catch-all font, are not letter fonts
+    assert not names & {"cmex10.ttf", "cmsy10.ttf", "LastResortHE-Regular.ttf", "DejaVuSansDisplay.ttf"}
+    for f in fonts:
+        cmap = TTFont(f, lazy=True).getBestCmap()
+        assert all(ord(c) in cmap for c in CLASSES), f.name
+    train, test = split_fonts(0)
+    assert not set(train) & set(test)
+    assert sorted(train + test) == fonts
+    assert len(test) == round(0.25 * len(fonts))
+    assert split_fonts(0) == (train, test)
+    assert any(split_fonts(s)[1] != test for s in range(1, 5))
+    assert GlyphDataset("train", 1, seed=0).fonts == train and GlyphDataset("test", 1, seed=0).fonts == test
+
+
+def test_same_seed_same_data_other_seed_differs():
+    a = GlyphDataset("train", 4, seed=3)
+    images, labels = a.as_tensors()
+    # a second dataset with the same arguments, rendered afresh (not from the cache)
+    again, again_labels = GlyphDataset("train", 4, seed=3).render(np.arange(len(a)))
+    assert torch.equal(images, again) and torch.equal(labels, again_labels)
+    other, _ = GlyphDataset("train", 4, seed=4).render(np.arange(len(a)))
+    assert not torch.equal(images, other)
+    test_images, _ = GlyphDataset("test", 4, seed=3).render(np.arange(len(a)))
+    assert not torch.equal(images, test_images)
+
+
+def test_item_alone_equals_item_in_batch_and_in_worker():
+    ds = GlyphDataset("test", 6, seed=1)
+    images, labels = ds.as_tensors()
+    for i in (0, 1, 77, 200, len(ds) - 1):
+        x, y = ds[i]
+        assert torch.equal(x, images[i]) and y == int(labels[i])
+    loader = torch.utils.data.DataLoader(ds, batch_size=50, num_workers=1)
+    assert torch.equal(torch.cat([b[0] for b in loader]), images)
+
+
+def test_rendering_is_fast_enough_for_pretraining():
+    ds = GlyphDataset("train", 40, seed=0)
+    ds.render(np.arange(8))  # rasterise the fonts first
+    import time
+
+    start = time.perf_counter()
+    ds.render(np.arange(len(ds)))
+    rate = len(ds) / (time.perf_counter() - start)
+    assert rate > 500, f"{rate:.0f} images/s"  # thousands on an idle core; loose for shared machines
+
+
+def test_bad_arguments_raise_config_error():
+    with pytest.raises(ConfigError, match="split"):
+        GlyphDataset("val", 1)
+    with pytest.raises(ConfigError, match="n_per_class"):
+        GlyphDataset("train", 0)
+    with pytest.raises(ConfigError, match="seed"):
+        GlyphDataset("train", 1, seed=-1)
+    with pytest.raises(ConfigError, match="test_fraction"):
+        split_fonts(0, test_fraction=1.0)
+    with pytest.raises(IndexError):
+        GlyphDataset("train", 1)[52]
+
+
+def test_font_rasters_are_cached():
+    path = str(glyph_fonts()[0])
+    assert glyphs.font_rasters(path, 64) is glyphs.font_rasters(path, 64)
+    r = glyphs.font_rasters(path, 64)
+    assert r.shape == (52, 64, 64) and 0 <= float(r.min()) and float(r.max()) <= 1

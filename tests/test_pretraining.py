@@ -1,0 +1,181 @@
+"""Glyph pretraining: strict config, bit-identical reruns, cache reuse and repair, loading back."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import avl_peft
+from avl_peft import pretraining
+from avl_peft.cl.glyphs import GlyphDataset
+from avl_peft.errors import ConfigError, DataError
+from avl_peft.pretraining import (
+    config_hash,
+    find_or_build,
+    load_pretrain_config,
+    load_pretrained,
+    output_dir,
+    pretrain,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A few hundred images, nine steps, a one-block ViT: seconds on one thread.
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "backbone": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 4, "depth": 1}},
+    "data": {"train_per_class": 6, "test_per_class": 2},
+    "training": {"epochs": 1, "batch_size": 32, "lr": 0.001, "warmup": 0.2, "threads": 1},
+}
+
+
+@pytest.fixture
+def count_trainings(monkeypatch):
+    calls = []
+    real = pretraining._train
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretraining, "_train", counted)
+    return calls
+
+
+def test_unknown_key_names_the_path_and_suggests():
+    with pytest.raises(ConfigError, match=r"training\.lrr.*Did you mean 'lr'"):
+        load_pretrain_config({"training": {"lrr": 0.1}})
+    with pytest.raises(ConfigError, match=r"'seeds'.*Did you mean 'seed'"):
+        load_pretrain_config({"seeds": 1})
+    with pytest.raises(ConfigError, match=r"data\.train_per_clas\b.*Did you mean 'train_per_class'"):
+        load_pretrain_config({"data": {"train_per_clas": 10}})
+
+
+def test_types_and_ranges_are_checked():
+    with pytest.raises(ConfigError, match=r"training\.batch_size must be an integer"):
+        load_pretrain_config({"training": {"batch_size": "big"}})
+    with pytest.raises(ConfigError, match=r"training\.lr must be > 0"):
+        load_pretrain_config({"training": {"lr": -1}})
+    with pytest.raises(ConfigError, match=r"training\.precision must be one of bf16, fp32"):
+        load_pretrain_config({"training": {"precision": "fp16"}})
+    with pytest.raises(ConfigError, match=r"data\.dataset must be one of glyphs"):
+        load_pretrain_config({"data": {"dataset": "mnist"}})
+    with pytest.raises(ConfigError, match=r"backbone\.kwargs\.img_size .* differ"):
+        load_pretrain_config({"backbone": {"kwargs": {"img_size": 64}}})
+    with pytest.raises(ConfigError, match=r"training must be a mapping"):
+        load_pretrain_config({"training": 3})
+    # YAML 1.1 reads 1e-3 as a string; a plainly numeric string is accepted for a number
+    assert load_pretrain_config({"training": {"lr": "1e-3"}})["training"]["lr"] == 0.001
+
+
+def test_defaults_and_shipped_config():
+    cfg = load_pretrain_config({})
+    assert cfg["backbone"] == {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 4, "depth": 4}}
+    shipped = load_pretrain_config(ROOT / "configs" / "pretrain_glyphs.yaml")
+    assert shipped["data"]["dataset"] == "glyphs" and shipped["backbone"] == cfg["backbone"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_pretrain_config(ROOT / "configs" / "no_such.yaml")
+
+
+def test_config_hash_is_stable_and_sensitive():
+    assert config_hash(TINY) == config_hash(load_pretrain_config(TINY))
+    assert len(config_hash(TINY)) == 16
+    other = {**TINY, "seed": 1}
+    assert config_hash(other) != config_hash(TINY)
+    assert output_dir(TINY, "/c") == Path("/c") / f"tiny-{config_hash(TINY)}"
+
+
+def test_tiny_pretrain_is_bit_identical(tmp_path):
+    a = pretrain(TINY, tmp_path / "a", progress=False)
+    b = pretrain(TINY, tmp_path / "b", progress=False)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    card_a, card_b = (json.loads((d / "card.json").read_text()) for d in (a, b))
+    assert card_a["model_sha256"] == card_b["model_sha256"]
+    assert card_a["test_accuracy"] == card_b["test_accuracy"]
+
+
+def test_card_describes_the_weights(tmp_path):
+    out = pretrain(TINY, tmp_path / "out", progress=False)
+    card = json.loads((out / "card.json").read_text())
+    assert card["backbone"] == TINY["backbone"]
+    assert card["classes"][:3] == ["A", "B", "C"] and card["classes"][26] == "a" and card["num_classes"] == 52
+    assert card["model_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    assert card["config_hash"] == config_hash(TINY) and card["config"] == load_pretrain_config(TINY)
+    assert card["seed"] == 0 and card["steps"] == 9 and card["samples_seen"] == 288
+    assert not set(card["train_fonts"]) & set(card["test_fonts"]) and len(card["test_fonts"]) >= 1
+    assert card["data_config"]["img_size"] == 32 and len(card["data_config"]["mean"]) == 3
+    assert set(card["versions"]) >= {"torch", "timm", "avl_peft"} and card["wall_time_s"] > 0
+    assert 0 <= card["test_accuracy"] <= 1
+
+
+def test_output_loads_back_with_the_recorded_accuracy(tmp_path):
+    out = pretrain(TINY, tmp_path / "out", progress=False)
+    card = json.loads((out / "card.json").read_text())
+    torch.manual_seed(123)  # the checkpoint, not the seed, must decide every weight
+    model = avl_peft.create_backbone(
+        card["backbone"]["name"], checkpoint=out / "model.safetensors", num_classes=52, **card["backbone"]["kwargs"]
+    ).eval()
+    data = card["config"]["data"]
+    test = GlyphDataset("test", data["test_per_class"], seed=card["seed"], jitter=data["jitter"])
+    assert [f.name for f in test.fonts] == card["test_fonts"]
+    images, labels = test.as_tensors()
+    mean = torch.tensor(card["data_config"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(card["data_config"]["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        predicted = model((images.expand(-1, 3, -1, -1) - mean) / std).argmax(1)
+    assert (predicted == labels).float().mean().item() == pytest.approx(card["test_accuracy"], abs=1e-12)
+    same, same_card = load_pretrained(out)
+    assert same_card == card
+    assert all(torch.equal(p, q) for p, q in zip(same.state_dict().values(), model.state_dict().values()))
+
+
+def test_cache_is_reused_without_retraining(tmp_path, count_trainings, monkeypatch):
+    monkeypatch.setenv("AVL_PEFT_CACHE", str(tmp_path / "cache"))
+    first = find_or_build(TINY, progress=False)
+    assert first == tmp_path / "cache" / "pretrain" / f"tiny-{config_hash(TINY)}"
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert find_or_build(TINY, progress=False) == first
+    assert len(count_trainings) == 1 and (first / "model.safetensors").stat().st_mtime_ns == stamp
+    find_or_build(TINY, force=True, progress=False)
+    assert len(count_trainings) == 2
+
+
+@pytest.mark.parametrize(
+    "damage, note",
+    [
+        (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]), "sha256"),
+        (lambda d: (d / "card.json").unlink(), "no card.json"),
+        (lambda d: (d / "card.json").write_text('{"format": "avl-peft-pre'), "unreadable"),
+    ],
+    ids=["truncated-weights", "missing-card", "bad-json"],
+)
+def test_damaged_cache_is_rebuilt_with_a_note(tmp_path, count_trainings, capsys, damage, note):
+    out = find_or_build(TINY, cache_dir=tmp_path, progress=False)
+    good = (out / "model.safetensors").read_bytes()
+    damage(out)
+    with pytest.raises(DataError, match="not a complete pretrain output"):
+        load_pretrained(out)
+    capsys.readouterr()
+    assert find_or_build(TINY, cache_dir=tmp_path, progress=False) == out
+    assert note in capsys.readouterr().err
+    assert len(count_trainings) == 2
+    assert (out / "model.safetensors").read_bytes() == good  # rebuilt bit for bit
+    assert pretraining.check_output(out, TINY) == ""
+
+
+def test_other_config_in_folder_is_rebuilt(tmp_path, count_trainings):
+    pretrain(TINY, tmp_path, progress=False)
+    assert "another config" in pretraining.check_output(tmp_path, {**TINY, "seed": 1})
+    pretrain({**TINY, "seed": 1}, tmp_path, progress=False)
+    assert len(count_trainings) == 2
+    assert json.loads((tmp_path / "card.json").read_text())["seed"] == 1
+
+
+def test_unwritable_output_folder_is_a_config_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="not writable"):
+        pretrain(TINY, blocker / "out", progress=False)
