@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from .errors import AvlPeftError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .safeio import default_out_dir
     from .study.grid import expand, load_study
     from .study.runner import plan, run_study
 
@@ -23,7 +25,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     init_from_env(study["seed"], study["training"]["device"])  # no-op unless launched by torchrun
     if rank() != 0:
         args.quiet = True
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    # Without --out: runs/<config name>, made one safe folder name (a config named '...yaml' gives runs/__,
+    # never runs/..).
+    out = Path(args.out) if args.out else default_out_dir(args.config)
     if args.dry_run:
         runs = (
             plan(study, out, resume=True, force=args.force)
@@ -39,6 +43,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out,
         resume=args.resume,
         force=args.force,
+        since_ns=args.since_ns,
         progress=not args.quiet,
         executor=args.executor,
         workers=args.workers,
@@ -48,9 +53,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     done = sum(s["status"] == "finished" for s in summary)
     skipped = sum(s["status"] == "skipped" for s in summary)
     if rank() == 0:
+        # One line per run, and for those this process did not train, why: with two processes on one folder,
+        # each says which runs the other one had (running, or finished meanwhile), so none is trained twice.
+        for s in summary:
+            why = {"skipped": s.get("reason", "already finished"), "failed": s.get("error", "")}.get(s["status"])
+            print(f"  {s['status']:<8} {s['id']}" + (f": {why}" if why else ""))
         print(f"{done} run(s) finished, {skipped} skipped, {len(failed)} failed -> {out}")
         print(f"next: avl-peft report {out}")
     return 1 if failed else 0
+
+
+def _started_ns() -> int:
+    """When this process started: results another avl-peft process writes after that are its, not redone.
+
+    The launch time, not the time planning begins (seconds of imports later), so that two commands started
+    a second apart each leave to the other what it finished first.
+    """
+    try:
+        import psutil  # an Avalanche dependency
+
+        return int(psutil.Process().create_time() * 1e9)
+    except Exception:  # no psutil, or a platform it cannot read: planning time is the next best thing
+        return time.time_ns()
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -94,21 +118,21 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_budget(args: argparse.Namespace) -> int:
-    import torch
-    import yaml
-
     from .adapters.budget import budget_table
-    from .cl.backbone import create_backbone
+    from .cl.backbone import meta_backbone
     from .errors import ConfigError
+    from .safeio import check_finite, parse_yaml
+    from .study.schema import check_backbone_kwargs
 
     kwargs = {}
     for item in args.timm:
         key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--timm {item!r}: expected key=value, e.g. --timm img_size=32")
-        kwargs[key] = yaml.safe_load(raw)
-    with torch.device("meta"):  # shapes only: no memory, no weights, instant even for ViT-L
-        model = create_backbone(args.backbone, num_classes=1, **kwargs)
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--timm {item!r}: expected key=value with a timm argument name, e.g. --timm img_size=32")
+        # The same strict reader as config files (no python tags, no alias bombs), and the same checks.
+        kwargs[key] = check_finite(parse_yaml(raw, what=f"--timm {key}"), f"--timm {key}")
+    check_backbone_kwargs(kwargs, where="--timm")
+    model = meta_backbone(args.backbone, what="--timm", **kwargs)  # shapes only: no memory, no weights
     rows = budget_table(model, args.budget, targets=args.targets)
     print(
         f"adapter parameters <= {args.budget:,} on {args.backbone}"
@@ -172,12 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    # Warnings (a results file skipped by the report, ...) are messages for the user, not source locations.
+    print(f"avl-peft: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     threads.configure()  # this process's thread budget (README: Threads); training.threads overrides per run
+    # Run as a program: its launch time; called from Python with arguments (tests, notebooks): this call.
+    args.since_ns = _started_ns() if argv is None else time.time_ns()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    with warnings.catch_warnings():  # restores the caller's warning settings (main is also called in-process)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.showwarning = _show_warning
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except AvlPeftError as e:

@@ -3,7 +3,8 @@
 Config files and ``results.json`` files are written by people and by other processes, so a malicious or
 broken one must end in a :class:`ConfigError`/:class:`DataError` that names the file and the fix, never in a
 MemoryError, RecursionError, AttributeError or a write outside the output folder. This module is a core
-layer: it depends only on the standard library, PyYAML and :mod:`avl_peft.errors`.
+layer: it depends only on the standard library, PyYAML, :mod:`avl_peft.errors` and :mod:`avl_peft.atomic`
+(whose random-named, ``O_EXCL | O_NOFOLLOW`` temporary file and rename do the final write).
 
 Reading YAML (:func:`load_yaml`, :func:`parse_yaml`):
 
@@ -35,7 +36,6 @@ import math
 import numbers
 import os
 import re
-import secrets
 import stat
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from yaml.events import (
 )
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
+from avl_peft import atomic
 from avl_peft.errors import ConfigError, DataError
 
 __all__ = [
@@ -410,14 +411,22 @@ def load_json_or_none(
 def _read_bounded(path: Path, label: str, max_bytes: int, error: type[Exception]) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``; ``error`` (naming ``label``) otherwise."""
     try:
-        with open(path, "rb") as handle:
-            info = os.fstat(handle.fileno())  # of the file actually opened, not of what the path names later
+        # O_NONBLOCK: opening a FIFO (a named pipe planted as a config or results file) would otherwise wait
+        # forever for a writer; the fstat below then refuses it. It changes nothing for regular files.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            info = os.fstat(fd)  # of the file actually opened, not of what the path names later
+            if stat.S_ISDIR(info.st_mode):
+                raise error(f"{label} is a folder; pass the path of a file")
             if not stat.S_ISREG(info.st_mode):
                 raise error(f"{label} is not a regular file; pass the path of a file")
             if info.st_size > max_bytes:
                 raise error(f"{label} is {info.st_size:,} bytes, more than the {max_bytes:,} allowed")
             # The size can change after fstat (a file being appended to); never read more than the limit.
-            data = handle.read(max_bytes + 1)
+            with open(fd, "rb", closefd=False) as handle:
+                data = handle.read(max_bytes + 1)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         raise error(f"{label} does not exist; check the path") from None
     except IsADirectoryError:
@@ -532,7 +541,7 @@ def write_bytes_nofollow(path: str | Path, data: bytes, *, root: str | Path | No
             child = _open_folder(current, os.O_RDONLY | os.O_DIRECTORY | nofollow, directory)
             os.close(directory)
             directory = child
-        _replace_in(directory, parts[-1], data)
+        atomic.write_in(directory, parts[-1], data)
     finally:
         os.close(directory)
 
@@ -550,32 +559,3 @@ def _open_folder(path: Path, flags: int, dir_fd: int | None) -> int:
 def write_text_nofollow(path: str | Path, text: str, *, root: str | Path | None = None) -> None:
     """:func:`write_bytes_nofollow` for UTF-8 text."""
     write_bytes_nofollow(path, text.encode("utf-8"), root=root)
-
-
-def _replace_in(directory: int, name: str, data: bytes) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    for _ in range(100):  # a random 48-bit name only collides with a leftover or a hostile file
-        tmp = f".{name[:100]}.{secrets.token_hex(6)}.tmp"
-        try:
-            fd = os.open(tmp, flags, 0o666, dir_fd=directory)  # 0o666 & ~umask, as open(..., "w") would give
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise ConfigError(f"could not create a temporary file next to '{name}'; clean up its folder")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
-    except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=directory)
-        except OSError:
-            pass
-        raise
-    try:
-        os.fsync(directory)  # makes the rename itself durable; not all filesystems allow it on a folder
-    except OSError:
-        pass

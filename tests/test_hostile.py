@@ -1,4 +1,21 @@
-"""Hostile and bad input through the CLI: exit code 2, a message that says what to fix, no traceback."""
+"""Hostile and bad input through the CLI: exit code 2, a message that says what to fix, no traceback, and
+nothing written outside the output folder.
+
+Most cases call ``avl_peft.cli.main`` in this process (fast); the concurrency tests start real processes.
+"""
+
+import dataclasses
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +134,598 @@ def test_checkpoint_resizes_position_embeddings_and_reads_safetensors(tmp_path):
     assert model.pos_embed.shape[1] == 1 + 4 * 4  # resampled from 1 + 8·8 as timm does
     assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
     assert model.head.weight.shape == (5, 48)  # the 1000-class head is dropped, a fresh one kept
+
+
+# ------------------------------------------------------------------------------------------------------
+# The hostile-input table: each case is an input, the exit code, a fragment of the message, and nothing
+# written outside the output folder (a walk of the whole sandbox before and after).
+# ------------------------------------------------------------------------------------------------------
+
+SMALL = {**TINY, "scenario": {"name": "synthetic", "n_experiences": 2}}
+
+
+@dataclasses.dataclass
+class Sandbox:
+    root: Path  # everything the test may touch; walked before and after
+    cwd: Path  # the working directory during the call
+    out: Path  # the output folder: the only place allowed to change
+    victim: Path  # a file outside out that planted links point to
+
+    def config(self, content: str | bytes | dict, name: str = "study.yaml") -> Path:
+        path = self.root / "configs" / name
+        path.parent.mkdir(exist_ok=True)
+        if isinstance(content, dict):
+            content = yaml.safe_dump(content)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch):
+    root = tmp_path / "sandbox"
+    cwd = root / "a" / "b" / "cwd"  # deep enough that '../..' escapes still land inside the walked tree
+    cwd.mkdir(parents=True)
+    victim = root / "victim" / "precious.txt"
+    victim.parent.mkdir()
+    victim.write_text("keep me")
+    monkeypatch.chdir(cwd)
+    return Sandbox(root=root, cwd=cwd, out=root / "a" / "b" / "out", victim=victim)
+
+
+def snapshot(root: Path, out: Path) -> dict[str, tuple]:
+    """Every entry under root except inside out: kind, size, modification time and inode (links not followed)."""
+    seen = {}
+    for folder, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            path = Path(folder) / name
+            if path == out or out in path.parents:
+                continue
+            info = path.lstat()
+            # A folder's own times change when an entry is added (e.g. out itself): its entries are compared.
+            changes = () if path.is_dir() and not path.is_symlink() else (info.st_size, info.st_mtime_ns)
+            seen[str(path.relative_to(root))] = (info.st_mode, info.st_ino, *changes)
+    return seen
+
+
+def call(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own usage errors
+        return e.code
+
+
+def merged(**sections) -> dict:
+    study = yaml.safe_load(yaml.safe_dump(SMALL))
+    for key, value in sections.items():
+        study[key] = {**study.get(key, {}), **value} if isinstance(value, dict) else value
+    return study
+
+
+def dry(content, *extra) -> Callable[[Sandbox], list[str]]:
+    """A case: `run CONFIG --out OUT --dry-run` on this config content (dict, YAML text or bytes)."""
+    return lambda sb: ["run", str(sb.config(content)), "--out", str(sb.out), "--dry-run", *extra]
+
+
+def sets(*assignments: str) -> Callable[[Sandbox], list[str]]:
+    return dry(SMALL, *(arg for a in assignments for arg in ("--set", a)))
+
+
+def budget(*args: str) -> Callable[[Sandbox], list[str]]:
+    return lambda sb: ["budget", "100000", "--backbone", "vit_tiny_patch16_224", *args]
+
+
+BOMB = "\n".join(
+    [
+        'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]',
+        *(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)),
+    ]
+)
+DEEP_LIST = "seed: " + "[" * 100_000 + "]" * 100_000
+DEEP_MAP = "seed: " + "{a: " * 400 + "1" + "}" * 400
+
+
+def run_dir(sb: Sandbox) -> Path:
+    return sb.out / "lora-rank2-naive-s0"
+
+
+def planted_results(text: str, *extra) -> Callable[[Sandbox], list[str]]:
+    """A results.json planted in the run's folder, then `run --dry-run` (plus extra flags)."""
+
+    def prepare(sb):
+        run_dir(sb).mkdir(parents=True)
+        (run_dir(sb) / "results.json").write_text(text)
+        return ["run", str(sb.config(SMALL)), "--out", str(sb.out), "--dry-run", *extra]
+
+    return prepare
+
+
+def planted_link(relative: str, *, folder: bool) -> Callable[[Sandbox], list[str]]:
+    def prepare(sb):
+        link = sb.out / relative
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(sb.victim.parent if folder else sb.victim, target_is_directory=folder)
+        return ["run", str(sb.config(SMALL)), "--out", str(sb.out), "--dry-run"]
+
+    return prepare
+
+
+def finished_results(run_id: str, size: int = 2) -> dict:
+    matrix = [[0.9 if i <= t else None for i in range(size)] for t in range(size)]
+    return {
+        "schema": 2,
+        "status": "finished",
+        "run": {"id": run_id, "method": "lora", "strategy": "naive", "seed": 0, "options": {"rank": 2}},
+        "params": {"trainable": 100},
+        "accuracy_matrix": {"class_incremental": matrix},
+    }
+
+
+def report_with(bad: str | Callable[[Path], None] | None, *, good: bool = True) -> Callable[[Sandbox], list[str]]:
+    """`report OUT` on a folder with one good run and one bad results.json (text, or a function making it)."""
+
+    def prepare(sb):
+        if good:
+            (sb.out / "good").mkdir(parents=True)
+            (sb.out / "good" / "results.json").write_text(json.dumps(finished_results("good")))
+        if bad is not None:
+            (sb.out / "bad").mkdir(parents=True)
+            path = sb.out / "bad" / "results.json"
+            bad(path) if callable(bad) else path.write_text(bad)
+        return ["report", str(sb.out)]
+
+    return prepare
+
+
+def sparse(size: int) -> Callable[[Path], None]:
+    def make(path: Path) -> None:
+        with open(path, "wb") as f:
+            f.truncate(size)
+
+    return make
+
+
+def fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def big_matrix(n: int) -> str:
+    data = finished_results("huge")
+    data["accuracy_matrix"]["class_incremental"] = [[0.5] * n for _ in range(n)]
+    return json.dumps(data)
+
+
+class _Payload:
+    """Pickles to a call of os.system: loading it with plain pickle would create the file PWNED."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def evil_checkpoint(sb: Sandbox) -> list[str]:
+    path = sb.root / "weights.pth"
+    torch.save({"blocks.0.attn.qkv.weight": _Payload(sb.root / "PWNED")}, path)
+    study = merged(backbone={**SMALL["backbone"], "checkpoint": str(path)})
+    return ["run", str(sb.config(study)), "--out", str(sb.out), "--quiet"]
+
+
+def evil_state(sb: Sandbox) -> list[str]:
+    """A state_0.pt with a code-running pickle and a matching checksum, planted before `run --resume`."""
+    import hashlib
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"experience": 0, "model": _Payload(sb.root / "PWNED")}, buffer)
+    run_dir(sb).mkdir(parents=True)
+    (run_dir(sb) / "state_0.pt").write_bytes(buffer.getvalue())
+    (run_dir(sb) / "state_0.sha256").write_text(hashlib.sha256(buffer.getvalue()).hexdigest())
+    return ["run", str(sb.config(SMALL)), "--out", str(sb.out), "--quiet", "--resume"]
+
+
+def planted_fifo(sb: Sandbox) -> list[str]:
+    run_dir(sb).mkdir(parents=True)
+    os.mkfifo(run_dir(sb) / "state_0.pt")  # a read would block forever
+    return ["run", str(sb.config(SMALL)), "--out", str(sb.out), "--dry-run", "--resume"]
+
+
+@dataclasses.dataclass
+class Case:
+    id: str
+    prepare: Callable[[Sandbox], list[str]]
+    code: int
+    fragment: str
+
+
+CASES = [
+    # --- the YAML file itself: size, nesting, aliases, keys, tags, encoding
+    Case("alias-bomb", dry(BOMB), 2, "anchors and *aliases count"),
+    Case("100k-deep-list", dry(DEEP_LIST), 2, "nesting deeper than 64 levels"),
+    Case("400-deep-mapping", dry(DEEP_MAP), 2, "nesting deeper than 64 levels"),
+    Case("duplicate-section", dry(yaml.safe_dump(SMALL) + "training: {lr: 0.1}\n"), 2, "duplicate key 'training'"),
+    Case("duplicate-key", dry("training:\n  lr: 0.1\n  lr: 0.2\n"), 2, "duplicate key 'lr' on line 3"),
+    Case("int-key-in-variant", dry("variants: [{1: 2}]\n"), 2, "key '1' on line 1 is read as the number 1"),
+    Case("null-grid-key", dry("grid: {null: [1]}\n"), 2, "is read as null"),
+    Case("tilde-top-key", dry("~: 1\n"), 2, "is read as null"),
+    Case("boolean-key", dry("on: 1\n"), 2, "is read as the boolean true"),
+    Case("complex-key", dry("? [a, b]\n: 1\n"), 2, "keys must be plain strings"),
+    Case("python-apply-tag", dry("seed: !!python/object/apply:os.system ['touch PWNED']\n"), 2, "python/object/apply"),
+    Case("python-name-tag", dry("seed: !!python/name:os.system\n"), 2, "could not determine a constructor"),
+    Case("recursive-alias", dry("grid: &a {x: *a}\n"), 2, "recursive structures are not allowed"),
+    Case("undefined-alias", dry("seed: *nope\n"), 2, "has no matching &nope anchor"),
+    Case("unclosed-bracket", dry("training: {lr: 0.1\n"), 2, "is not valid YAML"),
+    Case("not-utf8", dry(b"seed: \xff\xfe\n"), 2, "is not UTF-8 text"),
+    Case("over-1-MiB", dry("# " + "x" * (1 << 20) + "\n"), 2, "more than the 1,048,576 allowed"),
+    Case("two-documents", dry("seed: 1\n---\nseed: 2\n"), 2, "expected a single document"),
+    Case("nul-character", dry("seed: 1\x00\n"), 2, "special characters are not allowed"),
+    Case("top-level-list", dry("- 1\n- 2\n"), 2, "config: must be a mapping"),
+    Case("top-level-scalar", dry("hello\n"), 2, "config: must be a mapping"),
+    Case("5000-digit-int", dry("seed: " + "1" * 5000 + "\n"), 2, "quote it to keep it as text"),
+    Case("bad-timestamp", dry("name: 2001-13-45\n"), 2, "quote it to keep it as text"),
+    Case("bom-is-fine", dry("\ufeff" + yaml.safe_dump(SMALL)), 0, "valid, 1 run(s)"),
+    Case("empty-file-is-defaults", dry(""), 0, "valid, 1 run(s)"),
+    Case("config-missing", lambda sb: ["run", str(sb.root / "nope.yaml"), "--dry-run"], 2, "does not exist"),
+    Case("config-is-folder", lambda sb: ["run", str(sb.root), "--dry-run"], 2, "is a folder"),
+    Case("config-is-dev-zero", lambda sb: ["run", "/dev/zero", "--out", str(sb.out), "--dry-run"], 2, "not a regular"),
+    Case(
+        "config-is-fifo",
+        lambda sb: (os.mkfifo(sb.root / "pipe.yaml"), ["run", str(sb.root / "pipe.yaml"), "--dry-run"])[1],
+        2,
+        "is not a regular file",
+    ),
+    # --- values: finite numbers only, bounds where a value is surely a typo, devices, constructors
+    Case("lr-nan", dry(merged(training={"lr": float("nan")})), 2, "training.lr: must be a finite number"),
+    Case("lr-inf", dry("training: {lr: .inf}\n"), 2, "training.lr: must be a finite number"),
+    Case("lr-nan-text", dry("training: {lr: 'nan'}\n"), 2, "training.lr: must be a finite number"),
+    Case("lr-1e999-text", dry("training: {lr: 1e999}\n"), 2, "training.lr: must be a finite number"),
+    Case("weight-decay-inf", dry("training: {weight_decay: .inf}\n"), 2, "training.weight_decay: must be a finite"),
+    Case("momentum-minus-inf", dry("training: {momentum: -.inf}\n"), 2, "training.momentum: must be a finite"),
+    Case("alpha-nan", dry(merged(method={"options": {"rank": 2, "alpha": float("nan")}})), 2, "options.alpha: must"),
+    Case("epochs-1e12", dry(merged(training={"epochs": 10**12})), 2, "training.epochs: must be <= 10000"),
+    Case("batch-1e9", dry(merged(training={"batch_size": 10**9})), 2, "training.batch_size: must be <= 1000000"),
+    Case("experiences-1e9", dry(merged(scenario={"n_experiences": 10**9})), 2, "n_experiences: must be <= 10000"),
+    Case("seed-2^70", dry(merged(seed=2**70)), 2, "seed: must be <= 4294967295"),
+    Case("budget-1e30", dry(merged(budget=10**30)), 2, "budget: must be <= 1000000000000"),
+    Case("workers-1e6", dry(merged(executor={"workers": 10**6})), 2, "executor.workers: must be <= 1024"),
+    Case("subspace-k-1e9", dry(merged(subspace={"k": 10**9})), 2, "subspace.k: must be <= 100000"),
+    Case("device-mps", dry(merged(training={"device": "mps"})), 2, "'mps' requested but"),
+    Case("device-cuda-99", dry(merged(training={"device": "cuda:99"})), 2, "training.device: 'cuda:99'"),
+    Case("device-gpu", dry(merged(training={"device": "gpu"})), 2, "'gpu' is not a device"),
+    Case("timm-unknown-kwarg", dry(merged(backbone={"kwargs": {"foo": 1}})), 2, "'foo' is not an argument of timm"),
+    Case("timm-kwarg-typo", dry(merged(backbone={"kwargs": {"dpeth": 1}})), 2, "Did you mean 'depth'"),
+    Case("timm-depth-minus-1", dry(merged(backbone={"kwargs": {"depth": -1}})), 2, "kwargs.depth: must be > 0"),
+    Case("timm-depth-1e12", dry(merged(backbone={"kwargs": {"depth": 10**12}})), 2, "and <= 256"),
+    Case("timm-patch-0", dry(merged(backbone={"kwargs": {"patch_size": 0}})), 2, "kwargs.patch_size: must be > 0"),
+    Case(
+        "timm-heads-do-not-divide",
+        dry(merged(backbone={"kwargs": {**TINY["backbone"]["kwargs"], "num_heads": 5}})),
+        2,
+        "timm cannot build 'vit_tiny_patch16_224' with",
+    ),
+    Case("timm-num-classes", dry(merged(backbone={"kwargs": {"num_classes": 3}})), 2, "'num_classes' cannot be set"),
+    Case("timm-mlp-ratio-nan", dry("backbone: {kwargs: {mlp_ratio: .nan}}\n"), 2, "kwargs.mlp_ratio: must be a finite"),
+    Case("scenario-unknown-option", dry(merged(scenario={"options": {"bogus": 1}})), 2, "unknown option 'bogus'"),
+    Case("scenario-option-typo", dry(merged(scenario={"options": {"nosie": 1}})), 2, "Did you mean 'noise'"),
+    Case("scenario-option-inf", dry("scenario: {name: synthetic, options: {noise: .inf}}\n"), 2, "noise: must be a"),
+    Case("scenario-option-seed", dry(merged(scenario={"options": {"seed": 1}})), 2, "'seed' is not a scenario option"),
+    Case(
+        "strategy-option-inf",
+        dry("strategy: {name: replay, options: {mem_size: .inf}}\ntraining: {train_mask: seen}\n"),
+        2,
+        "mem_size",
+    ),
+    Case("name-dot-dot", dry(merged(name="../../x")), 0, "valid, 1 run(s)"),
+    Case("name-absolute", dry(merged(name="/tmp/x")), 0, "valid, 1 run(s)"),
+    # --- --set: the same strict reader and checks
+    Case("set-int-key-variant", sets("variants=[{1: 2}]"), 2, "--set variants: key '1'"),
+    Case("set-null-grid-key", sets("grid={~: [1]}"), 2, "--set grid: key '~' on line 1 is read as null"),
+    Case("set-lr-nan", sets("training.lr=.nan"), 2, "training.lr: must be a finite number"),
+    Case("set-python-tag", sets("training.lr=!!python/object/apply:os.system [x]"), 2, "could not determine"),
+    Case("set-deep", sets("training.lr=" + "[" * 10_000 + "]" * 10_000), 2, "--set training.lr: nesting deeper"),
+    Case("set-alias-bomb", sets("grid={" + BOMB.replace("\n", ", ") + "}"), 2, "anchors and *aliases count"),
+    Case("set-recursive", sets("training.lr=&a [*a]"), 2, "recursive structures are not allowed"),
+    Case("set-duplicate", sets("method.options={rank: 2, rank: 3}"), 2, "duplicate key 'rank'"),
+    Case("set-no-equals", sets("training.lr"), 2, "expected key=value"),
+    Case("set-empty-axis", sets("grid.=[1]"), 2, "unknown key ''"),
+    Case("set-unknown-key", sets("training.nonsense=1"), 2, "unknown key 'training.nonsense'"),
+    Case("set-grid-on-list", lambda sb: dry("grid: [1]\n", "--set", "grid.seed=[0]")(sb), 2, "'grid' in the config"),
+    # --- what is already in the output folder
+    Case("results-200k-deep", planted_results("[" * 200_000 + "]" * 200_000), 0, "nests deeper than 100 levels"),
+    Case("results-deep-resume", planted_results("[" * 200_000, "--resume"), 0, "will be run again"),
+    Case("results-truncated", planted_results('{"schema": 2, "status": "fin'), 0, "is not valid JSON"),
+    Case("results-not-object", planted_results("[1, 2]"), 0, "the top level is not a JSON object"),
+    Case("run-folder-is-link", planted_link("lora-rank2-naive-s0", folder=True), 2, "is a symbolic link"),
+    Case("checkpoints-is-link", planted_link("lora-rank2-naive-s0/checkpoints", folder=True), 2, "inside a run"),
+    Case("lock-is-link", planted_link("lora-rank2-naive-s0/.lock", folder=False), 2, "inside a run folder"),
+    Case(
+        "out-is-a-file",
+        lambda sb: (sb.out.write_text("x"), ["run", str(sb.config(SMALL)), "--out", str(sb.out / "o"), "--quiet"])[1],
+        2,
+        "is not writable",
+    ),
+    Case("pipe-in-run-folder", planted_fifo, 2, "is not a regular file (a pipe, socket or device)"),
+    # --- files the run reads: never unpickled with code
+    Case("checkpoint-pickle-payload", evil_checkpoint, 2, "could not be read as a state dict"),
+    Case("checkpoint-is-folder", dry(merged(backbone={"checkpoint": "/"})), 2, "backbone.checkpoint: folder '/' has no model.safetensors"),
+    Case("state-pickle-payload", evil_state, 0, "state_0.pt: cannot be loaded"),
+    # --- report: a bad results.json is skipped with a warning, never a traceback
+    Case("report-200k-deep", report_with("[" * 200_000 + "]" * 200_000), 0, "nests deeper than 100 levels"),
+    Case("report-1500x1500", report_with(big_matrix(1500)), 0, "more than the 500,000 a results file may have"),
+    Case("report-truncated", report_with('{"schema": 2, "sta'), 0, "is not valid JSON"),
+    Case("report-40-MB", report_with(sparse(40 << 20)), 0, "more than the 33,554,432 allowed"),
+    Case("report-fifo", report_with(fifo), 0, "| lora"),  # not a regular file: not even opened
+    Case("report-nan-matrix", report_with(big_matrix(2).replace("0.5", "NaN")), 0, "| lora"),
+    Case("report-only-bad", report_with("[" * 200_000, good=False), 2, "none of the 1 results.json"),
+    Case("report-missing-folder", lambda sb: ["report", str(sb.out / "nope")], 2, "does not exist"),
+    # --- budget: --timm values through the same reader and checks
+    Case("budget-python-tag", budget("--timm", "depth=!!python/object/apply:os.system [x]"), 2, "could not"),
+    Case("budget-depth-minus-1", budget("--timm", "depth=-1"), 2, "--timm depth: must be > 0"),
+    Case("budget-unknown-kwarg", budget("--timm", "foo=1"), 2, "'foo' is not an argument of timm model"),
+    Case("budget-nan", budget("--timm", "mlp_ratio=.nan"), 2, "--timm mlp_ratio must be a finite number"),
+    Case("budget-no-key", budget("--timm", "=3"), 2, "expected key=value"),
+    Case("budget-alias-bomb", budget("--timm", "img_size={" + BOMB.replace("\n", ", ") + "}"), 2, "aliases count"),
+    Case("budget-heads", budget("--timm", "num_heads=5"), 2, "timm cannot build"),
+    Case("budget-negative", lambda sb: ["budget", "--", "-5"], 2, "budget must be a positive integer"),
+    Case("budget-unknown-model", budget("--backbone", "vit_nonexistent"), 2, "unknown timm model"),
+    Case("budget-not-a-number", lambda sb: ["budget", "lots"], 2, ""),  # argparse: usage and exit 2
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_input_table(case, sandbox, capsys):
+    argv = case.prepare(sandbox)
+    before = snapshot(sandbox.root, sandbox.out)
+    code = call(argv)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert code == case.code, text[-2000:]
+    assert case.fragment in text, text[-2000:]
+    assert "Traceback" not in text
+    assert snapshot(sandbox.root, sandbox.out) == before  # nothing written, removed or changed outside out
+    assert sandbox.victim.read_text() == "keep me"
+    assert not list(sandbox.root.rglob("PWNED")) and not (Path.cwd() / "PWNED").exists()
+
+
+def test_the_table_is_big_enough():
+    assert len(CASES) >= 60
+
+
+def test_resume_over_a_hostile_results_file_redoes_the_run(sandbox, capsys):
+    argv = planted_results("[" * 200_000 + "]" * 200_000)(sandbox)
+    argv.remove("--dry-run")
+    assert call([*argv, "--resume", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "nests deeper than 100 levels" in captured.err and "will be run again" in captured.err
+    assert "Traceback" not in captured.out + captured.err
+    assert json.loads((run_dir(sandbox) / "results.json").read_text())["status"] == "finished"
+
+
+def test_heatmaps_of_huge_matrices_have_a_capped_size(sandbox, capsys):
+    from PIL import Image
+
+    (sandbox.out / "huge").mkdir(parents=True)
+    (sandbox.out / "huge" / "results.json").write_text(big_matrix(400))  # 160,000 values: within the limits
+    assert call(["report", str(sandbox.out)]) == 0
+    with Image.open(sandbox.out / "plots" / "acc_matrix_huge.png") as image:
+        width, height = image.size
+    assert width <= 1300 and height <= 1300  # 12 inches at 100 dpi, plus the colour bar; uncapped: ~22,150
+
+
+# ------------------------------------------------------------------------------------------------------
+# Real runs: hostile names, planted links and a config named '...yaml' write nothing outside --out
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_hostile_names_and_planted_links_write_nothing_outside_out(sandbox, capsys):
+    out = sandbox.out
+    out.mkdir(parents=True)
+    for name in ("study.yaml", "report.md", "report.csv"):  # links planted where avl-peft writes files
+        (out / name).symlink_to(sandbox.victim)
+    configs = [
+        (sandbox.config(merged(name="../../x"), "dots.yaml"), []),
+        (sandbox.config(merged(name=str(sandbox.root / "absolute")), "absolute.yaml"), ["--force"]),
+    ]
+    before = snapshot(sandbox.root, out)
+    for config, flags in configs:
+        assert call(["run", str(config), "--out", str(out), "--quiet", *flags]) == 0
+    assert call(["report", str(out)]) == 0
+    text = capsys.readouterr()
+    assert "Traceback" not in text.out + text.err
+    assert snapshot(sandbox.root, out) == before
+    assert sandbox.victim.read_text() == "keep me"  # the links were replaced, never written through
+    for name in ("study.yaml", "report.md", "report.csv"):
+        assert (out / name).is_file() and not (out / name).is_symlink()
+    assert json.loads((run_dir(sandbox) / "results.json").read_text())["status"] == "finished"
+
+
+def test_config_named_dots_writes_under_runs_not_the_working_directory(sandbox, capsys):
+    (sandbox.cwd / "...yaml").write_text(yaml.safe_dump(SMALL))
+    runs = sandbox.cwd / "runs"
+    before = snapshot(sandbox.root, runs)
+    assert call(["run", "...yaml", "--quiet"]) == 0
+    assert "-> runs/__" in capsys.readouterr().out
+    assert snapshot(sandbox.root, runs) == before
+    assert [p.name for p in runs.iterdir()] == ["__"]
+    assert (runs / "__" / "lora-rank2-naive-s0" / "results.json").is_file()
+
+
+def _png(width: int, height: int) -> bytes:
+    """A grey PNG claiming width x height pixels; Pillow checks the size before decoding any data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"".join(b"\x00" + b"\x80" * width for _ in range(min(height, 28))))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (_png(20000, 20000), "is too large to decode safely"),  # a decompression bomb: 400 M pixels
+        (b"\x89PNG\r\n\x1a\nnot really", "cannot read notMNIST image"),
+    ],
+    ids=["decompression-bomb", "garbage"],
+)
+def test_bad_image_in_notmnist_folder_is_named(sandbox, capsys, bad, message):
+    data = sandbox.root / "data"
+    for letter in "ABCDEFGHIJ":
+        folder = data / "notMNIST" / letter
+        folder.mkdir(parents=True)
+        for i in range(2):
+            (folder / f"{i}.png").write_bytes(_png(28, 28))
+    (data / "notMNIST" / "C" / "1.png").write_bytes(bad)
+    study = merged(
+        scenario={
+            "name": "five_datasets",
+            "n_experiences": None,
+            "root": str(data),
+            "options": {"order": ["notmnist", "cifar10", "mnist", "fashion_mnist", "svhn"]},
+        }
+    )
+    config = sandbox.config(study)
+    before = snapshot(sandbox.root, sandbox.out)
+    assert call(["run", str(config), "--out", str(sandbox.out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and f"{data / 'notMNIST' / 'C' / '1.png'}" in err and "Traceback" not in err
+    assert snapshot(sandbox.root, sandbox.out) == before
+
+
+# ------------------------------------------------------------------------------------------------------
+# Two processes on one output folder
+# ------------------------------------------------------------------------------------------------------
+
+HOLD_LOCK = (
+    "import fcntl, os, socket, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+    "os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}\\n'.encode())\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def test_a_run_locked_by_another_process_is_skipped_and_named(sandbox, capsys):
+    study = {**SMALL, "grid": {"seed": [0, 1]}}
+    config = sandbox.config(study)
+    locked = sandbox.out / "lora-rank2-naive-s1"
+    locked.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(locked / ".lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        who = f"pid {holder.pid} on {socket.gethostname()}"
+        assert call(["run", str(config), "--out", str(sandbox.out), "--quiet"]) == 0
+        out = capsys.readouterr().out
+        assert f"skipped  lora-rank2-naive-s1: locked: another avl-peft process ({who}) is running it" in out
+        assert "finished lora-rank2-naive-s0" in out and "1 run(s) finished, 1 skipped, 0 failed" in out
+        assert not (locked / "results.json").exists()  # the held run was not touched
+        # Run again without --resume while the other process still runs the study: refused, saying so.
+        assert call(["run", str(config), "--out", str(sandbox.out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"Another avl-peft process is running this study there right now ({who} runs" in err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_run_finished_by_another_process_after_planning_is_not_run_again(sandbox):
+    from avl_peft.study.grid import load_study
+    from avl_peft.study.run import run_one
+    from avl_peft.study.runner import plan
+
+    study = load_study(sandbox.config(SMALL))
+    planned: dict = {}
+    [(rid, cfg, action)] = plan(study, sandbox.out, force=True, since_ns=time.time_ns(), planned=planned)
+    assert action == "run" and planned[rid]["results"] == "absent"
+    # Meanwhile another process finishes the run...
+    (sandbox.out / rid).mkdir(parents=True)
+    (sandbox.out / rid / "results.json").write_text(json.dumps(finished_results(rid)))
+    # ...so this one, getting the lock afterwards, leaves it alone even with --force.
+    summary = run_one(
+        rid, cfg, sandbox.out, resume=False, force=True, progress=False, raise_user_errors=True, planned=planned[rid]
+    )
+    assert summary["status"] == "skipped"
+    assert summary["reason"] == "finished by another avl-peft process after this one planned it; not run twice"
+    assert json.loads((sandbox.out / rid / "results.json").read_text()) == finished_results(rid)
+    # A results.json written after this process started is another's too, seen when planning.
+    [(_, _, action)] = plan(study, sandbox.out, force=True, since_ns=0, planned=planned)
+    assert action == "skip" and "after this one started" in planned[rid]["reason"]
+
+
+CONCURRENT = {
+    "backbone": {"kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}},
+    "scenario": {"name": "synthetic", "n_experiences": 2},
+    "training": {"epochs": 1, "batch_size": 16},
+    "method": {"name": "lora", "options": {"rank": 2}},
+    "subspace": {"enabled": False},
+    "grid": {"seed": [0, 1, 2]},
+}
+RUN_IDS = [f"lora-rank2-naive-s{seed}" for seed in (0, 1, 2)]
+
+
+def _two_processes(config: Path, out: Path, *flags: str) -> list[subprocess.CompletedProcess]:
+    """The same `avl-peft run` twice, the second started one second after the first."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "avl_peft", "run", str(config), "--out", str(out), "--quiet", *flags]
+    procs = []
+    for _ in range(2):
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        time.sleep(1)
+    done = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
+    return done
+
+
+def _trainings(out: Path) -> dict[str, int]:
+    """How often each run was trained: every training opens a new TensorBoard events file."""
+    return {rid: len(list((out / rid / "tb").glob("events.out.tfevents.*"))) for rid in RUN_IDS}
+
+
+def _check_phase(procs, out: Path, before: dict[str, int], trained: set[str]) -> None:
+    """Both processes exit 0; each run in `trained` was trained by exactly one of them and the others by
+    none; for every run it did not train, a process says why (locked by, or done by, the other one)."""
+    lines = [
+        {line.split()[1].rstrip(":"): line for line in p.stdout.splitlines() if line.startswith("  ")} for p in procs
+    ]
+    for proc in procs:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stdout + proc.stderr
+    finished = Counter(rid for per_run in lines for rid, line in per_run.items() if line.startswith("  finished "))
+    assert finished == Counter(trained), [p.stdout for p in procs]
+    assert _trainings(out) == {rid: before[rid] + (rid in trained) for rid in RUN_IDS}
+    for per_run in lines:
+        assert sorted(per_run) == RUN_IDS
+        for rid, line in per_run.items():
+            if rid in trained and not line.startswith("  finished "):
+                assert line.startswith("  skipped ") and "not run twice" in line, line
+    for rid in RUN_IDS:  # nothing corrupted: every results.json reads and belongs to its run
+        data = json.loads((out / rid / "results.json").read_text())
+        assert data["status"] == "finished" and data["run"]["id"] == rid
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_folder_never_train_a_run_twice(tmp_path):
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(CONCURRENT))
+    out = tmp_path / "out"
+    zero = dict.fromkeys(RUN_IDS, 0)
+
+    _check_phase(_two_processes(config, out), out, zero, set(RUN_IDS))
+
+    counts = _trainings(out)
+    _check_phase(_two_processes(config, out, "--force"), out, counts, set(RUN_IDS))  # redone once, not twice
+
+    counts = _trainings(out)
+    for rid in RUN_IDS[1:]:  # two runs lose their results, as after a crash
+        (out / rid / "results.json").unlink()
+    resumed = _two_processes(config, out, "--resume")
+    _check_phase(resumed, out, counts, set(RUN_IDS[1:]))
+    for proc in resumed:
+        assert f"  skipped  {RUN_IDS[0]}: already finished (--resume)" in proc.stdout
+    assert call(["report", str(out)]) == 0

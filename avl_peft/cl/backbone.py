@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import ConfigError, DataError
+from ..registry import suggest
 
 
 def closest_models(name: str) -> str:
@@ -113,6 +115,64 @@ def create_backbone(
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model
+
+
+# Arguments create_backbone sets itself: passing them as timm keywords would clash.
+_SET_BY_AVL_PEFT = {
+    "num_classes": "the number of classes comes from the scenario",
+    "pretrained": "use backbone.pretrained",
+    "checkpoint_path": "use backbone.checkpoint",
+}
+
+
+def meta_backbone(name: str, *, what: str = "backbone.kwargs", **timm_kwargs: Any) -> nn.Module:
+    """The backbone's structure on the meta device: no memory, no weights, no download, milliseconds.
+
+    Used to check ``timm_kwargs`` before anything runs and to count adapter parameters. Every way timm can
+    refuse the arguments (an unknown keyword, ``depth=-1``, ``patch_size=0``, heads that do not divide the
+    width...) becomes a ConfigError whose message starts with ``what`` and names the argument when it can.
+    """
+    arch = name.split(".")[0] if isinstance(name, str) else name
+    if not isinstance(name, str) or not timm.is_model(arch):
+        raise ConfigError(f"unknown timm model {name!r}.{closest_models(str(name))}")
+    for key in timm_kwargs:
+        if key in _SET_BY_AVL_PEFT:
+            raise ConfigError(f"{what}: '{key}' cannot be set here; {_SET_BY_AVL_PEFT[key]}")
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False, num_classes=1, **timm_kwargs)
+    except TypeError as e:
+        allowed = _constructor_arguments(name)
+        unknown = [k for k in timm_kwargs if allowed is not None and k not in allowed]
+        if unknown:
+            raise ConfigError(
+                f"{what}: '{unknown[0]}' is not an argument of timm model '{arch}'. Its arguments: "
+                f"{', '.join(sorted(allowed))}.{suggest(unknown[0], sorted(allowed))}"
+            ) from None
+        raise ConfigError(f"{what}: timm cannot build '{arch}' with {_describe(timm_kwargs)} ({e})") from None
+    except Exception as e:  # ValueError, RuntimeError, AssertionError, ZeroDivisionError, MemoryError...
+        raise ConfigError(
+            f"{what}: timm cannot build '{arch}' with {_describe(timm_kwargs)} ({type(e).__name__}: {e}); "
+            "fix the values"
+        ) from None
+
+
+def _constructor_arguments(name: str) -> set[str] | None:
+    """The keyword arguments the model class behind ``name`` accepts; None if it takes ``**kwargs``."""
+    try:
+        with torch.device("meta"):
+            cls = type(timm.create_model(name, pretrained=False, num_classes=1))
+    except Exception:  # the default model cannot be built either: no list to offer
+        return None
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    skip = {"self", *_SET_BY_AVL_PEFT}
+    return {n for n, p in params.items() if n not in skip and p.kind is not inspect.Parameter.VAR_POSITIONAL}
+
+
+def _describe(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no arguments"
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:

@@ -23,7 +23,7 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, checked against what this torch can use."""
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against what this torch can use."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
@@ -34,6 +34,8 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError(
                 f"training.device: '{name}' but this machine has {torch.cuda.device_count()} CUDA device(s)"
             )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("training.device: 'mps' requested but Apple's MPS backend is not available here; use cpu")
     return torch.device(name)
 
 

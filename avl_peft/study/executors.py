@@ -38,13 +38,26 @@ def _check(settings: dict[str, Any], allowed: tuple[str, ...], name: str) -> Non
 
 
 @EXECUTORS.register("sequential", "one run after another in this process")
-def sequential(todo, out_dir: Path, *, resume: bool, force: bool, progress: bool, **settings) -> list[dict]:
+def sequential(
+    todo, out_dir: Path, *, resume: bool, force: bool, progress: bool, planned: dict | None = None, **settings
+) -> list[dict]:
     _check(settings, ("workers", "ray_address", "num_cpus", "num_gpus"), "sequential")
     out = []
     bar = tqdm(todo, desc="study", unit="run", disable=not progress)
     for rid, cfg in bar:
         bar.set_postfix_str(rid)
-        out.append(run_one(rid, cfg, out_dir, resume=resume, force=force, progress=progress, raise_user_errors=True))
+        out.append(
+            run_one(
+                rid,
+                cfg,
+                out_dir,
+                resume=resume,
+                force=force,
+                progress=progress,
+                raise_user_errors=True,
+                planned=(planned or {}).get(rid),
+            )
+        )
     return out
 
 
@@ -54,12 +67,24 @@ def _pool_init(gpu_queue: Any, workers: int) -> None:
     threads.configure(workers)  # the workers split this machine's cores (avl_peft.threads)
 
 
-def _pool_run(rid: str, cfg: dict, out_dir: str, resume: bool, force: bool) -> dict:
-    return run_one(rid, cfg, out_dir, resume=resume, force=force, progress=False, raise_user_errors=False)
+def _pool_run(rid: str, cfg: dict, out_dir: str, resume: bool, force: bool, planned: dict | None = None) -> dict:
+    return run_one(
+        rid, cfg, out_dir, resume=resume, force=force, progress=False, raise_user_errors=False, planned=planned
+    )
 
 
 @EXECUTORS.register("local", "a pool of worker processes on this machine (workers; one GPU each with CUDA)")
-def local(todo, out_dir: Path, *, resume: bool, force: bool, progress: bool, workers: int = 2, **settings):
+def local(
+    todo,
+    out_dir: Path,
+    *,
+    resume: bool,
+    force: bool,
+    progress: bool,
+    workers: int = 2,
+    planned: dict | None = None,
+    **settings,
+):
     import torch
 
     _check(settings, ("ray_address", "num_cpus", "num_gpus"), "local")
@@ -73,7 +98,10 @@ def local(todo, out_dir: Path, *, resume: bool, force: bool, progress: bool, wor
             gpu_queue.put(i % torch.cuda.device_count())
     out = []
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init, initargs=(gpu_queue, workers)) as pool:
-        futures = {pool.submit(_pool_run, rid, cfg, str(out_dir), resume, force): (rid, cfg) for rid, cfg in todo}
+        futures = {
+            pool.submit(_pool_run, rid, cfg, str(out_dir), resume, force, (planned or {}).get(rid)): (rid, cfg)
+            for rid, cfg in todo
+        }
         for future in tqdm(as_completed(futures), total=len(futures), desc="study", unit="run", disable=not progress):
             rid, cfg = futures[future]
             out.append(_collect(future.result, rid, cfg, out_dir))
@@ -99,6 +127,7 @@ def ray_executor(
     ray_address: str | None = None,
     num_cpus: float = 1,
     num_gpus: float = 0,
+    planned: dict | None = None,
     **settings,
 ) -> list[dict]:
     _check(settings, ("workers",), "ray")
@@ -111,7 +140,8 @@ def ray_executor(
     if not ray.is_initialized():
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     task = ray.remote(_pool_run).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
-    refs = {task.remote(rid, cfg, str(Path(out_dir).resolve()), resume, force): (rid, cfg) for rid, cfg in todo}
+    folder = str(Path(out_dir).resolve())
+    refs = {task.remote(rid, cfg, folder, resume, force, (planned or {}).get(rid)): (rid, cfg) for rid, cfg in todo}
     out = []
     pending = list(refs)
     with tqdm(total=len(refs), desc="study (ray)", unit="run", disable=not progress) as bar:

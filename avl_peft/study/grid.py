@@ -16,7 +16,9 @@ from typing import Any
 import yaml
 
 from ..adapters import METHODS
+from ..cl.training import resolve_device
 from ..errors import ConfigError
+from ..safeio import load_yaml, parse_yaml, safe_component
 from .schema import (
     SCHEMA,
     STUDY_ONLY,
@@ -34,6 +36,9 @@ def _check_overrides(where: str, overrides: Any, *, lists: bool) -> None:
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where}: must be a mapping of dotted keys to {'lists of values' if lists else 'values'}")
     for key, value in overrides.items():
+        if not isinstance(key, str) or not key:
+            # YAML files and --set values are refused earlier (safeio); this guards studies built in Python.
+            raise ConfigError(f"{where}: key {key!r} is not a dotted key like 'training.lr'; keys must be strings")
         if key.split(".")[0] in STUDY_ONLY:
             raise ConfigError(f"{where}: '{key}' is a study setting and cannot vary between runs")
         field_at(str(key))
@@ -55,7 +60,9 @@ def run_id(cfg: dict, axes: list[str]) -> str:
             continue
         parts.append(f"{key.split('.')[-1]}{get_dotted(cfg, key)}")
     parts.append(f"s{cfg['seed']}")
-    return re.sub(r"[^A-Za-z0-9._=+-]", "", "-".join(str(p) for p in parts))
+    # Characters that are unsafe in a file name are dropped (ids stay what they were for --resume), then the
+    # id is made one harmless path component: never '..' or hidden, long ids cut and suffixed with a hash.
+    return safe_component(re.sub(r"[^A-Za-z0-9._=+-]", "", "-".join(str(p) for p in parts)))
 
 
 def expand(study: dict) -> list[tuple[str, dict]]:
@@ -111,40 +118,39 @@ def validate_study(data: Any) -> dict:
     _check_overrides("grid", study["grid"], lists=True)
     for i, variant in enumerate(study["variants"]):
         _check_overrides(f"variants[{i}]", variant, lists=False)
-    expand(study)  # every run must validate before anything trains
+    runs = expand(study)  # every run must validate before anything trains
+    executor = study["executor"]
+    if not (executor["name"] == "ray" and executor["ray_address"]):  # a remote cluster has its own devices
+        for device in sorted({cfg["training"]["device"] for _, cfg in runs}):
+            resolve_device(device)  # cuda/mps that torch does not see here: refused now, not at run time
     return study
 
 
 def apply_set(data: dict, assignments: list[str]) -> dict:
     """Apply ``--set key=value`` (value parsed as YAML) to the raw config mapping."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config: must be a mapping of keys to values, got {type(data).__name__}")
     data = copy.deepcopy(data or {})
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set training.lr=0.001")
-        field_at(key) if not key.startswith(("grid.", "variants")) else None
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
         if key.startswith("grid."):
-            data.setdefault("grid", {})[key[5:]] = value
+            field_at(key[5:])  # the axis must be a real key; an empty one is named here, not later
+        elif not key.startswith("variants"):
+            field_at(key)
+        # The same bounded, strict reader as config files: no alias bombs, no deep nesting, no python tags,
+        # no duplicate or non-string keys.
+        value = parse_yaml(raw, what=f"--set {key}")
+        if key.startswith("grid."):
+            grid = data.setdefault("grid", {})
+            if not isinstance(grid, dict):
+                raise ConfigError(f"--set {key}: 'grid' in the config is not a mapping, so no axis can be added")
+            grid[key[5:]] = value
         else:
             set_dotted(data, key, value)
     return data
 
 
-def load_yaml(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file '{path}' could not be read: {e}") from None
-
-
 def load_study(path: str | Path, assignments: list[str] | None = None) -> dict:
-    return validate_study(apply_set(load_yaml(path), assignments or []))
+    return validate_study(apply_set(load_yaml(path, what="config"), assignments or []))

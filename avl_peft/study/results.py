@@ -16,11 +16,12 @@ runner (:func:`read_status`) and the report (:func:`read_results`) all go throug
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from .. import atomic
 from ..errors import DataError
+from ..safeio import load_json, write_text_nofollow
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
@@ -45,10 +46,36 @@ def failed(run_id: str, cfg: dict, message: str) -> dict[str, Any]:
 
 
 def write(run_dir: Path, results: dict[str, Any]) -> Path:
-    """Write ``run_dir/results.json`` atomically (fsync, then rename); return its path."""
+    """Write ``run_dir/results.json`` atomically (fsync, then rename); return its path.
+
+    The run folder must not be a symbolic link (ConfigError): the write stays inside the output folder.
+    """
     path = Path(run_dir) / FILENAME
-    atomic.write_json(path, results)
+    write_text_nofollow(path, json.dumps(results, indent=2, default=float), root=Path(run_dir).parent)
     return path
+
+
+def signature(run_dir: Path) -> str:
+    """What ``run_dir/results.json`` is right now: ``absent`` or its inode, size and modification time.
+
+    Every write replaces the file (a new inode), so two signatures differ exactly when it was (re)written
+    in between; the runner uses this to notice runs another process did while this one waited.
+    """
+    try:
+        info = os.stat(Path(run_dir) / FILENAME, follow_symlinks=False)
+    except FileNotFoundError:
+        return "absent"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    return f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
+
+
+def modified_ns(run_dir: Path) -> int | None:
+    """When ``run_dir/results.json`` was last written (ns since the epoch), or None if there is none."""
+    try:
+        return os.stat(Path(run_dir) / FILENAME, follow_symlinks=False).st_mtime_ns
+    except OSError:
+        return None
 
 
 def read(path: str | Path) -> dict[str, Any]:
@@ -59,9 +86,11 @@ def read(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise DataError(f"{path}: cannot be read as JSON ({type(exc).__name__}: {exc})") from None
+        # Bounded: at most 32 MiB, 100 levels and 500,000 values (safeio's JSON limits), checked before the
+        # recursive parser runs, so a hostile file (200,000 nested '[' or a 1500 x 1500 matrix) is refused.
+        data = load_json(path, what="results file")
+    except DataError as exc:
+        raise DataError(f"{path}: {str(exc).replace(f'results file {str(path)!r} ', '', 1)}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: the top level is not a JSON object")
     if data.get("schema") not in READABLE_SCHEMAS:

@@ -2,6 +2,12 @@
 
 Every executor calls :func:`run_one`; a run that crashes is recorded as ``failed`` (with its traceback in
 ``error.txt``) so the report shows it and the study goes on.
+
+Two avl-peft processes on one output folder (two terminals, a retried job) never train a run twice: each run
+folder is locked while it runs, and a process that finds a run locked skips it and says which process holds
+it. A run another process finished (or redid with ``--force``) after this process planned it is skipped too:
+the runner records what each ``results.json`` looked like when it planned (:func:`.results.signature`) and
+when the process started, and :func:`run_one` compares under the lock.
 """
 
 from __future__ import annotations
@@ -9,16 +15,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import traceback
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .. import atomic
-from ..errors import AvlPeftError
+from ..errors import AvlPeftError, ConfigError
+from ..safeio import write_text_nofollow
 from . import results
 from .experiment import run_experiment
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 @contextlib.contextmanager
@@ -26,42 +35,115 @@ def run_lock(run_dir: Path):
     """An exclusive, non-blocking lock on a run folder: yields False if another process holds it.
 
     flock is released by the kernel when its holder dies (even by SIGKILL), so a stale lock never blocks
-    a resume.
+    a resume. The holder writes ``pid N on HOST`` into the lock file, so others can say who holds it
+    (:func:`lock_holder`). Neither the run folder nor its ``.lock`` may be a symbolic link (ConfigError): a
+    planted link would otherwise send the run's writes outside the output folder.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        folder = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+    except OSError as e:
+        raise ConfigError(
+            f"run folder '{run_dir}' is a symbolic link or not a folder ({e.strerror}); remove it"
+        ) from None
+    try:
+        fd = os.open(".lock", os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644, dir_fd=folder)
+    except OSError as e:
+        raise ConfigError(
+            f"'{run_dir / '.lock'}' cannot be opened ({e.strerror}); if it is a symbolic link, remove it"
+        ) from None
+    finally:
+        os.close(folder)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
-        yield True
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        try:
+            yield True
+        finally:
+            os.ftruncate(fd, 0)  # no holder any more (a SIGKILLed holder leaves its line: see lock_holder)
     finally:
         os.close(fd)
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Who is running a run now, as its holder wrote it (``pid N on HOST``), or None if nobody seems to.
+
+    For messages only (the lock itself is the flock): a holder on this host whose process is gone is ignored.
+    """
+    try:
+        fd = os.open(Path(run_dir) / ".lock", os.O_RDONLY | _NOFOLLOW)
+        try:
+            text = os.read(fd, 200).decode("utf-8", "replace").strip()
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    parts = text.split()
+    if len(parts) != 4 or parts[0] != "pid" or not parts[1].isdigit():
+        return None
+    if parts[3] == socket.gethostname():
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            return None
+        except OSError:
+            pass  # alive, owned by someone else
+    return text
+
+
+def _written_by_another(run_dir: Path, planned: dict) -> bool:
+    if results.signature(run_dir) != planned["results"]:
+        return True
+    written, since = results.modified_ns(run_dir), planned.get("since_ns")
+    return since is not None and written is not None and written >= since
 
 
 def record_failure(run_dir: Path, rid: str, cfg: dict, message: str, details: str) -> dict[str, Any]:
     """Write a failed run's results.json (and error.txt) so the report shows it; return its summary."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(run_dir / "error.txt", details)
+    write_text_nofollow(run_dir / "error.txt", details, root=run_dir.parent)
     results.write(run_dir, results.failed(rid, cfg, message))
     tqdm.write(f"run {rid} failed: {message} (details in {run_dir / 'error.txt'})")
     return {"id": rid, "status": "failed", "error": message}
 
 
 def run_one(
-    rid: str, cfg: dict, out_dir: str | Path, *, resume: bool, force: bool, progress: bool, raise_user_errors: bool
+    rid: str,
+    cfg: dict,
+    out_dir: str | Path,
+    *,
+    resume: bool,
+    force: bool,
+    progress: bool,
+    raise_user_errors: bool,
+    planned: dict | None = None,
 ) -> dict[str, Any]:
-    """One run under its lock: finished, skipped (held elsewhere / finished meanwhile) or failed."""
+    """One run under its lock: finished, skipped (held elsewhere / finished meanwhile) or failed.
+
+    ``planned``: what the runner saw when it planned (``{"results": signature, "since_ns": ns}``, see
+    :func:`.runner.plan`); if ``results.json`` was rewritten since, or after ``since_ns``, another process ran
+    this run meanwhile and this one skips it instead of training it twice.
+    """
     run_dir = Path(out_dir) / rid
     try:
         with run_lock(run_dir) as mine:
             if not mine:
-                tqdm.write(f"run {rid}: another avl-peft process is running it; skipped")
-                return {"id": rid, "status": "skipped", "reason": "locked by another process"}
-            if results.read_status(run_dir) == "finished" and resume and not force:  # finished meanwhile
-                return {"id": rid, "status": "skipped"}
+                holder = lock_holder(run_dir) or "another process"
+                reason = f"locked: another avl-peft process ({holder}) is running it; not run twice"
+                tqdm.write(f"run {rid}: {reason}; skipped")
+                return {"id": rid, "status": "skipped", "reason": reason}
+            status = results.read_status(run_dir)
+            if planned is not None and status is not None and _written_by_another(run_dir, planned):
+                reason = f"{status} by another avl-peft process after this one planned it; not run twice"
+                tqdm.write(f"run {rid}: {reason}; skipped")
+                return {"id": rid, "status": "skipped", "reason": reason}
+            if status == "finished" and resume and not force:  # finished meanwhile
+                return {"id": rid, "status": "skipped", "reason": "finished meanwhile"}
             (run_dir / "error.txt").unlink(missing_ok=True)
             outcome = run_experiment(cfg, run_dir, run_id=rid, progress=progress, resume=resume and not force)
         return {"id": rid, "status": "finished", "acc": outcome["metrics"]["acc"]}

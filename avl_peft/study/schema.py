@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-import yaml
 
 from ..adapters import METHODS
 from ..adapters.base import parse_options
 from ..adapters.budget import select_for_budget
-from ..cl.backbone import closest_models, create_backbone
+from ..cl.backbone import closest_models, meta_backbone
 from ..cl.heads import head_options
 from ..cl.plugin import POLICIES, check_policy
 from ..cl.precision import PRECISIONS, check_precision
-from ..cl.scenarios import SCENARIOS
+from ..cl.scenarios import SCENARIOS, check_scenario_options
 from ..cl.strategies import STRATEGIES, strategy_options
 from ..errors import ConfigError
 from ..options import option_names
@@ -55,9 +55,13 @@ LEGACY_HEADS = ("incremental", "multi")
 PRECISION_NAMES = tuple(PRECISIONS)
 
 # The schema: section -> key -> Field. Defaults are the quickstart-scale choices; each has its reason.
+# Upper bounds (``maximum``) are there to catch typos (an extra ten zeros), not to limit real studies: each
+# is far above any sensible value (10,000 epochs or experiences, a million images per batch, 1,024 workers,
+# 10^12 adapter parameters); the seed's is numpy's (2^32 - 1). Every number must also be finite: YAML's
+# .nan/.inf pass every < and > comparison, so they are refused by name (see _check_value and check_run).
 SCHEMA: dict[str, Any] = {
     "name": F(str, "study", "study name, used in the report title"),
-    "seed": F(int, 0, "seeds the class order, initialisation and data order", minimum=0),
+    "seed": F(int, 0, "seeds the class order, initialisation and data order", minimum=0, maximum=2**32 - 1),
     "backbone": {
         "name": F(str, "vit_tiny_patch16_224", "timm model, with its full tag for pretrained weights"),
         "pretrained": F(bool, False, "download timm's pretrained weights (needs network)"),
@@ -66,7 +70,9 @@ SCHEMA: dict[str, Any] = {
     },
     "scenario": {
         "name": F(str, "digits", "a scenario from `avl-peft list`"),
-        "n_experiences": F(int, None, "number of experiences (null: the scenario's default)", minimum=1, nullable=True),
+        "n_experiences": F(
+            int, None, "number of experiences (null: the scenario's default)", minimum=1, maximum=10_000, nullable=True
+        ),
         "root": F(str, None, "dataset folder (null: the scenario's default)", nullable=True),
         "options": F(dict, {}, "scenario-specific options"),
     },
@@ -77,10 +83,10 @@ SCHEMA: dict[str, Any] = {
         ),
         "weight_decay": F(NUM, 0.0, "weight decay", minimum=0),
         "momentum": F(NUM, 0.9, "SGD momentum", minimum=0, maximum=1),
-        "epochs": F(int, 1, "epochs per experience", minimum=1),
-        "batch_size": F(int, 32, "training mini-batch size", minimum=1),
-        "eval_batch_size": F(int, 128, "evaluation mini-batch size", minimum=1),
-        "device": F(str, "cpu", "cpu, cuda, cuda:N or auto"),
+        "epochs": F(int, 1, "epochs per experience", minimum=1, maximum=10_000),
+        "batch_size": F(int, 32, "training mini-batch size", minimum=1, maximum=1_000_000),
+        "eval_batch_size": F(int, 128, "evaluation mini-batch size", minimum=1, maximum=1_000_000),
+        "device": F(str, "cpu", "cpu, cuda, cuda:N, mps or auto; must be available on this machine"),
         "train_mask": F(str, "current", "logits entering the training loss", choices=("current", "seen")),
         "head": F(
             str,
@@ -92,9 +98,11 @@ SCHEMA: dict[str, Any] = {
         "head_options": F(dict, {}, "options of the statistics head (ranpac: dim, lambdas, val_fraction)"),
         "task_incremental": F(bool, False, "one head per task (Avalanche MultiHeadClassifier) with task labels"),
         "pretrain": F(bool, False, "base session: train experience 0 with full fine-tuning"),
-        "pretrain_epochs": F(int, None, "epochs of the base session (null: epochs)", minimum=1, nullable=True),
+        "pretrain_epochs": F(
+            int, None, "epochs of the base session (null: epochs)", minimum=1, maximum=10_000, nullable=True
+        ),
         "pretrain_lr": F(NUM, None, "lr of the base session (null: lr)", minimum=0, exclusive_min=True, nullable=True),
-        "num_workers": F(int, 0, "data-loader worker processes", minimum=0),
+        "num_workers": F(int, 0, "data-loader worker processes", minimum=0, maximum=1024),
         "precision": F(
             str, "fp32", "fp32, or bf16/fp16 autocast (fp16 with loss scaling, CUDA only)", choices=PRECISION_NAMES
         ),
@@ -117,6 +125,7 @@ SCHEMA: dict[str, Any] = {
         "equal-budget comparison: per method, the largest rank (LoRETTA: rank and tt_rank) "
         "whose adapter parameters do not exceed this many",
         minimum=1,
+        maximum=10**12,
         nullable=True,
     ),
     "upstream": {
@@ -138,16 +147,18 @@ SCHEMA: dict[str, Any] = {
     },
     "subspace": {
         "enabled": F(bool, True, "measure update-subspace geometry and feature drift after each experience"),
-        "k": F(int, 8, "size of the top-k singular subspaces", minimum=1),
-        "probe_size": F(int, 32, "test images in the fixed probe batch for feature drift (CKA)", minimum=2),
+        "k": F(int, 8, "size of the top-k singular subspaces", minimum=1, maximum=100_000),
+        "probe_size": F(
+            int, 32, "test images in the fixed probe batch for feature drift (CKA)", minimum=2, maximum=100_000
+        ),
         "exact": F(bool, False, "exact SVD instead of randomized (slower on large layers)"),
     },
     "executor": {
         "name": F(str, "sequential", "where runs execute", choices=("sequential", "local", "ray")),
-        "workers": F(int, 2, "processes of the local executor", minimum=1),
+        "workers": F(int, 2, "processes of the local executor", minimum=1, maximum=1024),
         "ray_address": F(str, None, "Ray cluster address (null: start Ray locally)", nullable=True),
-        "num_cpus": F(NUM, 1, "CPUs Ray reserves per run", minimum=0),
-        "num_gpus": F(NUM, 0, "GPUs Ray reserves per run (fractions share a GPU)", minimum=0),
+        "num_cpus": F(NUM, 1, "CPUs Ray reserves per run", minimum=0, maximum=1024),
+        "num_gpus": F(NUM, 0, "GPUs Ray reserves per run (fractions share a GPU)", minimum=0, maximum=1024),
     },
     "grid": F(dict, {}, "cartesian axes: dotted key -> list of values"),
     "variants": F(list, [], "list of override sets (dotted key -> value), crossed with the grid"),
@@ -183,6 +194,8 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
             pass
     if not ok:
         raise ConfigError(f"{key}: must be {_type_name(field.types)}, got {value!r} ({type(value).__name__})")
+    if isinstance(value, float) and not math.isfinite(value):  # also '.nan', 'inf' or '1e999' read as text
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     if field.choices is not None and value not in field.choices:
         raise ConfigError(
             f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, field.choices))}."
@@ -248,7 +261,9 @@ def set_dotted(cfg: dict, path: str, value: Any) -> None:
     parts = path.split(".")
     node = cfg
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # a missing or empty (`training:`) section
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"cannot set '{path}': '{part}' is not a mapping")
     node[parts[-1]] = value
@@ -263,7 +278,9 @@ def get_dotted(cfg: dict, path: str) -> Any:
 
 def check_run(cfg: dict) -> None:
     """Cross-field checks and registry lookups for one resolved run."""
+    _check_finite(cfg)
     SCENARIOS.get(cfg["scenario"]["name"])
+    check_scenario_options(cfg["scenario"]["name"], cfg["scenario"]["options"])
     strategy_options(cfg["strategy"]["name"], cfg["strategy"]["options"])
     cls = METHODS.get(cfg["method"]["name"])
     if not cls.adds_adapter:
@@ -330,26 +347,73 @@ def accepts(method: Any, option: str) -> bool:
     return cls.adds_adapter and option in option_names(cls.Options)
 
 
+def _check_finite(node: Any, key: str = "") -> None:
+    """Refuse NaN and infinite numbers anywhere in a run, free-form options included, naming the key."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{key}: must be a finite number, got {node!r}")
+
+
+# Structural timm arguments whose size is surely a typo beyond these (the largest ViTs have depth 48, width
+# 1,664, 16 heads, 518-pixel inputs). Checked before the meta-device model is built: timm loops over
+# `depth`, so depth: 10**9 would otherwise hang validation.
+BACKBONE_KWARG_LIMITS = {
+    "depth": 256,
+    "img_size": 8192,
+    "patch_size": 1024,
+    "embed_dim": 65_536,
+    "num_heads": 1024,
+    "mlp_ratio": 64,
+}
+
+
 def _check_backbone(bb: dict) -> None:
     arch = bb["name"].split(".")[0]
     if not timm.is_model(arch):
         raise ConfigError(f"backbone.name: unknown timm model '{bb['name']}'.{closest_models(bb['name'])}")
-    if bb["checkpoint"] is None:
-        return
-    path = Path(bb["checkpoint"]).expanduser()
-    if path.is_dir() and not (path / "model.safetensors").is_file():
-        raise ConfigError(
-            f"backbone.checkpoint: folder '{path}' has no model.safetensors; give an `avl-peft pretrain` output "
-            "folder or a .pth/.safetensors file"
-        )
-    if not path.exists():
-        raise ConfigError(
-            f"backbone.checkpoint: '{bb['checkpoint']}' does not exist; give the path of a local .pth or "
-            ".safetensors state dict, or an `avl-peft pretrain` output folder"
-        )
+    if bb["checkpoint"] is not None:
+        path = Path(bb["checkpoint"]).expanduser()
+        if path.is_dir() and not (path / "model.safetensors").is_file():
+            raise ConfigError(
+                f"backbone.checkpoint: folder '{path}' has no model.safetensors; give an `avl-peft pretrain` "
+                "output folder or a .pth/.safetensors file"
+            )
+        if not path.exists():
+            raise ConfigError(
+                f"backbone.checkpoint: '{bb['checkpoint']}' does not exist; give the path of a local .pth or "
+                ".safetensors state dict, or an `avl-peft pretrain` output folder"
+            )
+    check_backbone_kwargs(bb["kwargs"])
+    meta_model(bb)  # builds the structure on the meta device: every argument timm refuses fails here
+
+
+def check_backbone_kwargs(kwargs: dict, where: str = "backbone.kwargs") -> None:
+    """Names must be strings; the structural sizes in BACKBONE_KWARG_LIMITS positive and below their limit."""
+    for key, value in kwargs.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: argument names must be strings, got {key!r}")
+        limit = BACKBONE_KWARG_LIMITS.get(key)
+        values = value if isinstance(value, (list, tuple)) else [value]  # img_size/patch_size may be [h, w]
+        if limit is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            if any(not 0 < v <= limit for v in values):
+                label = f"{where} {key}" if where.startswith("--") else f"{where}.{key}"  # --timm depth
+                raise ConfigError(f"{label}: must be > 0 and <= {limit:,}, got {value!r}")
 
 
 _META_MODELS: dict[str, Any] = {}
+
+
+def meta_model(bb: dict) -> Any:
+    """The backbone on the meta device (cached per name and kwargs); ConfigError if timm refuses them."""
+    key = repr((bb["name"], sorted(bb["kwargs"].items())))
+    if key not in _META_MODELS:
+        _META_MODELS[key] = meta_backbone(bb["name"], what="backbone.kwargs", **bb["kwargs"])
+    return _META_MODELS[key]
 
 
 def _check_budget(cfg: dict) -> None:
@@ -357,16 +421,11 @@ def _check_budget(cfg: dict) -> None:
     method = cfg["method"]
     if not METHODS.get(method["name"]).budget_knobs:
         return
-    bb = cfg["backbone"]
-    key = yaml.safe_dump({"name": bb["name"], "kwargs": bb["kwargs"]}, sort_keys=True)
-    if key not in _META_MODELS:
-        with torch.device("meta"):
-            _META_MODELS[key] = create_backbone(bb["name"], num_classes=1, **bb["kwargs"])
     try:
         select_for_budget(
             method["name"],
             cfg["budget"],
-            backbone_model=_META_MODELS[key],
+            backbone_model=meta_model(cfg["backbone"]),
             targets=method["targets"],
             **method["options"],
         )

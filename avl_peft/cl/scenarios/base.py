@@ -116,6 +116,46 @@ def experiences_for(cfg: Common, n_classes: int, default: int) -> int:
     return n
 
 
+def scenario_options(name: str) -> list[str]:
+    """The options scenario ``name`` takes: its builder's keyword-only parameters, sorted."""
+    params = inspect.signature(SCENARIOS.get(name)).parameters
+    return sorted(p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def check_scenario_options(name: str, options: Any, *, where: str = "scenario.options") -> None:
+    """Refuse option names scenario ``name`` does not take, before anything is built or downloaded.
+
+    Only the names are checked here (against the builder's signature); values are checked by the builder.
+    The arguments every scenario shares (``seed``, ``img_size``, ...) are not options: the run sets them.
+    """
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}: must be a mapping of option names to values, got {options!r}")
+    allowed = scenario_options(name)
+    for key in options:
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: option names must be strings, got {key!r}")
+        if key in _COMMON_ARGUMENTS:
+            raise ConfigError(f"{where}: '{key}' is not a scenario option; a run sets it from {_COMMON_ARGUMENTS[key]}")
+        if key not in allowed:
+            listed = ", ".join(allowed) if allowed else "none"
+            raise ConfigError(
+                f"{where}: unknown option '{key}' for scenario '{name}'. Allowed options: {listed}."
+                + suggest(key, allowed)
+            )
+
+
+# Arguments of build_scenario that every scenario shares, and where a run takes them from.
+_COMMON_ARGUMENTS = {
+    "n_experiences": "scenario.n_experiences",
+    "seed": "the top-level seed",
+    "img_size": "the backbone's data config (backbone.kwargs.img_size)",
+    "mean": "the backbone's data config",
+    "std": "the backbone's data config",
+    "root": "scenario.root",
+    "task_labels": "training.head (multi: task labels)",
+}
+
+
 # --------------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------------
@@ -142,15 +182,9 @@ def build_scenario(
     """
     builder = SCENARIOS.get(name)
     cfg = Common(name, n_experiences, seed, img_size, mean, std, root, task_labels)
-
+    check_scenario_options(name, options)
     params = inspect.signature(builder).parameters
-    allowed = sorted(p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY)
-    for key in options:
-        if key not in allowed:
-            listed = ", ".join(allowed) if allowed else "none"
-            raise ConfigError(
-                f"unknown option '{key}' for scenario '{name}'. Allowed options: {listed}." + suggest(key, allowed)
-            )
+    allowed = scenario_options(name)
 
     benchmark, derived = builder(cfg, **options)
 

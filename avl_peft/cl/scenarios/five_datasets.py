@@ -4,6 +4,7 @@ one dataset per experience, 10 classes each (experience k owns classes 10k..10k+
 from __future__ import annotations
 
 import bisect
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -172,13 +173,22 @@ def _read_grey(files: list[tuple[Path, int]]) -> _PILImages:
     """Decode every image now, so a bad file (notMNIST_small has two) fails here, named, not mid-training."""
     arrays, targets = [], []
     for path, label in files:
-        try:
-            with Image.open(path) as img:
-                arrays.append(np.asarray(img.convert("L"), dtype=np.uint8).copy())
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for broken files
-            raise DataError(
-                f"cannot read notMNIST image '{path}' ({type(exc).__name__}: {exc}); delete or replace the file"
-            ) from None
+        # Pillow warns above Image.MAX_IMAGE_PIXELS and raises above twice that; a notMNIST letter is 28x28,
+        # so either means a decompression bomb or a wrong file: refuse it before it is decoded.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                with Image.open(path) as img:
+                    arrays.append(np.asarray(img.convert("L"), dtype=np.uint8).copy())
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise DataError(
+                    f"notMNIST image '{path}' is too large to decode safely ({exc}); notMNIST letters are 28x28, "
+                    "so delete or replace the file"
+                ) from None
+            except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for broken files
+                raise DataError(
+                    f"cannot read notMNIST image '{path}' ({type(exc).__name__}: {exc}); delete or replace the file"
+                ) from None
         targets.append(label)
     return _PILImages(arrays, targets)
 

@@ -13,6 +13,9 @@ recursively, groups the runs by
 * ``plots/forgetting_vs_params.png``: forgetting against trainable parameters, one colour per method;
 * ``plots/forgetting_vs_overlap.png`` and ``plots/forgetting_vs_alignment.png`` when subspace data exist.
 
+Writes never follow a symbolic link below the output folder (a planted ``report.md`` link is replaced, a
+linked ``plots/`` refused); heatmaps of huge matrices are drawn at a capped figure size.
+
 Failed runs get a row of their own (status ``failed`` plus the error) and are left out of the averages.
 A ``results.json`` that cannot be read or does not follow the schema is skipped with a warning, so one
 broken run does not hide the others. Metric definitions are in :mod:`avl_peft.instruments.metrics`.
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import DataError
+from ...safeio import write_text_nofollow
 from .. import results
 from .plots import write_plots
 from .runs import REPORT_METRICS, CorruptResults, Run, load_run, warn_duplicate_ids
@@ -68,9 +72,9 @@ def build_report(run_dir_root: str | Path, out_dir: str | Path | None = None) ->
 
     rows = aggregate(runs)
     out = Path(out_dir) if out_dir is not None else root
-    plots_dir = out / "plots"
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    plot_files = write_plots(runs, rows, plots_dir)
-    write_csv(rows, out / "report.csv")
-    (out / "report.md").write_text(markdown_report(rows, runs, root, out, plot_files), encoding="utf-8")
+    # Every file goes through safeio's no-follow writes rooted at the output folder: a report.md, report.csv,
+    # plots/ or plot planted there as a symbolic link is replaced or refused, never written through.
+    plot_files = write_plots(runs, rows, out / "plots", root=out)
+    write_csv(rows, out / "report.csv", root=out)
+    write_text_nofollow(out / "report.md", markdown_report(rows, runs, root, out, plot_files), root=out)
     return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from pathlib import Path
@@ -11,11 +12,19 @@ import numpy as np
 
 from ...errors import AvlPeftError
 from ...instruments.metrics import MATRIX_KINDS, validate_matrix
+from ...safeio import write_bytes_nofollow
 from .runs import Run
 
 
-def write_plots(runs: list[Run], rows: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
-    """Write every plot the data allow and return their paths (summary plots first)."""
+def write_plots(
+    runs: list[Run], rows: list[dict[str, Any]], plots_dir: Path, *, root: Path | None = None
+) -> list[Path]:
+    """Write every plot the data allow and return their paths (summary plots first).
+
+    Each figure is rendered in memory and written with safeio's no-follow write below ``root`` (default: the
+    parent of ``plots_dir``), so a planted symbolic link is never written through.
+    """
+    root = Path(plots_dir).parent if root is None else root
     written: list[Path] = []
     finished_rows = [row for row in rows if row["status"] == "finished"]
     scatters = [
@@ -26,7 +35,7 @@ def write_plots(runs: list[Run], rows: list[dict[str, Any]], plots_dir: Path) ->
     # Colours are assigned once over all methods so a method looks the same in every plot.
     methods = sorted({row["method"] for row in finished_rows})
     for x_key, x_label, filename, log_x in scatters:
-        if _plot_forgetting_scatter(finished_rows, methods, x_key, x_label, plots_dir / filename, log_x):
+        if _plot_forgetting_scatter(finished_rows, methods, x_key, x_label, plots_dir / filename, log_x, root):
             written.append(plots_dir / filename)
 
     if _plot_upstream(runs, plots_dir / "upstream_acc.png"):
@@ -45,7 +54,7 @@ def write_plots(runs: list[Run], rows: list[dict[str, Any]], plots_dir: Path) ->
         if not matrices:
             continue
         path = plots_dir / f"acc_matrix_{_unique_name(_safe_filename(run.run_id), used_names)}.png"
-        _plot_accuracy_matrices(matrices, run.run_id, path)
+        _plot_accuracy_matrices(matrices, run.run_id, path, root)
         written.append(path)
     return written
 
@@ -74,11 +83,22 @@ def _new_figure(width: float, height: float) -> Any:
     return figure
 
 
-def _plot_accuracy_matrices(matrices: dict[str, np.ndarray], run_id: str, path: Path) -> None:
+def _save(figure: Any, path: Path, root: Path) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_bytes_nofollow(path, buffer.getvalue(), root=root)
+
+
+# Inches per heatmap panel at most (at 100 dpi): a 500-experience matrix still makes a 1,200-pixel panel
+# instead of a 27,000-pixel one that would take gigabytes to render.
+_MAX_PANEL_INCHES = 12.0
+
+
+def _plot_accuracy_matrices(matrices: dict[str, np.ndarray], run_id: str, path: Path, root: Path) -> None:
     import matplotlib
 
     size = max(m.shape[0] for m in matrices.values())
-    side = max(3.5, 0.55 * size + 1.5)
+    side = min(max(3.5, 0.55 * size + 1.5), _MAX_PANEL_INCHES)
     figure = _new_figure(side * len(matrices) + 1.0, side + 0.5)
     axes = figure.subplots(1, len(matrices), squeeze=False)[0]
     # Cells above the diagonal (not yet trained experiences) are NaN in validated matrices: draw them grey.
@@ -102,11 +122,17 @@ def _plot_accuracy_matrices(matrices: dict[str, np.ndarray], run_id: str, path: 
         ax.set_yticks(list(ticks))
     figure.colorbar(image, ax=list(axes), label="accuracy (%)", shrink=0.8)
     figure.suptitle(f"Accuracy matrix: {run_id}")
-    figure.savefig(path, dpi=100)
+    _save(figure, path, root)
 
 
 def _plot_forgetting_scatter(
-    rows: list[dict[str, Any]], all_methods: list[str], x_key: str, x_label: str, path: Path, log_x: bool
+    rows: list[dict[str, Any]],
+    all_methods: list[str],
+    x_key: str,
+    x_label: str,
+    path: Path,
+    log_x: bool,
+    root: Path,
 ) -> bool:
     """Forgetting (mean ± std over seeds) against one column, one colour per method; False if no data."""
     import matplotlib
@@ -151,7 +177,7 @@ def _plot_forgetting_scatter(
     ax.set_title(f"Forgetting vs {x_label.split(' (')[0]}")
     ax.grid(alpha=0.3)
     ax.legend(title="method", fontsize=8)
-    figure.savefig(path, dpi=100)
+    _save(figure, path, root)
     return True
 
 

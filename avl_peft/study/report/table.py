@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ...safeio import write_text_nofollow
 from .runs import REPORT_METRICS, Run, mean
 
 SUBSPACE_COLUMNS: tuple[str, ...] = ("overlap_mean", "alignment_mean", "final_feature_drift")
@@ -134,12 +136,14 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     return statistics.fmean(measured), statistics.stdev(measured) if len(measured) > 1 else 0.0
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
+def write_csv(rows: list[dict[str, Any]], path: Path, *, root: Path | None = None) -> None:
+    """Write the rows to ``path`` atomically, never through a symbolic link below ``root`` (see safeio)."""
+    handle = io.StringIO(newline="")
+    writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
+    write_text_nofollow(path, handle.getvalue(), root=root)
 
 
 def markdown_report(rows: list[dict[str, Any]], runs: list[Run], root: Path, out: Path, plot_files: list[Path]) -> str:
