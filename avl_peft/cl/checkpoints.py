@@ -21,7 +21,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models import IncrementalClassifier
 
 from .. import atomic
-from ..adapters.inject import head_names, injection, reinject, trainable_state_dict
+from ..adapters.inject import head_names, injection, lineage, reinject, trainable_state_dict, trains_backbone_marker
 from ..adapters.stack import adapted_layers, adapter_state_dict, load_adapter_state
 from ..errors import ConfigError
 
@@ -37,7 +37,13 @@ def checkpoint_state(model: torch.nn.Module, experience: int, **meta: Any) -> di
     full = model.state_dict()
     for head in head_names(model):  # e.g. IncrementalClassifier.active_units: which classes are unmasked
         state.update({k: v.detach().clone() for k, v in full.items() if k.startswith(head + ".")})
-    return {"experience": int(experience), **meta, "injected": injection(model), "model": state}
+    return {
+        "experience": int(experience),
+        **meta,
+        "injected": injection(model),
+        "lineage": lineage(model),
+        "model": state,
+    }
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, experience: int, **meta: Any) -> Path:
@@ -63,6 +69,24 @@ def _resize_incremental_heads(model: torch.nn.Module, state: dict[str, torch.Ten
             module.active_units = torch.zeros(n_out, dtype=torch.int8, device=device)
 
 
+def _check_lineage(model: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
+    """The checkpoint must have been trained on the backbone ``model`` holds (same merges and base session)."""
+    wanted = checkpoint.get("lineage")
+    if wanted is None:  # written before lineages were recorded
+        return
+    have = lineage(model)
+    injected = checkpoint.get("injected") or {}
+    if trains_backbone_marker(model) and injected.get("method") != model.avl_peft_injection["method"]:
+        have += 1  # restoring the next step ends the restored base session (see reinject)
+    if have != wanted:
+        t = checkpoint.get("experience", "?")
+        raise ConfigError(
+            f"checkpoint of experience {t} was trained on a backbone with {wanted} earlier change(s) (merged adapters "
+            f"or a base session) but this model has {have}: restore the checkpoints in order, merging in between "
+            "under policy merge (PEFTPlugin.restore does it for a whole directory)"
+        )
+
+
 def restore_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike | dict[str, Any]) -> torch.nn.Module:
     """Load an ``exp_<t>.pt`` (path or loaded dict) into ``model``, injecting its adapter first if needed.
 
@@ -75,6 +99,7 @@ def restore_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike | d
     if "model" not in checkpoint:
         raise ConfigError("not an avl-peft checkpoint: it has no 'model' entry")
     state = checkpoint["model"]
+    _check_lineage(model, checkpoint)
     reinject(model, checkpoint.get("injected"))
     _resize_incremental_heads(model, state)
     if adapted_layers(model):

@@ -22,6 +22,7 @@ from ..adapters import METHODS
 from ..adapters.base import parse_options
 from ..adapters.budget import select_for_budget
 from ..cl.backbone import closest_models, create_backbone
+from ..cl.plugin import POLICIES, check_policy
 from ..cl.scenarios import SCENARIOS
 from ..cl.strategies import STRATEGIES, strategy_options
 from ..errors import ConfigError
@@ -83,7 +84,7 @@ SCHEMA: dict[str, Any] = {
     },
     "method": {
         "name": F(str, "lora", "a method from `avl-peft list`"),
-        "policy": F(str, "continue", "adapter lifecycle across experiences", choices=("continue", "merge")),
+        "policy": F(str, "continue", "adapter lifecycle across experiences", choices=POLICIES),
         "targets": F(list, None, "module-name suffixes or regexes (null: qkv, proj, fc1, fc2)", nullable=True),
         "options": F(dict, {}, "method options: rank, alpha, dropout, svd_niter, share, tt_rank, init"),
     },
@@ -237,6 +238,10 @@ def check_run(cfg: dict) -> None:
             parse_options(cls.Options, cfg["method"]["name"], cfg["method"]["options"])
         except ConfigError as e:
             raise ConfigError(f"method.options: {e}") from None
+    try:
+        check_policy(cfg["method"]["name"], cfg["method"]["policy"], cfg["method"]["options"])
+    except ConfigError as e:
+        raise ConfigError(f"method.policy: {e}") from None
     targets = cfg["method"]["targets"]
     if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
         raise ConfigError(f"method.targets: must be a non-empty list of strings, got {targets!r}")
