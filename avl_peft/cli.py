@@ -69,6 +69,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"{title}:")
         for name, doc in reg.describe().items():
             print(f"  {name:<15} {doc}")
+            entry = reg.get(name)
+            if hasattr(entry, "capabilities"):  # strategies: memory, exact resume (or why not), own model
+                flags = ", ".join(entry.capabilities())
+                note = f" ({entry.resume_note})" if entry.resume_note else ""
+                print(f"  {'':<15}   [{flags}]{note}")
     return 0
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models import IncrementalClassifier
+from avalanche.models.utils import avalanche_model_adaptation
 
 from .. import atomic
 from ..adapters.inject import head_names, injection, lineage, reinject, trainable_state_dict, trains_backbone_marker
@@ -114,6 +115,55 @@ def restore_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike | d
             if keys
         )
         raise ConfigError(f"checkpoint does not fit this model ({detail})")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def _adopt_buffer_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every buffer the shape ``state`` holds for it (masks of heads that grew: active_units…)."""
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        module = modules.get(owner)
+        current = None if module is None else module._buffers.get(leaf)
+        if current is not None and current.shape != value.shape:
+            module._buffers[leaf] = torch.empty(value.shape, dtype=current.dtype, device=current.device)
+
+
+def rebuild_model(
+    model: torch.nn.Module,
+    injected: dict[str, Any] | None,
+    state: dict[str, torch.Tensor],
+    *,
+    lineage: int = 0,
+    experiences: Any = (),
+    strict: bool = True,
+) -> torch.nn.Module:
+    """Give a fresh ``model`` the structure of a saved one and load its full ``state``.
+
+    Heads are grown by eval-mode adaptation to ``experiences`` (a multi-head model gets its task heads;
+    no class is marked trained), the saved injection is rebuilt (:func:`reinject`: adapters, stacked
+    branches, GPM bases), class-incremental heads and buffers take the saved shapes. ``strict``: every
+    tensor of the model must be in ``state``; otherwise only tensors of modules the saved model did not
+    have yet (heads of later tasks) may be missing. Shape mismatches and unknown keys are ConfigErrors.
+    """
+    was_training = model.training
+    model.eval()  # eval-mode adaptation grows heads without marking classes as trained
+    for experience in experiences:
+        avalanche_model_adaptation(model, experience)
+    model.train(was_training)
+    reinject(model, injected, state)
+    model.avl_peft_lineage = int(lineage)
+    _resize_incremental_heads(model, state)
+    _adopt_buffer_shapes(model, state)
+    if strict:
+        model.load_state_dict(state)
+        return model
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if unexpected or mismatched:
+        raise ConfigError(f"saved model does not fit (unexpected: {unexpected[:4]}, shape mismatch: {mismatched[:4]})")
     model.load_state_dict(state, strict=False)
     return model
 

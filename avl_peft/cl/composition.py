@@ -12,6 +12,11 @@ earlier look at its strategy):
   builds it) is switched to it, with a warning.
 - ``RWalkPlugin`` records every parameter by name in its ``before_training``: it must come after
   PEFTPlugin in ``plugins`` (PEFTPlugin injects in its own ``before_training``), or ConfigError.
+- Path-integral importances (SI, RWalk) follow one set of parameters along its trajectory. A merge, a new
+  branch (``stack``) or the end of a base session replaces those parameters between experiences, so the
+  importance would be computed from a displacement the training never made: ConfigError unless
+  ``policy="continue"`` without ``pretrain``. EWC and MAS measure importance at the end point and work
+  under every policy.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import warnings
 from typing import Any
 
 import torch
+from avalanche.benchmarks.utils import concat_datasets
 from avalanche.models.utils import avalanche_forward
 from avalanche.training import AETraining, ExpertGateStrategy, PackNet, PNNStrategy, VAETraining
-from avalanche.training.plugins import MIRPlugin, RWalkPlugin
+from avalanche.training.plugins import MIRPlugin, RWalkPlugin, SynapticIntelligencePlugin
+from avalanche.training.plugins.mir import cycle
 
 from ..errors import ConfigError
 
@@ -30,6 +37,8 @@ from ..errors import ConfigError
 OWN_MODEL = (PNNStrategy, PackNet, ExpertGateStrategy, AETraining, VAETraining)
 # Plugins that snapshot every parameter by name in before_training: they must see the injected model.
 SNAPSHOT_IN_BEFORE_TRAINING = (RWalkPlugin,)
+# Plugins whose importance integrates over the trained parameters' path within and across experiences.
+PATH_INTEGRAL = (SynapticIntelligencePlugin, RWalkPlugin)
 
 
 def _update_temp(model: torch.nn.Module, grads: dict[str, torch.Tensor], lr: float) -> torch.nn.Module:
@@ -50,8 +59,26 @@ class TrainableMIRPlugin(MIRPlugin):
 
     MIR picks, from a random memory subsample, the stored samples whose loss would rise most after one SGD
     step on the current batch, and replays those. Frozen parameters never move in that step, so leaving
-    them out changes nothing but lets the gradient be taken at all.
+    them out changes nothing but lets the gradient be taken at all. The memory MIR samples from after an
+    experience is kept as ``replay_buffer`` (so a resumed run can rebuild the same loader: :meth:`rebuild`).
     """
+
+    replay_buffer: Any = None
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self.storage_policy.update(strategy, **kwargs)
+        last = set(torch.unique(strategy.mb_y).cpu().tolist())  # classes of the last batch are left out
+        groups = [g.buffer for key, g in self.storage_policy.buffer_groups.items() if int(key) not in last]
+        self.replay_buffer = concat_datasets(groups) if groups else None
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """The cycling loader over ``replay_buffer``, as MIR makes it (no random draw until it is iterated)."""
+        buffer = self.replay_buffer
+        if buffer is not None and len(buffer) > self.batch_size_mem:
+            self.replay_loader = cycle(torch.utils.data.DataLoader(buffer, batch_size=self.subsample, shuffle=True))
+        else:
+            self.replay_loader = None
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self.replay_loader is None:
@@ -89,6 +116,12 @@ def check_composition(strategy: Any, plugin: Any) -> None:
                 "MIRPlugin differentiates every parameter, which fails on a frozen backbone; avl-peft switched it "
                 "to TrainableMIRPlugin (the same MIR over the trainable parameters)",
                 stacklevel=3,
+            )
+        if isinstance(other, PATH_INTEGRAL) and (plugin.policy != "continue" or plugin.pretrain):
+            raise ConfigError(
+                f"{type(other).__name__} accumulates importances along the trained parameters' path, which "
+                f"{'the end of the base session' if plugin.pretrain else 'policy ' + plugin.policy} replaces between "
+                "experiences; use policy='continue' without pretrain with it (or EWC/MAS)"
             )
         if i < mine and isinstance(other, SNAPSHOT_IN_BEFORE_TRAINING):
             raise ConfigError(

@@ -172,11 +172,12 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue the lifecycle exactly (plain data)."""
-        return {"experiences_done": self.experiences_done, "restructured": self._restructured}
+        return {"experiences_done": self.experiences_done, "restructured": self._restructured, "token": self._token}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.experiences_done = int(state["experiences_done"])
         self._restructured = bool(state["restructured"])
+        self._token = str(state["token"])  # copies of the model saved with the strategy's state carry it
 
     def _adopt(self, model: torch.nn.Module) -> None:
         """Take ``model`` as the one this plugin manages; refuse a different model once one was managed."""
