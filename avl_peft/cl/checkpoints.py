@@ -152,10 +152,10 @@ def rebuild_model(
     for experience in experiences:
         avalanche_model_adaptation(model, experience)
     model.train(was_training)
+    _resize_incremental_heads(model, state)  # before reinject, which loads (and shape-checks) the state
+    _adopt_buffer_shapes(model, state)
     reinject(model, injected, state)
     model.avl_peft_lineage = int(lineage)
-    _resize_incremental_heads(model, state)
-    _adopt_buffer_shapes(model, state)
     if strict:
         model.load_state_dict(state)
         return model
@@ -173,9 +173,13 @@ class CheckpointPlugin(SupervisedPlugin, supports_distributed=True):
 
     def __init__(self, checkpoint_dir: str | os.PathLike, **meta: Any):
         super().__init__()
-        self.checkpoint_dir, self.meta, self.experiences_done = Path(checkpoint_dir), meta, 0
+        self.checkpoint_dir, self.meta = Path(checkpoint_dir), meta
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        t = self.experiences_done
-        save_checkpoint(strategy.model, self.checkpoint_dir / f"exp_{t}.pt", t, **self.meta)
-        self.experiences_done += 1
+        # The strategy's clock (the last plugin, so not yet advanced) numbers the experience: a resumed run,
+        # whose clock is restored, continues the numbering instead of overwriting exp_0.pt.
+        t = int(strategy.clock.train_exp_counter)
+        path = self.checkpoint_dir / f"exp_{t}.pt"
+        if path.exists():
+            raise ConfigError(f"'{path}' exists; checkpoints are never overwritten")
+        save_checkpoint(strategy.model, path, t, **self.meta)
