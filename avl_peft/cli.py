@@ -112,8 +112,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for title, reg in registries:
         print(f"{title}:")
         for name, doc in reg.describe().items():
-            tags = "; ".join(getattr(reg.get(name), "capabilities", lambda: [])())
-            print(f"  {name:<15} {doc}" + (f"  [{tags}]" if tags else ""))
+            entry = reg.get(name)
+            tags = "; ".join(getattr(entry, "capabilities", lambda: [])())
+            note = getattr(entry, "resume_note", "")  # strategies: why a run cannot resume exactly
+            print(f"  {name:<15} {doc}" + (f"  [{tags}]" if tags else "") + (f" ({note})" if note else ""))
     return 0
 
 

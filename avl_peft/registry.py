@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -22,12 +23,16 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._docs: dict[str, str] = {}
+        self._origins: dict[str, str] = {}
 
     def register(self, name: str, description: str = "") -> Callable[[T], T]:
+        origin = sys._getframe(1).f_code.co_filename  # the file that registers: the only one that may name it
+
         def deco(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} '{name}' is already registered")
             self._items[name] = obj
+            self._origins[name] = origin
             doc = description or (getattr(obj, "__doc__", "") or "").strip().splitlines()[0:1]
             self._docs[name] = doc if isinstance(doc, str) else (doc[0] if doc else "")
             return obj
@@ -50,6 +55,10 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    def origin(self, name: str) -> str:
+        """Path of the file that registered ``name``."""
+        return self._origins[name]
 
     def describe(self) -> dict[str, str]:
         return {n: self._docs[n] for n in self.names()}

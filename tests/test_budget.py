@@ -7,7 +7,6 @@ from conftest import tiny_vit
 
 import avl_peft
 from avl_peft.adapters.budget import (
-    adapter_methods,
     budget_table,
     count_adapter_params,
     select_for_budget,
@@ -153,8 +152,8 @@ def test_bad_options_and_targets_are_config_errors(model):
 
 def test_budget_table_has_every_adapter_method(model):
     rows = budget_table(model, 20_000)
-    assert [r["method"] for r in rows] == adapter_methods()
-    assert set(adapter_methods()) == {"lora", "pissa", "wegeft", "loretta", "inflora", "sdlora"}
+    # every shipped adapter method has a row (the list is written out: a method dropped from the registry fails)
+    assert {r["method"] for r in rows} == {"lora", "pissa", "wegeft", "loretta", "inflora", "sdlora"}
     for row in rows:
         assert row["error"] is None
         assert row["adapter_params"] <= 20_000

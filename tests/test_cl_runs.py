@@ -17,7 +17,6 @@ from avl_peft.adapters.inject import adapted_layers
 from avl_peft.cl.backbone import create_continual_model
 from avl_peft.cl.checkpoints import CheckpointPlugin
 from avl_peft.cl.plugin import PEFTPlugin
-from avl_peft.cl.strategies import STRATEGIES
 from avl_peft.cl.strategies.l2p import L2P, build_prompted_vits
 from avl_peft.errors import ConfigError
 from avl_peft.instruments.metrics import METRIC_NAMES
@@ -84,7 +83,7 @@ def test_three_experience_run(method, tmp_path):
     # train_mask "current" nothing calibrates new logits against old ones, and on a random tiny backbone
     # the old classes often win (classifier bias, what the task-aware matrix separates out).
     assert sum(ta[t][t] > 0.5 for t in range(3)) >= 2, ta
-    assert ci[0][0] > 0.5, ci
+    assert ci[0][0] == ta[0][0], (ci, ta)  # only experience 0's classes seen yet: both argmaxes agree
     assert on_disk["metrics"]["forgetting"] == pytest.approx(
         on_disk["avalanche_metrics"]["StreamForgetting/eval_phase/test_stream"], abs=1e-6
     )
@@ -174,4 +173,3 @@ def test_l2p_run_experiment_folder(tmp_path):
     check_run_folder(tmp_path, results, method="head", strategy="l2p")
     state = torch.load(tmp_path / "checkpoints" / "exp_2.pt", weights_only=True)
     assert state["method"] == "l2p" and "prompt.prompt" in state["model"]
-    assert "l2p" in STRATEGIES.names()

@@ -2,9 +2,11 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from avl_peft.study.grid import validate_study
@@ -22,6 +24,14 @@ STUDY = {
 }
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the OS picks it), so parallel test runs do not collide."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_match_single_process(tmp_path):
     single = tmp_path / "single"
     run_study(validate_study(STUDY), single, progress=False)
@@ -36,7 +46,7 @@ def test_torchrun_two_cpu_processes_match_single_process(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(free_port()),
         "-m",
         "avl_peft",
         "run",

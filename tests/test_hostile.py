@@ -443,7 +443,12 @@ CASES = [
     Case("pipe-in-run-folder", planted_fifo, 2, "is not a regular file (a pipe, socket or device)"),
     # --- files the run reads: never unpickled with code
     Case("checkpoint-pickle-payload", evil_checkpoint, 2, "could not be read as a state dict"),
-    Case("checkpoint-is-folder", dry(merged(backbone={"checkpoint": "/"})), 2, "backbone.checkpoint: folder '/' has no model.safetensors"),
+    Case(
+        "checkpoint-is-folder",
+        dry(merged(backbone={"checkpoint": "/"})),
+        2,
+        "backbone.checkpoint: folder '/' has no model.safetensors",
+    ),
     Case("state-pickle-payload", evil_state, 0, "state_0.pt: cannot be loaded"),
     # --- report: a bad results.json is skipped with a warning, never a traceback
     Case("report-200k-deep", report_with("[" * 200_000 + "]" * 200_000), 0, "nests deeper than 100 levels"),

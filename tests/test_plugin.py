@@ -12,7 +12,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from avl_peft.adapters import AdaptedLinear
-from avl_peft.adapters.inject import DEFAULT_TARGETS, adapted_layers, merge
+from avl_peft.adapters.inject import DEFAULT_TARGETS, adapted_layers, lineage, merge
 from avl_peft.adapters.pissa import principal_factors
 from avl_peft.cl.checkpoints import restore_checkpoint
 from avl_peft.cl.plugin import PEFTPlugin
@@ -213,11 +213,13 @@ def test_merge_policy_folds_and_reinjects(method):
     initial = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
 
     train(parts, 1)
-    # ΔW folded: no wrappers left, same function, and the target layers' weights changed
-    assert not adapted_layers(model)
-    assert model.avl_peft_injection is None
+    # ΔW folded at once and a fresh adapter injected for the next experience: same function, the target
+    # layers' base weights changed, one backbone change recorded
+    layers = adapted_layers(model)
+    assert layers and set(layers.values()).isdisjoint(rec.before[0]["layers"].values())
+    assert model.avl_peft_injection["method"] == method and lineage(model) == 1
     torch.testing.assert_close(outputs(model, x), pre.outputs[0], rtol=1e-4, atol=1e-5)
-    after_merge = dict(model.backbone.named_parameters())
+    after_merge = {n.replace(".base.", "."): p for n, p in model.backbone.named_parameters() if ".adapter." not in n}
     targets = [n for n in after_merge if n.endswith(tuple(f"{t}.weight" for t in DEFAULT_TARGETS))]
     assert targets
     for name, p in after_merge.items():
@@ -239,8 +241,8 @@ def test_merge_policy_folds_and_reinjects(method):
             torch.testing.assert_close(adapter.B0, b0, rtol=0, atol=1e-6)
             old = rec.before[0]["layers"][name].adapter
             assert not torch.allclose(adapter.A0, old.A0), "PiSSA must re-derive A0 from the merged weights"
-    # the second adapter was merged too, and the function kept
-    assert not adapted_layers(model)
+    # the second adapter was merged too (a third, fresh one waits), and the function kept
+    assert set(adapted_layers(model).values()).isdisjoint(second["layers"].values()) and lineage(model) == 2
     torch.testing.assert_close(outputs(model, x), pre.outputs[1], rtol=1e-4, atol=1e-5)
 
 
@@ -332,10 +334,13 @@ def test_multi_head_with_task_labels(tmp_path):
     a = results["accuracy_matrix"]["task_aware"]
     assert len(a) == 3 and all(0.0 <= a[t][i] <= 1.0 for t in range(3) for i in range(t + 1))
     assert sum(a[t][t] > 0.5 for t in range(3)) >= 2, a  # 2 classes per task: chance is 0.5
-    # a task head only ranks its own classes: the class-incremental matrix is the task-aware one, and
-    # Avalanche (whose accuracy takes the argmax of the task head's output) agrees
+    # a task head masks the classes it was not trained on (-1000), but Avalanche's MultiTaskModule pads a
+    # narrower head's output with zeros up to the widest head, and those zeros can win the
+    # class-incremental argmax when a head's own logits are negative: class-incremental <= task-aware.
+    # Avalanche's accuracy takes the same argmax, so its forgetting agrees with ours.
     ci = results["accuracy_matrix"]["class_incremental"]
-    assert all(ci[t][i] == a[t][i] for t in range(3) for i in range(t + 1))
+    assert all(ci[t][i] <= a[t][i] for t in range(3) for i in range(t + 1))
+    assert ci[0][0] == a[0][0], "before other heads exist nothing pads the output"
     avalanche = results["avalanche_metrics"]
     assert results["metrics"]["forgetting"] == pytest.approx(
         avalanche["StreamForgetting/eval_phase/test_stream"], abs=1e-6

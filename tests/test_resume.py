@@ -95,29 +95,57 @@ def test_corrupted_state_is_detected_and_that_experience_retrained(reference, tm
     assert_same(results["accuracy_matrix"], matrices(reference))
 
 
-def test_sigkill_at_several_points_then_resume(reference, tmp_path):
+# The SIGKILL runs: a base session first (pretrain), so one kill lands right after it; 60 images per class
+# make each experience take long enough for a kill to land between two state files.
+KILL_STUDIES = {
+    "lora-pretrain": {
+        **STUDY,
+        "scenario": {"name": "synthetic", "n_experiences": 3, "options": {"n_classes": 6, "n_train_per_class": 60}},
+        "training": {**STUDY["training"], "pretrain": True},
+    },
+    "pissa-replay-merge": {
+        **STUDY,
+        "scenario": {"name": "synthetic", "n_experiences": 3, "options": {"n_classes": 6, "n_train_per_class": 60}},
+        "training": {**STUDY["training"], "train_mask": "seen"},
+        "method": {"name": "pissa", "options": {"rank": 2}, "policy": "merge"},
+        "strategy": {"name": "replay", "options": {"mem_size": 24}},
+    },
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(KILL_STUDIES))
+def test_sigkill_at_every_point_then_resume(name, tmp_path):
+    """SIGKILL the CLI during the first experience, then right after each state file appears (after the base
+    session, after experience 1), resuming each time; the kill must land mid-run every time (return code
+    -9, no results.json, the next state not written yet), and the finished run equals the uninterrupted one."""
+    data = KILL_STUDIES[name]
+    ((rid, _),) = expand(validate_study(data))
+    run_study(validate_study(data), tmp_path / "reference", progress=False)
+    reference = tmp_path / "reference" / rid
     config = tmp_path / "study.yaml"
-    config.write_text(yaml.safe_dump(STUDY))
+    config.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
-    run_dir = out / "lora-rank2-naive-s0"
+    run_dir = out / rid
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "avl_peft", "run", str(config), "--out", str(out), "--quiet", "--resume"]
-    # Kill once early (during start-up or the first experience), then as soon as each state file appears.
-    for wait_for in (None, "state_0.pt", "state_1.pt"):
+    for wait_for, not_yet in ((None, "state_0.pt"), ("state_0.pt", "state_1.pt"), ("state_1.pt", "results.json")):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ready = (run_dir / "config.yaml") if wait_for is None else (run_dir / wait_for)
         deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if wait_for is None and time.time() > deadline - 300 + 4:
-                break
-            if wait_for is not None and (run_dir / wait_for).exists():
-                break
-            time.sleep(0.02)
+        while time.time() < deadline and proc.poll() is None and not ready.exists():
+            time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert not (run_dir / "results.json").exists() or json.loads((run_dir / "results.json").read_text())
+        assert proc.returncode == -signal.SIGKILL, f"the run ended on its own before the kill ({wait_for})"
+        assert not (run_dir / "results.json").exists()
+        assert not (run_dir / not_yet).exists(), f"killed after {not_yet} was written, not right after {wait_for}"
     final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr
-    assert_same(matrices(run_dir), matrices(reference))
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["resumed_at_experience"] == 2
+    assert_same(results["accuracy_matrix"], matrices(reference))
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("exp_*.pt")) == ["exp_0.pt", "exp_1.pt", "exp_2.pt"]
 
 
 def test_finished_run_is_not_overwritten_and_lock_skips(reference, tmp_path):

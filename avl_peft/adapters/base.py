@@ -256,6 +256,40 @@ class AdaptedLinear(nn.Module):
         return sum((b.delta_weight(w) for b in self.frozen), self.adapter.delta_weight(w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        if base._forward_pre_hooks or base._forward_hooks:
+            return self._forward_with_base_hooks(x)
+        return self._forward(x)
+
+    def _forward_with_base_hooks(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the forward (pre-)hooks registered on the wrapped ``nn.Linear`` around the adapted forward.
+
+        The wrapper replaced that layer in the model, so hooks users (or Avalanche's MAC metric) put on it
+        before or after injection would otherwise never fire. They see the Linear as their module, its
+        input, and the adapted output ((W + ΔW) x + b). Backward hooks on the Linear are not carried over.
+        """
+        base = self.base
+        args: tuple[Any, ...] = (x,)
+        for key, hook in list(base._forward_pre_hooks.items()):
+            if key in base._forward_pre_hooks_with_kwargs:
+                result = hook(base, args, {})
+                if result is not None:
+                    args = result[0]
+            else:
+                result = hook(base, args)
+                if result is not None:
+                    args = result if isinstance(result, tuple) else (result,)
+        out = self._forward(*args)
+        for key, hook in list(base._forward_hooks.items()):
+            if key in base._forward_hooks_with_kwargs:
+                result = hook(base, args, {}, out)
+            else:
+                result = hook(base, args, out)
+            if result is not None:
+                out = result
+        return out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         frozen = None
         if len(self.frozen):
             # Earlier branches as one rank-Σq term of the weight; they see the clean input (no dropout):

@@ -69,7 +69,9 @@ class PiSSA(Adapter):
         b0, a0 = principal_factors(layer.weight, opts.rank, opts.svd_niter)
         root_s = opts.scale**0.5
         dt = layer.weight.dtype
-        b0, a0 = (b0 / root_s).to(dt), (a0 / root_s).to(dt)
+        # Row-major: the SVD returns column-major factors, and a parameter with that layout gets gradients
+        # with it too, which callers that flatten gradients with .view(-1) (Avalanche's A-GEM) reject.
+        b0, a0 = (b0 / root_s).to(dt).contiguous(), (a0 / root_s).to(dt).contiguous()
         self.lora_A = nn.Parameter(a0.clone())
         self.lora_B = nn.Parameter(b0.clone())
         # Frozen starting point, saved with the adapter so a reload reproduces ΔW exactly.

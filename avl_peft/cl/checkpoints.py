@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models import IncrementalClassifier
+from avalanche.models.utils import avalanche_model_adaptation
 
 from .. import atomic
-from ..adapters.inject import head_names, injection, reinject, trainable_state_dict
+from ..adapters.inject import head_names, injection, lineage, reinject, trainable_state_dict, trains_backbone_marker
 from ..adapters.stack import adapted_layers, adapter_state_dict, load_adapter_state
 from ..errors import ConfigError
 
@@ -37,7 +38,13 @@ def checkpoint_state(model: torch.nn.Module, experience: int, **meta: Any) -> di
     full = model.state_dict()
     for head in head_names(model):  # e.g. IncrementalClassifier.active_units: which classes are unmasked
         state.update({k: v.detach().clone() for k, v in full.items() if k.startswith(head + ".")})
-    return {"experience": int(experience), **meta, "injected": injection(model), "model": state}
+    return {
+        "experience": int(experience),
+        **meta,
+        "injected": injection(model),
+        "lineage": lineage(model),
+        "model": state,
+    }
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, experience: int, **meta: Any) -> Path:
@@ -63,6 +70,24 @@ def _resize_incremental_heads(model: torch.nn.Module, state: dict[str, torch.Ten
             module.active_units = torch.zeros(n_out, dtype=torch.int8, device=device)
 
 
+def _check_lineage(model: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
+    """The checkpoint must have been trained on the backbone ``model`` holds (same merges and base session)."""
+    wanted = checkpoint.get("lineage")
+    if wanted is None:  # written before lineages were recorded
+        return
+    have = lineage(model)
+    injected = checkpoint.get("injected") or {}
+    if trains_backbone_marker(model) and injected.get("method") != model.avl_peft_injection["method"]:
+        have += 1  # restoring the next step ends the restored base session (see reinject)
+    if have != wanted:
+        t = checkpoint.get("experience", "?")
+        raise ConfigError(
+            f"checkpoint of experience {t} was trained on a backbone with {wanted} earlier change(s) (merged adapters "
+            f"or a base session) but this model has {have}: restore the checkpoints in order, merging in between "
+            "under policy merge (PEFTPlugin.restore does it for a whole directory)"
+        )
+
+
 def restore_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike | dict[str, Any]) -> torch.nn.Module:
     """Load an ``exp_<t>.pt`` (path or loaded dict) into ``model``, injecting its adapter first if needed.
 
@@ -75,6 +100,7 @@ def restore_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike | d
     if "model" not in checkpoint:
         raise ConfigError("not an avl-peft checkpoint: it has no 'model' entry")
     state = checkpoint["model"]
+    _check_lineage(model, checkpoint)
     reinject(model, checkpoint.get("injected"))
     _resize_incremental_heads(model, state)
     if adapted_layers(model):
@@ -93,14 +119,67 @@ def restore_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike | d
     return model
 
 
+def _adopt_buffer_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every buffer the shape ``state`` holds for it (masks of heads that grew: active_units…)."""
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        module = modules.get(owner)
+        current = None if module is None else module._buffers.get(leaf)
+        if current is not None and current.shape != value.shape:
+            module._buffers[leaf] = torch.empty(value.shape, dtype=current.dtype, device=current.device)
+
+
+def rebuild_model(
+    model: torch.nn.Module,
+    injected: dict[str, Any] | None,
+    state: dict[str, torch.Tensor],
+    *,
+    lineage: int = 0,
+    experiences: Any = (),
+    strict: bool = True,
+) -> torch.nn.Module:
+    """Give a fresh ``model`` the structure of a saved one and load its full ``state``.
+
+    Heads are grown by eval-mode adaptation to ``experiences`` (a multi-head model gets its task heads;
+    no class is marked trained), the saved injection is rebuilt (:func:`reinject`: adapters, stacked
+    branches, GPM bases), class-incremental heads and buffers take the saved shapes. ``strict``: every
+    tensor of the model must be in ``state``; otherwise only tensors of modules the saved model did not
+    have yet (heads of later tasks) may be missing. Shape mismatches and unknown keys are ConfigErrors.
+    """
+    was_training = model.training
+    model.eval()  # eval-mode adaptation grows heads without marking classes as trained
+    for experience in experiences:
+        avalanche_model_adaptation(model, experience)
+    model.train(was_training)
+    _resize_incremental_heads(model, state)  # before reinject, which loads (and shape-checks) the state
+    _adopt_buffer_shapes(model, state)
+    reinject(model, injected, state)
+    model.avl_peft_lineage = int(lineage)
+    if strict:
+        model.load_state_dict(state)
+        return model
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if unexpected or mismatched:
+        raise ConfigError(f"saved model does not fit (unexpected: {unexpected[:4]}, shape mismatch: {mismatched[:4]})")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
 class CheckpointPlugin(SupervisedPlugin, supports_distributed=True):
     """``exp_<t>.pt`` after each training experience, for strategies that run without :class:`PEFTPlugin`."""
 
     def __init__(self, checkpoint_dir: str | os.PathLike, **meta: Any):
         super().__init__()
-        self.checkpoint_dir, self.meta, self.experiences_done = Path(checkpoint_dir), meta, 0
+        self.checkpoint_dir, self.meta = Path(checkpoint_dir), meta
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        t = self.experiences_done
-        save_checkpoint(strategy.model, self.checkpoint_dir / f"exp_{t}.pt", t, **self.meta)
-        self.experiences_done += 1
+        # The strategy's clock (the last plugin, so not yet advanced) numbers the experience: a resumed run,
+        # whose clock is restored, continues the numbering instead of overwriting exp_0.pt.
+        t = int(strategy.clock.train_exp_counter)
+        path = self.checkpoint_dir / f"exp_{t}.pt"
+        if path.exists():
+            raise ConfigError(f"'{path}' exists; checkpoints are never overwritten")
+        save_checkpoint(strategy.model, path, t, **self.meta)

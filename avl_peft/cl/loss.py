@@ -26,9 +26,12 @@ class TrainMaskLoss(MaskedCrossEntropy):
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self._adaptation(strategy.experience.classes_in_this_experience)
 
-    # Which classes are "current" and "old" is state: a resumed run must mask the same logits.
     def state_dict(self) -> dict[str, Any]:
-        return {"current": sorted(self.current_classes), "old": sorted(self.old_classes)}
+        """The classes seen so far (what the mask lets in); a resumed run needs them back."""
+        return {
+            "current": sorted(int(c) for c in self.current_classes),
+            "old": sorted(int(c) for c in self.old_classes),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.current_classes, self.old_classes = set(state["current"]), set(state["old"])

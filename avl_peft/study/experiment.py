@@ -29,13 +29,15 @@ from ..adapters.budget import select_for_budget
 from ..adapters.inject import parameter_counts
 from ..cl import distributed
 from ..cl.backbone import create_continual_model, data_config
+from ..cl.checkpoints import rebuild_model
 from ..cl.evaluation import AccuracyMatrixPlugin, make_evaluator
 from ..cl.heads import StatisticsHeadPlugin, build_head
 from ..cl.loss import TrainMaskLoss
 from ..cl.plugin import PEFTPlugin
 from ..cl.precision import CompilePlugin, InferenceModeEval, PrecisionPlugin, check_precision, loader_options
 from ..cl.scenarios import build_scenario
-from ..cl.strategies import STRATEGIES, strategy_options
+from ..cl.strategies import STRATEGIES, StrategySpec, strategy_options
+from ..cl.strategies.state import StateContext, tag_experience
 from ..cl.training import BatchProgress, DivergenceGuard, make_optimizer, resolve_device, seed_everything
 from ..errors import ConfigError
 from ..instruments.metrics import summarize_both
@@ -60,6 +62,8 @@ class RunParts:
     budget: dict[str, Any] | None
     # Plugins whose bookkeeping a resumed run must get back: name -> object with state_dict()/load_state_dict().
     stateful: dict[str, Any] = dataclasses.field(default_factory=dict)
+    spec: StrategySpec | None = None  # the strategy's registry entry (its state is saved through it)
+    context: StateContext | None = None  # what restoring the strategy's state needs (datasets, fresh models)
 
 
 def versions() -> dict[str, str]:
@@ -124,13 +128,17 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
     bb = cfg["backbone"]
     task_incremental = training["task_incremental"]
     checkpoint = resolve_checkpoint(bb)
-    model = create_continual_model(
-        bb["name"],
-        head="multi" if task_incremental else "incremental",
-        pretrained=bb["pretrained"],
-        checkpoint=checkpoint,
-        **bb["kwargs"],
-    )
+
+    def new_model() -> torch.nn.Module:
+        return create_continual_model(
+            bb["name"],
+            head="multi" if task_incremental else "incremental",
+            pretrained=bb["pretrained"],
+            checkpoint=checkpoint,
+            **bb["kwargs"],
+        )
+
+    model = new_model()
     budget = resolve_budget(cfg, model)
     options = budget["options"] if budget is not None else method["options"]
     sc = cfg["scenario"]
@@ -156,6 +164,9 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         checkpoint_dir=run_dir / "checkpoints" if run_dir is not None else None,
         **options,
     )
+    spec = STRATEGIES.get(cfg["strategy"]["name"])
+    if not spec.owns_model:
+        peft.check(model)  # targets, rank and trainable against this backbone, before anything trains
     precision = PrecisionPlugin(training["precision"])
     plugins = [peft, matrix, criterion, DivergenceGuard(), precision, InferenceModeEval()]
     if training["compile"]:
@@ -167,8 +178,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
             raise ConfigError(f"training.batch_size {batch_size} must divide by the {world} torchrun processes")
         batch_size //= world
         plugins.append(distributed.GradientAverage())
-    spec = STRATEGIES.get(cfg["strategy"]["name"])
-    stateful: dict[str, Any] = {"loss": criterion}
+    stateful: dict[str, Any] = {"peft": peft, "criterion": criterion}
     linear_matrix = None
     head = build_head(training["head"], model.backbone.num_features, seed=cfg["seed"], **training["head_options"])
     if head is not None:  # a statistics head replaces the linear one for evaluation; both are recorded
@@ -217,7 +227,25 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         stateful["linear_matrix"] = linear_matrix
     if precision.precision == "fp16":
         stateful["precision"] = precision  # the loss scale
-    return RunParts(model, benchmark, strategy, matrix, peft, evaluator, device, tracker, budget, stateful)
+    context = StateContext(
+        dataset=lambda e: tag_experience(benchmark.train_stream[e], e).dataset,
+        rebuild_model=lambda injected, lineage, state: rebuild_model(
+            new_model(), injected, state, lineage=lineage, experiences=benchmark.test_stream, strict=False
+        ).to(device),
+        device=device,
+    )
+    return RunParts(
+        model, benchmark, strategy, matrix, peft, evaluator, device, tracker, budget, stateful, spec, context
+    )
+
+
+def _clear_checkpoints(run_dir: Path, start: int) -> None:
+    """Remove ``exp_<t>.pt`` for t >= start: left by an interrupted attempt, they are retrained now."""
+    from ..cl.plugin import checkpoint_files
+
+    for t, path in checkpoint_files(run_dir / "checkpoints").items():
+        if t >= start:
+            path.unlink()
 
 
 def heads_block(cfg: dict, parts: RunParts) -> dict[str, Any]:
@@ -242,11 +270,12 @@ def run_experiment(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-    resumable = STRATEGIES.get(cfg["strategy"]["name"]).resumable
-    if resume and not resumable:
+    spec = STRATEGIES.get(cfg["strategy"]["name"])
+    resumable = spec.resumable
+    if resume and not resumable and list(run_dir.glob("state_*.pt")):
         tqdm.write(
-            f"resume {run_id}: strategy '{cfg['strategy']['name']}' cannot resume exactly (its internal state is "
-            "not saved); restarting this run from experience 0"
+            f"resume {run_id}: strategy '{spec.name}' cannot resume exactly ({spec.resume_note}); restarting this "
+            "run from experience 0"
         )
     if not (resume and resumable):
         run_state.clear_states(run_dir)
@@ -260,6 +289,7 @@ def run_experiment(
         if restored is not None:
             start_exp, done = restored
             done["resumed_at_experience"] = start_exp
+    _clear_checkpoints(run_dir, start_exp)
     n_exp = len(benchmark.train_stream)
     bar = tqdm(total=n_exp, initial=start_exp, desc=run_id, unit="exp", disable=not progress)
     for t, experience in enumerate(benchmark.train_stream):
@@ -271,12 +301,13 @@ def run_experiment(
         for group in strategy.optimizer.param_groups:
             group["lr"] = lr
         strategy.optimizer.defaults["lr"] = lr
+        tag_experience(experience, t)  # sample ids: buffers are saved as ids (cl.strategies.state)
         start = time.perf_counter()
         strategy.train(experience, **loader_options(parts.device, training["num_workers"]))
         done["train_s"] += time.perf_counter() - start
         done["images"] += len(experience.dataset) * strategy.train_epochs
-        if not base:
-            done["counts"] = parameter_counts(strategy.model)
+        if not base:  # as the experience trained (the plugin may have added the next one's adapter since)
+            done["counts"] = parts.peft.trained_counts or parameter_counts(strategy.model)
         start = time.perf_counter()
         strategy.eval(benchmark.test_stream, **loader_options(parts.device, training["num_workers"]))
         done["eval_s"] += time.perf_counter() - start

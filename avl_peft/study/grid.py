@@ -153,4 +153,11 @@ def apply_set(data: dict, assignments: list[str]) -> dict:
 
 
 def load_study(path: str | Path, assignments: list[str] | None = None) -> dict:
-    return validate_study(apply_set(load_yaml(path, what="config"), assignments or []))
+    data = load_yaml(path, what="config")
+    if data is None or data == {}:
+        # An empty file would otherwise plan and run the whole default study.
+        raise ConfigError(
+            f"config file '{path}' is empty; write the settings that differ from the defaults (at least "
+            "method.name), see configs/ for examples"
+        )
+    return validate_study(apply_set(data, assignments or []))

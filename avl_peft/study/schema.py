@@ -291,6 +291,10 @@ def check_run(cfg: dict) -> None:
             parse_options(cls.Options, cfg["method"]["name"], cfg["method"]["options"])
         except ConfigError as e:
             raise ConfigError(f"method.options: {e}") from None
+    try:
+        check_policy(cfg["method"]["name"], cfg["method"]["policy"], cfg["method"]["options"])
+    except ConfigError as e:
+        raise ConfigError(f"method.policy: {e}") from None
     targets = cfg["method"]["targets"]
     if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
         raise ConfigError(f"method.targets: must be a non-empty list of strings, got {targets!r}")

@@ -18,6 +18,7 @@ from avalanche.training.templates import SupervisedTemplate
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ...adapters import METHODS
 from ...errors import ConfigError
 from ...validate import check_int, check_number
 from ..checkpoints import CheckpointPlugin
@@ -210,6 +211,12 @@ class L2P(LearningToPrompt):
         return logits
 
 
+def _frozen_probe(method: str) -> bool:
+    """Whether ``method`` adds nothing and trains no backbone weight (the ``head`` baseline): what L2P is."""
+    cls = METHODS.get(method)
+    return not cls.adds_adapter and not cls.trains_backbone
+
+
 def build_l2p(
     model: nn.Module,
     optimizer: Any,
@@ -242,7 +249,7 @@ def build_l2p(
         if not isinstance(plugin, PEFTPlugin):
             kept.append(plugin)
             continue
-        if plugin.method != "head" or plugin.pretrain:
+        if not _frozen_probe(plugin.method) or plugin.pretrain:
             warnings.warn(
                 f"strategy l2p trains its own prompts on a frozen ViT: method '{plugin.method}'"
                 f"{' and pretrain' if plugin.pretrain else ''} do not apply (use method: head)",
@@ -285,7 +292,7 @@ def check_l2p_run(cfg: dict) -> None:
     """L2P's own constraints on a run config (called by the schema before anything trains)."""
     if cfg["training"]["task_incremental"]:
         raise ConfigError("strategy l2p brings its own class-incremental head; set training.task_incremental: false")
-    if cfg["method"]["name"] != "head":
+    if not _frozen_probe(cfg["method"]["name"]):
         raise ConfigError(
             "strategy l2p trains its own prompts on a frozen ViT and takes no adapter: set method.name: head "
             "for it (in a grid, add it as a variant: {strategy.name: l2p, method.name: head})"
