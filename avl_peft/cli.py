@@ -87,10 +87,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from .study.pretrain import find_or_build, load_pretrain_config
+    from .study.pretrain import find_or_build, load_pretrain_config, pretrain
 
     cfg = load_pretrain_config(args.config)
-    out = find_or_build(cfg, out_dir=args.out, force=args.force, progress=not args.quiet)
+    if args.out:
+        out = pretrain(cfg, args.out, force=args.force, progress=not args.quiet)
+    else:
+        out = find_or_build(cfg, force=args.force, progress=not args.quiet)
     card = json.loads((out / "card.json").read_text())
     print(f"{out}: held-out-font accuracy {card['test_accuracy']:.3f} ({card['wall_time_s']:.0f} s to train)")
     print(f"use it with  backbone.checkpoint: {out}   (or backbone.pretrain: {args.config})")

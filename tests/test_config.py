@@ -8,7 +8,9 @@ from avl_peft.cli import main
 from avl_peft.errors import ConfigError
 from avl_peft.study.grid import apply_set, expand, validate_study
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+PRETRAIN_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("pretrain_")]  # `avl-peft pretrain` configs
+CONFIGS = [p for p in ALL_CONFIGS if p not in PRETRAIN_CONFIGS]  # study configs
 TINY = {"backbone": {"kwargs": {"img_size": 32, "patch_size": 4, "depth": 2}}, "scenario": {"name": "synthetic"}}
 
 
@@ -28,12 +30,21 @@ def test_every_shipped_config_validates(path, capsys):
     assert "valid" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=[p.name for p in PRETRAIN_CONFIGS])
+def test_every_shipped_pretrain_config_validates(path):
+    from avl_peft.study.pretrain import load_pretrain_config
+
+    assert load_pretrain_config(path)["data"]["dataset"] == "glyphs"
+
+
 def test_quickstart_compares_all_methods():
     from avl_peft.study.grid import load_study
 
     runs = expand(load_study(Path(__file__).parent.parent / "configs" / "quickstart.yaml"))
     assert {cfg["method"]["name"] for _, cfg in runs} == {"lora", "pissa", "wegeft", "loretta", "full", "head"}
-    assert all(cfg["training"]["pretrain"] for _, cfg in runs)
+    # a backbone with pretrained knowledge (built offline from configs/pretrain_glyphs.yaml) and its retention
+    assert all(cfg["backbone"]["pretrain"].endswith("pretrain_glyphs.yaml") for _, cfg in runs)
+    assert all(cfg["upstream"]["dataset"] == "glyphs" for _, cfg in runs)
 
 
 @pytest.mark.parametrize(

@@ -360,7 +360,7 @@ CASES = [
     Case("5000-digit-int", dry("seed: " + "1" * 5000 + "\n"), 2, "quote it to keep it as text"),
     Case("bad-timestamp", dry("name: 2001-13-45\n"), 2, "quote it to keep it as text"),
     Case("bom-is-fine", dry("\ufeff" + yaml.safe_dump(SMALL)), 0, "valid, 1 run(s)"),
-    Case("empty-file-is-defaults", dry(""), 0, "valid, 1 run(s)"),
+    Case("empty-file-is-refused", dry(""), 2, "is empty"),
     Case("config-missing", lambda sb: ["run", str(sb.root / "nope.yaml"), "--dry-run"], 2, "does not exist"),
     Case("config-is-folder", lambda sb: ["run", str(sb.root), "--dry-run"], 2, "is a folder"),
     Case("config-is-dev-zero", lambda sb: ["run", "/dev/zero", "--out", str(sb.out), "--dry-run"], 2, "not a regular"),

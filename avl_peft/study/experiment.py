@@ -44,6 +44,7 @@ from ..instruments.metrics import summarize_both
 from ..instruments.tracker import SubspaceTracker
 from . import results
 from . import resume as run_state
+from .pretrain import find_or_build, load_pretrain_config
 from .upstream import build_upstream
 
 
@@ -85,7 +86,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def resolve_checkpoint(bb: dict) -> Path | None:
-    """The backbone weights file: ``backbone.checkpoint`` (a file, or a pretrain output folder)."""
+    """The backbone weights file: ``backbone.checkpoint`` (a file, or a pretrain output folder), or the cached
+    output of ``backbone.pretrain`` (built first if the cache has no complete one)."""
+    if bb.get("pretrain") is not None:
+        return find_or_build(load_pretrain_config(bb["pretrain"])) / "model.safetensors"
     if bb["checkpoint"] is None:
         return None
     path = Path(bb["checkpoint"]).expanduser()
@@ -182,10 +186,11 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
     linear_matrix = None
     head = build_head(training["head"], model.backbone.num_features, seed=cfg["seed"], **training["head_options"])
     if head is not None:  # a statistics head replaces the linear one for evaluation; both are recorded
-        stateful["head"] = StatisticsHeadPlugin(head, feature_fn=spec.features)
+        stateful["classifier"] = StatisticsHeadPlugin(head, feature_fn=spec.features)
         linear_matrix = AccuracyMatrixPlugin(n_exp, output="linear_output")
-        plugins += [stateful["head"], linear_matrix]
-    upstream = build_upstream(cfg, model, checkpoint)
+        plugins += [stateful["classifier"], linear_matrix]
+    # A strategy that owns its model (L2P) keeps the backbone frozen and has no `backbone` to probe: skipped.
+    upstream = None if spec.owns_model else build_upstream(cfg, model, checkpoint)
     if upstream is not None:
         stateful["upstream"] = upstream
         plugins.append(upstream)
@@ -252,8 +257,8 @@ def heads_block(cfg: dict, parts: RunParts) -> dict[str, Any]:
     """Which classifier produced ``accuracy_matrix`` and, for a statistics head, the linear head's numbers."""
     name = cfg["training"]["head"]
     block: dict[str, Any] = {"class_incremental": name}
-    if "head" in parts.stateful:
-        block["summary"] = parts.stateful["head"].head.summary()
+    if "classifier" in parts.stateful:
+        block["summary"] = parts.stateful["classifier"].head.summary()
         linear = parts.stateful["linear_matrix"].matrices
         block["linear"] = {"accuracy_matrix": linear, "metrics": summarize_both(linear)}
     return block

@@ -152,8 +152,19 @@ def apply_set(data: dict, assignments: list[str]) -> dict:
     return data
 
 
+def _anchor_paths(data: Any, folder: Path) -> None:
+    """A relative ``backbone.pretrain`` names a file next to the study YAML (configs point at each other)."""
+    backbone = data.get("backbone") if isinstance(data, dict) else None
+    pretrain = backbone.get("pretrain") if isinstance(backbone, dict) else None
+    if isinstance(pretrain, str) and not Path(pretrain).expanduser().is_absolute():
+        candidate = folder / pretrain
+        if candidate.is_file():
+            backbone["pretrain"] = str(candidate)
+
+
 def load_study(path: str | Path, assignments: list[str] | None = None) -> dict:
     data = load_yaml(path, what="config")
+    _anchor_paths(data, Path(path).parent)
     if data is None or data == {}:
         # An empty file would otherwise plan and run the whole default study.
         raise ConfigError(

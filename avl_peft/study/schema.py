@@ -30,6 +30,7 @@ from ..cl.strategies import STRATEGIES, strategy_options
 from ..errors import ConfigError
 from ..options import option_names
 from ..registry import suggest
+from .pretrain import load_pretrain_config
 from .upstream import check_upstream
 
 
@@ -65,7 +66,15 @@ SCHEMA: dict[str, Any] = {
     "backbone": {
         "name": F(str, "vit_tiny_patch16_224", "timm model, with its full tag for pretrained weights"),
         "pretrained": F(bool, False, "download timm's pretrained weights (needs network)"),
-        "checkpoint": F(str, None, "local .pth/.safetensors state dict (offline pretrained weights)", nullable=True),
+        "checkpoint": F(
+            str, None, "local .pth/.safetensors state dict or `avl-peft pretrain` folder (offline weights)", nullable=True
+        ),
+        "pretrain": F(
+            str,
+            None,
+            "pretrain YAML (e.g. configs/pretrain_glyphs.yaml): the backbone is built once and reused from the cache",
+            nullable=True,
+        ),
         "kwargs": F(dict, {}, "extra timm.create_model arguments, e.g. img_size, patch_size, depth"),
     },
     "scenario": {
@@ -380,6 +389,8 @@ def _check_backbone(bb: dict) -> None:
     arch = bb["name"].split(".")[0]
     if not timm.is_model(arch):
         raise ConfigError(f"backbone.name: unknown timm model '{bb['name']}'.{closest_models(bb['name'])}")
+    if bb["pretrain"] is not None:
+        _check_pretrain(bb)
     if bb["checkpoint"] is not None:
         path = Path(bb["checkpoint"]).expanduser()
         if path.is_dir() and not (path / "model.safetensors").is_file():
@@ -394,6 +405,27 @@ def _check_backbone(bb: dict) -> None:
             )
     check_backbone_kwargs(bb["kwargs"])
     meta_model(bb)  # builds the structure on the meta device: every argument timm refuses fails here
+
+
+def _check_pretrain(bb: dict) -> None:
+    """backbone.pretrain: a valid pretrain config describing this very backbone, and no other weights."""
+    if bb["pretrained"] or bb["checkpoint"] is not None:
+        raise ConfigError("backbone: set one of pretrained, checkpoint or pretrain, not several")
+    path = Path(bb["pretrain"]).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"backbone.pretrain: '{path}' does not exist; give a pretrain YAML such as "
+                          "configs/pretrain_glyphs.yaml")
+    try:
+        pre = load_pretrain_config(path)
+    except ConfigError as e:
+        raise ConfigError(f"backbone.pretrain: {e}") from None
+    ours = (bb["name"], dict(bb["kwargs"]))
+    theirs = (pre["backbone"]["name"], dict(pre["backbone"]["kwargs"]))
+    if ours != theirs:
+        raise ConfigError(
+            f"backbone.pretrain: '{path}' trains {theirs[0]} with {theirs[1]}, but this run's backbone is {ours[0]} "
+            f"with {ours[1]}; make backbone.name and backbone.kwargs match the pretrain config"
+        )
 
 
 def check_backbone_kwargs(kwargs: dict, where: str = "backbone.kwargs") -> None:

@@ -195,7 +195,7 @@ def _plot_upstream(runs: list[Run], path: Path) -> bool:
     for (method, options, strategy, head), curves in sorted(groups.items()):
         length = min(len(c) for c in curves)
         values = np.nanmean(np.array([c[:length] for c in curves]) * 100, axis=0)
-        label = " ".join(p for p in (method, options, strategy if strategy != "naive" else "", head) if p)
+        label = " ".join(p for p in (method, options, strategy, head) if p)
         ax.plot(range(-1, length - 1), values, marker="o", label=f"{label} (n={len(curves)})")
     ax.set_xlabel("experience (−1: before training)")
     ax.set_ylabel("upstream accuracy (%)")
