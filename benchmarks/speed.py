@@ -286,9 +286,9 @@ def head_costs(layout: str, args, x, y) -> dict:
 
     fns = {"forward": forward}
     for n, h in heads.items():
-        fns[f"{n}_update"] = lambda h=h: h.update(f, y)
-        fns[f"{n}_score"] = lambda h=h: (h.logits(f), sync(args.device))
-    heads["ranpac"].update(f, y)
+        fed = copy.deepcopy(h)  # updates invalidate RanPAC's solution: time them on a copy
+        fns[f"{n}_update"] = lambda h=fed: h.update(f, y)
+        fns[f"{n}_score"] = lambda h=h: (h.logits(f), sync(args.device))  # evaluation: statistics fixed
     result = interleaved(fns, args.rounds, args.device, "forward", warmup=1)
     result["first_solve_s"] = solve
     return result
