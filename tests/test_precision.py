@@ -70,7 +70,11 @@ def test_cli_exits_2_on_fp16_for_cpu(tmp_path, capsys):
 
 
 def test_loader_options_pin_and_persist_only_on_cuda():
-    assert loader_options(torch.device("cpu"), 4) == {"num_workers": 4, "pin_memory": False, "persistent_workers": False}
+    assert loader_options(torch.device("cpu"), 4) == {
+        "num_workers": 4,
+        "pin_memory": False,
+        "persistent_workers": False,
+    }
     cuda = loader_options(torch.device("cuda"), 4)
     assert cuda["pin_memory"] and cuda["persistent_workers"]
     assert not loader_options(torch.device("cuda"), 0)["persistent_workers"]  # needs worker processes
