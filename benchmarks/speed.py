@@ -226,24 +226,28 @@ def train_steps(layout: str, args, x, y) -> dict:
 
 
 def compiled_steps(layout: str, args, x, y) -> dict:
-    """The limit and ``--compile-methods`` under torch.compile (first call = compile, timed apart)."""
+    """The limit and ``--compile-methods`` under torch.compile, interleaved with the eager limit (the
+    reference) and eager ``--compile-methods``; the first compiled call (the compile) is timed apart."""
     out = {}
     for precision in args.precisions:
         steppers, compile_s = {}, {}
         for n in ["limit", *args.compile_methods]:
+            steppers[n] = Stepper(make_model(n, layout, args, x), args.device, precision)
             model = make_model(n, layout, args, x)
             model.compile()
-            steppers[n] = Stepper(model, args.device, precision)
+            steppers[f"{n}+compile"] = Stepper(model, args.device, precision)
             sync(args.device)
             t = time.perf_counter()
-            steppers[n](x, y)
+            steppers[f"{n}+compile"](x, y)
             sync(args.device)
             compile_s[n] = time.perf_counter() - t
         fns = {n: (lambda s=s: s(x, y)) for n, s in steppers.items()}
         result = interleaved(fns, args.rounds, args.device, "limit")
+        for n in steppers:
+            result["variants"][n]["images_per_s"] = args.batch / result["variants"][n]["wall_s_median"]
         result["first_step_s"] = compile_s
         out[precision] = result
-        print_ratios(f"{layout} {precision} compiled", result)
+        print_ratios(f"{layout} {precision} compiled (ratios to the eager limit)", result)
     return out
 
 
@@ -286,9 +290,9 @@ def head_costs(layout: str, args, x, y) -> dict:
 
     fns = {"forward": forward}
     for n, h in heads.items():
-        fns[f"{n}_update"] = lambda h=h: h.update(f, y)
-        fns[f"{n}_score"] = lambda h=h: (h.logits(f), sync(args.device))
-    heads["ranpac"].update(f, y)
+        fed = copy.deepcopy(h)  # updates invalidate RanPAC's solution: time them on a copy
+        fns[f"{n}_update"] = lambda h=fed: h.update(f, y)
+        fns[f"{n}_score"] = lambda h=h: (h.logits(f), sync(args.device))  # evaluation: statistics fixed
     result = interleaved(fns, args.rounds, args.device, "forward", warmup=1)
     result["first_solve_s"] = solve
     return result
@@ -401,6 +405,7 @@ def main() -> None:
     ap.add_argument("--skip-heads", action="store_true")
     ap.add_argument("--skip-pissa-init", action="store_true")
     ap.add_argument("--skip-end-to-end", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the result file names (e.g. bf16)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     args.layouts = (args.layouts or ("vitb224" if args.device == "cuda" else "tiny,wide")).split(",")
@@ -442,7 +447,8 @@ def main() -> None:
         results["load_1min"] = {"before": load_before[0], "after": os.getloadavg()[0]}
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{machine['machine']}-{machine['date']}-{LAYOUTS[layout][0]}-{size}px-{args.device}.json"
+        tag = f"-{args.tag}" if args.tag else ""
+        path = out / f"{machine['machine']}-{machine['date']}-{LAYOUTS[layout][0]}-{size}px-{args.device}{tag}.json"
         path.write_text(json.dumps(results, indent=2))
         print(f"wrote {path} (load {load_before[0]:.2f} -> {results['load_1min']['after']:.2f})")
 
