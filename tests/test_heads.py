@@ -464,3 +464,23 @@ def test_bad_head_config_is_refused(training, fragment):
 
     with pytest.raises(ConfigError, match=f"(?i){fragment}"):
         validate_study({"scenario": {"name": "synthetic"}, "training": training})
+
+
+@pytest.mark.parametrize("method, strategy", [("wegeft", "replay"), ("inflora", "naive"), ("loretta", "replay")])
+def test_statistics_heads_compose_with_strategies_and_methods(method, strategy, tmp_path):
+    from avl_peft.study.experiment import run_experiment
+    from avl_peft.study.grid import expand, validate_study
+
+    data = {
+        "backbone": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 4, "depth": 1}},
+        "scenario": {"name": "synthetic", "n_experiences": 3},
+        "training": {"epochs": 1, "batch_size": 16, "lr": 1e-2, "head": "prototype", "train_mask": "seen"},
+        "method": {"name": method, "options": {"rank": 2}, "policy": "stack" if method == "inflora" else "continue"},
+        "strategy": {"name": strategy, "options": {"mem_size": 20} if strategy == "replay" else {}},
+        "subspace": {"enabled": False},
+    }
+    ((_, cfg),) = expand(validate_study(data))
+    out = run_experiment(cfg, tmp_path, progress=False)
+    assert out["heads"]["class_incremental"] == "prototype" and "linear" in out["heads"]
+    ci = out["accuracy_matrix"]["class_incremental"]
+    assert all(ci[t][t] > 1 / 6 for t in range(3)), ci
