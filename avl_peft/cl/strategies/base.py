@@ -35,6 +35,8 @@ class StrategySpec:
     :param trains_weights: updates backbone weights (or adapters); False for prompt-only strategies, whose
         weight geometry is not measured.
     :param check: extra checks of a whole run config, raising ConfigError.
+    :param avalanche: the class in ``avalanche.training`` this entry builds (None for a plugin on Naive),
+        for the compatibility table (:mod:`avl_peft.study.compat`).
     """
 
     name: str
@@ -48,6 +50,7 @@ class StrategySpec:
     check: Callable[[dict], None] | None = None
     state: tuple[StatePart, ...] = ()
     resume_note: str = ""
+    avalanche: str | None = None
 
     def parse(self, options: Any) -> dict[str, Any]:
         """The options merged over their defaults, validated, as a plain mapping."""

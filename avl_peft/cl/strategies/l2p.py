@@ -309,5 +309,6 @@ STRATEGIES.register("l2p", "Learning to Prompt baseline (Avalanche LearningToPro
         owns_model=True,
         trains_weights=False,
         check=check_l2p_run,
+        avalanche="LearningToPrompt",
     )
 )
