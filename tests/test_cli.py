@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
+
+from avl_peft.cli import main
 
 TINY_STUDY = {
     "name": "tiny",
@@ -24,6 +27,7 @@ def avl(*args, cwd):
     )
 
 
+@pytest.mark.slow
 def test_run_then_report(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY_STUDY))
@@ -58,6 +62,7 @@ def test_run_then_report(tmp_path):
     assert (out / "plots" / "forgetting_vs_params.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_list_shows_registries(tmp_path):
     proc = avl("list", cwd=tmp_path)
     assert proc.returncode == 0
@@ -65,6 +70,27 @@ def test_list_shows_registries(tmp_path):
         assert name in proc.stdout
 
 
+def test_list_says_how_each_strategy_resumes(capsys):
+    from avl_peft.cl.strategies import STRATEGIES
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    block = out.split("strategies:", 1)[1]
+    for name in STRATEGIES.names():
+        line = block.split(f"  {name} ", 1)[1].splitlines()[1]  # the capability line under the entry
+        assert ("exact resume" if STRATEGIES.get(name).resumable else "restarts on resume") in line, name
+
+
+@pytest.mark.parametrize("content", ["", "# nothing here\n", "{}\n"])
+def test_empty_config_exits_2(tmp_path, capsys, content):
+    config = tmp_path / "empty.yaml"
+    config.write_text(content)
+    assert main(["run", str(config), "--out", str(tmp_path / "runs")]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
 def test_bad_config_exits_2_without_traceback(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({**TINY_STUDY, "training": {"epochs": -1}}))
@@ -72,6 +98,9 @@ def test_bad_config_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "training.epochs" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()
+    (tmp_path / "empty.yaml").write_text("")
+    proc = avl("run", str(tmp_path / "empty.yaml"), cwd=tmp_path)
+    assert proc.returncode == 2 and "is empty" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_diverging_run_is_recorded_failed_and_others_continue(tmp_path):

@@ -33,12 +33,14 @@ def sequential(tmp_path_factory):
     return metrics(out)
 
 
+@pytest.mark.slow
 def test_local_pool_matches_sequential(sequential, tmp_path):
     summary = run_study(validate_study(GRID), tmp_path, progress=False, executor="local", workers=2)
     assert sorted(s["status"] for s in summary) == ["finished"] * 4
     assert metrics(tmp_path) == sequential
 
 
+@pytest.mark.slow
 def test_ray_matches_sequential_and_isolates_failures(sequential, tmp_path):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

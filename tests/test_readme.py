@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = (Path(__file__).parent.parent / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
@@ -12,6 +14,7 @@ def test_readme_has_the_examples():
     assert "inject" in BLOCKS[0] and "PEFTPlugin" in BLOCKS[1]
 
 
+@pytest.mark.slow
 def test_readme_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for block in BLOCKS:

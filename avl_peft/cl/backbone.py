@@ -11,7 +11,7 @@ from typing import Any
 
 import timm
 import torch
-from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
+from avalanche.models import BaseModel, IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
 from safetensors.torch import load_file
 from torch import nn
 
@@ -184,7 +184,7 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     return {"img_size": int(cfg["input_size"][-1]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
 
 
-class ContinualViT(nn.Module):
+class ContinualViT(nn.Module, BaseModel):
     """A feature backbone (timm model with ``num_classes=0``) plus a class-incremental head.
 
     The head is Avalanche's ``IncrementalClassifier``: it grows with the classes seen and masks the
@@ -197,6 +197,10 @@ class ContinualViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+    def get_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's features (Avalanche's BaseModel interface, which LFL's feature distillation uses)."""
+        return self.backbone(x)
 
 
 def _multi_head_class():

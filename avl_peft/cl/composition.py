@@ -4,8 +4,11 @@ Checked at the plugin's first ``before_training``, before anything trains (Avala
 earlier look at its strategy):
 
 - Strategies that build and train their own model architecture — progressive networks (PNN), PackNet's
-  pruned masks, Expert Gate's experts, the (variational) auto-encoder trainers — cannot have adapters
-  injected: ConfigError.
+  pruned masks, Expert Gate's experts, the (variational) auto-encoder trainers, AR1's MobileNet — cannot
+  have adapters injected: ConfigError.
+- Avalanche's ``BiCPlugin`` passes ``verbose`` to torch's ``MultiStepLR``, which current torch no longer
+  accepts; :class:`TorchBiCPlugin` drops that argument (nothing else changes) and a plain ``BiCPlugin``
+  is switched to it, with a warning.
 - Avalanche's ``MIRPlugin`` differentiates *every* model parameter (``torch.autograd.grad`` over
   ``model.parameters()``), which raises on a frozen backbone. :class:`TrainableMIRPlugin` is the same
   algorithm over the trainable parameters only; a plain ``MIRPlugin`` (as Avalanche's ``MIR`` strategy
@@ -21,20 +24,22 @@ earlier look at its strategy):
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from typing import Any
 
 import torch
 from avalanche.benchmarks.utils import concat_datasets
 from avalanche.models.utils import avalanche_forward
-from avalanche.training import AETraining, ExpertGateStrategy, PackNet, PNNStrategy, VAETraining
-from avalanche.training.plugins import MIRPlugin, RWalkPlugin, SynapticIntelligencePlugin
+from avalanche.training import AR1, AETraining, ExpertGateStrategy, PackNet, PNNStrategy, VAETraining
+from avalanche.training.plugins import BiCPlugin, MIRPlugin, RWalkPlugin, SynapticIntelligencePlugin
 from avalanche.training.plugins.mir import cycle
 
 from ..errors import ConfigError
 
 # Strategies whose model is theirs to build and grow; an adapter cannot be injected into it.
-OWN_MODEL = (PNNStrategy, PackNet, ExpertGateStrategy, AETraining, VAETraining)
+OWN_MODEL = (PNNStrategy, PackNet, ExpertGateStrategy, AETraining, VAETraining, AR1)
 # Plugins that snapshot every parameter by name in before_training: they must see the injected model.
 SNAPSHOT_IN_BEFORE_TRAINING = (RWalkPlugin,)
 # Plugins whose importance integrates over the trained parameters' path within and across experiences.
@@ -100,6 +105,29 @@ class TrainableMIRPlugin(MIRPlugin):
         strategy.loss += strategy._criterion(out, samples_y[chosen])
 
 
+def _multisteplr_takes_verbose() -> bool:
+    return "verbose" in inspect.signature(torch.optim.lr_scheduler.MultiStepLR.__init__).parameters
+
+
+def _without_verbose(scheduler: type, *args: Any, verbose: Any = None, **kwargs: Any) -> Any:
+    return scheduler(*args, **kwargs)
+
+
+class TorchBiCPlugin(BiCPlugin):
+    """Avalanche's BiC with its stage-2 scheduler built without ``verbose`` (removed from torch's
+    ``MultiStepLR``); the bias correction itself is Avalanche's, unchanged."""
+
+    def bias_correction_step(self, *args: Any, **kwargs: Any) -> Any:
+        from avalanche.training.plugins import bic
+
+        original = bic.MultiStepLR
+        bic.MultiStepLR = functools.partial(_without_verbose, original)
+        try:
+            return super().bias_correction_step(*args, **kwargs)
+        finally:
+            bic.MultiStepLR = original
+
+
 def check_composition(strategy: Any, plugin: Any) -> None:
     """Refuse or fix, before training, what cannot work with ``plugin`` (a PEFTPlugin) in ``strategy``."""
     if isinstance(strategy, OWN_MODEL):
@@ -110,6 +138,13 @@ def check_composition(strategy: Any, plugin: Any) -> None:
     plugins = list(strategy.plugins)
     mine = plugins.index(plugin) if plugin in plugins else len(plugins)
     for i, other in enumerate(plugins):
+        if type(other) is BiCPlugin and not _multisteplr_takes_verbose():
+            other.__class__ = TorchBiCPlugin
+            warnings.warn(
+                "BiCPlugin passes verbose to torch's MultiStepLR, which this torch rejects; avl-peft switched it to "
+                "TorchBiCPlugin (the same BiC without that argument)",
+                stacklevel=3,
+            )
         if type(other) is MIRPlugin:
             other.__class__ = TrainableMIRPlugin  # same state, only before_backward differs
             warnings.warn(

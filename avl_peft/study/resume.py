@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .. import atomic
 from ..adapters.inject import injection, lineage
 from ..cl.checkpoints import rebuild_model
+from ..cl.strategies.state import set_trainable
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -158,6 +159,8 @@ def save_run_state(run_dir: Path, t: int, parts: RunParts, progress_state: dict)
         "model": {k: v.detach().cpu() for k, v in strategy.model.state_dict().items()},
         "injected": injection(strategy.model),
         "lineage": lineage(strategy.model),
+        # What trains is not in a state dict, and strategies change it (LFL freezes the last layer).
+        "trainable": [n for n, p in strategy.model.named_parameters() if p.requires_grad],
         "clock": clock_state(strategy),
         "strategy": parts.spec.state_dict(strategy),
         "optimizer": optimizer_state(strategy),
@@ -184,6 +187,7 @@ def restore_run_state(run_dir: Path, parts: RunParts) -> tuple[int, dict] | None
     rebuild_model(
         model, state["injected"], state["model"], lineage=state["lineage"], experiences=parts.benchmark.test_stream
     )
+    set_trainable(model, state["trainable"])
     model.to(parts.device)
     load_optimizer_state(strategy, state["optimizer"])
     parts.matrix.load_state_dict(state["matrix"])

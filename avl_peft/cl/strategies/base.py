@@ -37,6 +37,8 @@ class StrategySpec:
     :param check: extra checks of a whole run config, raising ConfigError.
     :param features: ``(strategy, images) -> features`` for statistics heads when the strategy's model has no
         ``backbone`` module (L2P's prompted ViT); None: ``strategy.model.backbone``.
+    :param avalanche: the class in ``avalanche.training`` this entry builds (None for a plugin on Naive),
+        for the compatibility table (:mod:`avl_peft.study.compat`).
     """
 
     name: str
@@ -51,6 +53,7 @@ class StrategySpec:
     features: Callable[[Any, Any], Any] | None = None
     state: tuple[StatePart, ...] = ()
     resume_note: str = ""
+    avalanche: str | None = None
 
     def parse(self, options: Any) -> dict[str, Any]:
         """The options merged over their defaults, validated, as a plain mapping."""

@@ -21,6 +21,7 @@ from avalanche.training import (
     ER_ACE,
     EWC,
     GEM,
+    LFL,
     MAS,
     MER,
     Cumulative,
@@ -37,6 +38,7 @@ from avalanche.training.plugins import (
     FromScratchTrainingPlugin,
     GDumbPlugin,
     GEMPlugin,
+    LFLPlugin,
     LwFPlugin,
     MASPlugin,
     ReplayPlugin,
@@ -215,6 +217,14 @@ class ERACEOptions:
 
 
 @dataclasses.dataclass
+class LFLOptions:
+    lambda_e: float = 0.1  # weight of the feature-distance (less-forgetful) penalty
+
+    def __post_init__(self) -> None:
+        check_number("strategy.options.lambda_e", self.lambda_e, low=0.0)
+
+
+@dataclasses.dataclass
 class MEROptions:
     mem_size: int = 200  # reservoir memory size
     batch_size_mem: int = 10  # memory samples mixed into each step
@@ -286,36 +296,46 @@ BUFFER_STATE = (StatePart(itself, ("storage_policy",)),)  # ER-ACE: the loader i
 CUMULATIVE_STATE = (StatePart(itself, ("dataset",)),)
 GDUMB_STATE = (StatePart(plugin(GDumbPlugin), ("storage_policy", "init_model")),)
 MER_STATE = (StatePart(lambda s: s.buffer, ("storage_policy",)),)
+LFL_STATE = (StatePart(plugin(LFLPlugin), ("prev_model",)),)
 FROM_SCRATCH_STATE = (StatePart(plugin(FromScratchTrainingPlugin), ("initial_weights",)),)
 
 
 for spec in (
-    StrategySpec("naive", "fine-tune on each experience in turn (Avalanche Naive)", _simple(Naive), NoOptions),
+    StrategySpec("naive", "fine-tune on each experience in turn (Avalanche Naive)", _simple(Naive), NoOptions,
+                 avalanche="Naive"),
     StrategySpec("replay", "experience replay with a class-balanced memory (mem_size)", _simple(Replay, memory=True),
-                 ReplayOptions, uses_memory=True, state=REPLAY_STATE),
+                 ReplayOptions, uses_memory=True, state=REPLAY_STATE, avalanche="Replay"),
     StrategySpec("cumulative", "retrain on every experience seen so far (upper bound; Avalanche Cumulative)",
-                 _simple(Cumulative, memory=True), NoOptions, uses_memory=True, state=CUMULATIVE_STATE),
+                 _simple(Cumulative, memory=True), NoOptions, uses_memory=True, state=CUMULATIVE_STATE,
+                 avalanche="Cumulative"),
     StrategySpec("from_scratch", "reset the model before each experience (lower bound; reset_optimizer)",
-                 _simple(FromScratchTraining), FromScratchOptions, state=FROM_SCRATCH_STATE),
-    StrategySpec("ewc", "Elastic Weight Consolidation (ewc_lambda)", _simple(EWC), EWCOptions, state=EWC_STATE),
-    StrategySpec("mas", "Memory Aware Synapses (lambda_reg, alpha)", _simple(MAS), MASOptions, state=MAS_STATE),
+                 _simple(FromScratchTraining), FromScratchOptions, state=FROM_SCRATCH_STATE,
+                 avalanche="FromScratchTraining"),
+    StrategySpec("ewc", "Elastic Weight Consolidation (ewc_lambda)", _simple(EWC), EWCOptions, state=EWC_STATE,
+                 avalanche="EWC"),
+    StrategySpec("mas", "Memory Aware Synapses (lambda_reg, alpha)", _simple(MAS), MASOptions, state=MAS_STATE,
+                 avalanche="MAS"),
     StrategySpec("si", "Synaptic Intelligence (si_lambda); policy continue only", _simple(SynapticIntelligence),
-                 SIOptions, state=SI_STATE, check=_continue_only("si")),
+                 SIOptions, state=SI_STATE, check=_continue_only("si"), avalanche="SynapticIntelligence"),
     StrategySpec("rwalk", "Riemannian Walk (ewc_lambda, ewc_alpha, delta_t); policy continue only",
                  _with_plugin(_rwalk), RWalkOptions, state=RWALK_STATE, check=_continue_only("rwalk")),
     StrategySpec("lwf", "Learning without Forgetting distillation (alpha, temperature)", _simple(AvalancheLwF),
-                 LwFOptions, state=LWF_STATE),
+                 LwFOptions, state=LWF_STATE, avalanche="LwF"),
     StrategySpec("agem", "Averaged GEM (patterns_per_exp, sample_size)", _simple(AGEM, memory=True), AGEMOptions,
-                 uses_memory=True, state=AGEM_STATE),
+                 uses_memory=True, state=AGEM_STATE, avalanche="AGEM"),
     StrategySpec("gem", "Gradient Episodic Memory, needs quadprog (patterns_per_exp, memory_strength)",
-                 _simple(GEM, memory=True), GEMOptions, uses_memory=True, state=GEM_STATE),
+                 _simple(GEM, memory=True), GEMOptions, uses_memory=True, state=GEM_STATE, avalanche="GEM"),
     StrategySpec("mir", "Maximally Interfered Retrieval replay (mem_size, subsample, batch_size_mem)",
-                 _with_plugin(_mir, memory=True), MIROptions, uses_memory=True, state=MIR_STATE),
+                 _with_plugin(_mir, memory=True), MIROptions, uses_memory=True, state=MIR_STATE, avalanche="MIR"),
     StrategySpec("er_ace", "ER with asymmetric cross-entropy (mem_size, batch_size_mem)",
-                 _simple(ER_ACE, memory=True), ERACEOptions, uses_memory=True, state=BUFFER_STATE),
+                 _simple(ER_ACE, memory=True), ERACEOptions, uses_memory=True, state=BUFFER_STATE,
+                 avalanche="ER_ACE"),
+    StrategySpec("lfl", "Less-Forgetful Learning: keep the backbone's features (lambda_e)", _simple(LFL),
+                 LFLOptions, state=LFL_STATE, avalanche="LFL"),
     StrategySpec("gdumb", "GDumb: retrain from the initial model on a class-balanced memory (mem_size)",
-                 _simple(GDumb, memory=True), ReplayOptions, uses_memory=True, state=GDUMB_STATE),
+                 _simple(GDumb, memory=True), ReplayOptions, uses_memory=True, state=GDUMB_STATE,
+                 avalanche="GDumb"),
     StrategySpec("mer", "Meta-Experience Replay (mem_size, batch_size_mem, n_inner_steps, beta, gamma)",
-                 _simple(MER, memory=True), MEROptions, uses_memory=True, state=MER_STATE),
+                 _simple(MER, memory=True), MEROptions, uses_memory=True, state=MER_STATE, avalanche="MER"),
 ):  # fmt: skip
     STRATEGIES.register(spec.name, spec.description)(spec)

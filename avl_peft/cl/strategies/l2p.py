@@ -311,5 +311,6 @@ STRATEGIES.register("l2p", "Learning to Prompt baseline (Avalanche LearningToPro
         trains_weights=False,
         check=check_l2p_run,
         features=prompted_vit_features,
+        avalanche="LearningToPrompt",
     )
 )

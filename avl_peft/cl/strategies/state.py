@@ -202,8 +202,16 @@ def _encode_model(model: nn.Module) -> dict[str, Any]:
         "lineage": lineage(model),
         "owner": getattr(model, "avl_peft_owner", None),
         "training": model.training,
+        "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
         "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
+
+
+def set_trainable(model: nn.Module, names: Sequence[str]) -> None:
+    """``requires_grad`` exactly on ``names`` (strategies freeze parts of models: LFL its last layer)."""
+    keep = set(names)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in keep)
 
 
 # -- decoding ------------------------------------------------------------------------------------------
@@ -241,6 +249,7 @@ def decode(value: Any, ctx: StateContext) -> Any:
         model = ctx.rebuild_model(value["injected"], value["lineage"], value["state"])
         if value["owner"] is not None:
             model.avl_peft_owner = value["owner"]
+        set_trainable(model, value["trainable"])
         return model.train(value["training"])
     if kind == "object":
         module, _, qualname = value["class"].partition(":")
