@@ -67,7 +67,10 @@ SCHEMA: dict[str, Any] = {
         "name": F(str, "vit_tiny_patch16_224", "timm model, with its full tag for pretrained weights"),
         "pretrained": F(bool, False, "download timm's pretrained weights (needs network)"),
         "checkpoint": F(
-            str, None, "local .pth/.safetensors state dict or `avl-peft pretrain` folder (offline weights)", nullable=True
+            str,
+            None,
+            "local .pth/.safetensors state dict or `avl-peft pretrain` folder (offline weights)",
+            nullable=True,
         ),
         "pretrain": F(
             str,
@@ -413,8 +416,9 @@ def _check_pretrain(bb: dict) -> None:
         raise ConfigError("backbone: set one of pretrained, checkpoint or pretrain, not several")
     path = Path(bb["pretrain"]).expanduser()
     if not path.is_file():
-        raise ConfigError(f"backbone.pretrain: '{path}' does not exist; give a pretrain YAML such as "
-                          "configs/pretrain_glyphs.yaml")
+        raise ConfigError(
+            f"backbone.pretrain: '{path}' does not exist; give a pretrain YAML such as configs/pretrain_glyphs.yaml"
+        )
     try:
         pre = load_pretrain_config(path)
     except ConfigError as e:
