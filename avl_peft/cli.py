@@ -127,7 +127,7 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     from .cl.backbone import meta_backbone
     from .errors import ConfigError
     from .safeio import check_finite, parse_yaml
-    from .study.schema import check_backbone_kwargs
+    from .study.backbone_checks import check_backbone_kwargs
 
     kwargs = {}
     for item in args.timm:

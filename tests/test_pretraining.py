@@ -42,13 +42,13 @@ def built(tmp_path_factory):
 @pytest.fixture
 def count_trainings(monkeypatch):
     calls = []
-    real = pretraining._train
+    real = pretraining.outputs._train
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pretraining, "_train", counted)
+    monkeypatch.setattr(pretraining.outputs, "_train", counted)
     return calls
 
 

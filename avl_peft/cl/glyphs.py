@@ -26,10 +26,11 @@ Design:
   own: ``dataset[i]``, a DataLoader with workers and :meth:`GlyphDataset.as_tensors` give the same
   pixels.
 * **Speed.** Each font's 52 letters are rasterised once (FreeType via Pillow) at twice the output
-  resolution and kept in memory. A batch of samples is then one ``grid_sample`` of those rasters at
-  2x resolution, a morphological stroke change, a 2x2 average down-sampling (anti-aliasing), a
-  separable blur and noise; all element-wise or fixed-order, so batch size does not change a bit of
-  the result. Tens of thousands of images render in seconds on one core.
+  resolution, together with eroded and dilated copies for the stroke change, and kept in memory. A
+  batch of samples is then a blend of two stroke levels, one ``grid_sample`` at 2x resolution, a 2x2
+  average down-sampling (anti-aliasing), a separable blur and noise. Every step is element-wise or a
+  fixed-order per-pixel sum, so batch size does not change a bit of the result. Several thousand
+  images per second render on one core.
 """
 
 from __future__ import annotations

@@ -12,16 +12,12 @@ import copy
 import dataclasses
 import math
 import re
-from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 
 from ..adapters import METHODS
 from ..adapters.base import parse_options
-from ..adapters.budget import select_for_budget
-from ..cl.backbone import closest_models, meta_backbone
 from ..cl.heads import head_options
 from ..cl.plugin import POLICIES, check_policy
 from ..cl.precision import PRECISIONS, check_precision
@@ -30,7 +26,7 @@ from ..cl.strategies import STRATEGIES, strategy_options
 from ..errors import ConfigError
 from ..options import option_names
 from ..registry import suggest
-from .pretrain import load_pretrain_config
+from .backbone_checks import _check_backbone, _check_budget
 from .upstream import check_upstream
 
 
@@ -373,104 +369,6 @@ def _check_finite(node: Any, key: str = "") -> None:
             _check_finite(v, f"{key}[{i}]")
     elif isinstance(node, float) and not math.isfinite(node):
         raise ConfigError(f"{key}: must be a finite number, got {node!r}")
-
-
-# Structural timm arguments whose size is surely a typo beyond these (the largest ViTs have depth 48, width
-# 1,664, 16 heads, 518-pixel inputs). Checked before the meta-device model is built: timm loops over
-# `depth`, so depth: 10**9 would otherwise hang validation.
-BACKBONE_KWARG_LIMITS = {
-    "depth": 256,
-    "img_size": 8192,
-    "patch_size": 1024,
-    "embed_dim": 65_536,
-    "num_heads": 1024,
-    "mlp_ratio": 64,
-}
-
-
-def _check_backbone(bb: dict) -> None:
-    arch = bb["name"].split(".")[0]
-    if not timm.is_model(arch):
-        raise ConfigError(f"backbone.name: unknown timm model '{bb['name']}'.{closest_models(bb['name'])}")
-    if bb["pretrain"] is not None:
-        _check_pretrain(bb)
-    if bb["checkpoint"] is not None:
-        path = Path(bb["checkpoint"]).expanduser()
-        if path.is_dir() and not (path / "model.safetensors").is_file():
-            raise ConfigError(
-                f"backbone.checkpoint: folder '{path}' has no model.safetensors; give an `avl-peft pretrain` "
-                "output folder or a .pth/.safetensors file"
-            )
-        if not path.exists():
-            raise ConfigError(
-                f"backbone.checkpoint: '{bb['checkpoint']}' does not exist; give the path of a local .pth or "
-                ".safetensors state dict, or an `avl-peft pretrain` output folder"
-            )
-    check_backbone_kwargs(bb["kwargs"])
-    meta_model(bb)  # builds the structure on the meta device: every argument timm refuses fails here
-
-
-def _check_pretrain(bb: dict) -> None:
-    """backbone.pretrain: a valid pretrain config describing this very backbone, and no other weights."""
-    if bb["pretrained"] or bb["checkpoint"] is not None:
-        raise ConfigError("backbone: set one of pretrained, checkpoint or pretrain, not several")
-    path = Path(bb["pretrain"]).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"backbone.pretrain: '{path}' does not exist; give a pretrain YAML such as configs/pretrain_glyphs.yaml"
-        )
-    try:
-        pre = load_pretrain_config(path)
-    except ConfigError as e:
-        raise ConfigError(f"backbone.pretrain: {e}") from None
-    ours = (bb["name"], dict(bb["kwargs"]))
-    theirs = (pre["backbone"]["name"], dict(pre["backbone"]["kwargs"]))
-    if ours != theirs:
-        raise ConfigError(
-            f"backbone.pretrain: '{path}' trains {theirs[0]} with {theirs[1]}, but this run's backbone is {ours[0]} "
-            f"with {ours[1]}; make backbone.name and backbone.kwargs match the pretrain config"
-        )
-
-
-def check_backbone_kwargs(kwargs: dict, where: str = "backbone.kwargs") -> None:
-    """Names must be strings; the structural sizes in BACKBONE_KWARG_LIMITS positive and below their limit."""
-    for key, value in kwargs.items():
-        if not isinstance(key, str):
-            raise ConfigError(f"{where}: argument names must be strings, got {key!r}")
-        limit = BACKBONE_KWARG_LIMITS.get(key)
-        values = value if isinstance(value, (list, tuple)) else [value]  # img_size/patch_size may be [h, w]
-        if limit is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            if any(not 0 < v <= limit for v in values):
-                label = f"{where} {key}" if where.startswith("--") else f"{where}.{key}"  # --timm depth
-                raise ConfigError(f"{label}: must be > 0 and <= {limit:,}, got {value!r}")
-
-
-_META_MODELS: dict[str, Any] = {}
-
-
-def meta_model(bb: dict) -> Any:
-    """The backbone on the meta device (cached per name and kwargs); ConfigError if timm refuses them."""
-    key = repr((bb["name"], sorted(bb["kwargs"].items())))
-    if key not in _META_MODELS:
-        _META_MODELS[key] = meta_backbone(bb["name"], what="backbone.kwargs", **bb["kwargs"])
-    return _META_MODELS[key]
-
-
-def _check_budget(cfg: dict) -> None:
-    """The budget must fit the method on this backbone (checked on a meta-device model: no memory, fast)."""
-    method = cfg["method"]
-    if not METHODS.get(method["name"]).budget_knobs:
-        return
-    try:
-        select_for_budget(
-            method["name"],
-            cfg["budget"],
-            backbone_model=meta_model(cfg["backbone"]),
-            targets=method["targets"],
-            **method["options"],
-        )
-    except ConfigError as e:
-        raise ConfigError(f"budget: {e}") from None
 
 
 def known_options() -> set[str]:
