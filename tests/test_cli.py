@@ -77,7 +77,7 @@ def test_list_says_how_each_strategy_resumes(capsys):
     out = capsys.readouterr().out
     block = out.split("strategies:", 1)[1]
     for name in STRATEGIES.names():
-        line = block.split(f"  {name} ", 1)[1].splitlines()[1]  # the capability line under the entry
+        line = block.split(f"  {name} ", 1)[1].splitlines()[0]  # the entry's line, capabilities in brackets
         assert ("exact resume" if STRATEGIES.get(name).resumable else "restarts on resume") in line, name
 
 

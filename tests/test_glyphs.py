@@ -101,7 +101,8 @@ def test_rendering_is_fast_enough_for_pretraining():
     start = time.perf_counter()
     ds.render(np.arange(len(ds)))
     rate = len(ds) / (time.perf_counter() - start)
-    assert rate > 500, f"{rate:.0f} images/s"  # thousands on an idle core; loose for shared machines
+    # thousands on an idle core; the bound is loose because shared CI machines can be heavily loaded
+    assert rate > 150, f"{rate:.0f} images/s"
 
 
 def test_bad_arguments_raise_config_error():
