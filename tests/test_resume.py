@@ -131,7 +131,9 @@ def test_sigkill_at_every_point_then_resume(name, tmp_path):
     cmd = [sys.executable, "-m", "avl_peft", "run", str(config), "--out", str(out), "--quiet", "--resume"]
     for wait_for, not_yet in ((None, "state_0.pt"), ("state_0.pt", "state_1.pt"), ("state_1.pt", "results.json")):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ready = (run_dir / "config.yaml") if wait_for is None else (run_dir / wait_for)
+        # A state is complete once its checksum sidecar (written after it) exists; a kill between the two
+        # leaves a state that is rightly ignored, and that experience retrained.
+        ready = run_dir / ("config.yaml" if wait_for is None else wait_for.replace(".pt", ".sha256"))
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and not ready.exists():
             time.sleep(0.01)
