@@ -3,7 +3,7 @@
 Every strategy class ``avalanche.training`` exports must have a row (a new Avalanche class fails here
 until ``python -m avl_peft.study.compat --write-readme`` is rerun), the README block must be exactly the
 rendering of the stored results, and each row's lora/continue cell is re-measured against the stored one
-(the full grid is the script's job: about two minutes on 2 cores).
+(a tenth of a second each; the full grid with its resume checks is the script's job, minutes on 2 cores).
 """
 
 import json
@@ -31,7 +31,6 @@ def test_readme_table_is_the_rendering_of_the_stored_results():
     assert block.strip() == compat.render(STORED).strip()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("row", compat.rows())
 def test_stored_cell_still_holds(row):
     now = compat.run_cell(row, "lora", "continue")

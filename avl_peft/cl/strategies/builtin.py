@@ -46,6 +46,7 @@ from avalanche.training.plugins import (
     SynapticIntelligencePlugin,
 )
 
+from ...adapters import METHODS
 from ...errors import ConfigError
 from ...validate import check_bool, check_int, check_number
 from ..composition import TrainableMIRPlugin
@@ -104,6 +105,16 @@ def _continue_only(name: str) -> Callable[[dict], None]:
             )
 
     return check
+
+
+def _lfl_check(cfg: dict) -> None:
+    """LFL freezes the model's last linear layer after each experience: a method must train more than that."""
+    cls = METHODS.get(cfg["method"]["name"])
+    if not (cls.adds_adapter or cls.trains_backbone):
+        raise ConfigError(
+            "strategy lfl freezes the classifier after the first experience, so with a method that trains only the "
+            "head nothing would train; pick an adapter method or full"
+        )
 
 
 # -- options ---------------------------------------------------------------------------------------------
@@ -331,7 +342,7 @@ for spec in (
                  _simple(ER_ACE, memory=True), ERACEOptions, uses_memory=True, state=BUFFER_STATE,
                  avalanche="ER_ACE"),
     StrategySpec("lfl", "Less-Forgetful Learning: keep the backbone's features (lambda_e)", _simple(LFL),
-                 LFLOptions, state=LFL_STATE, avalanche="LFL"),
+                 LFLOptions, state=LFL_STATE, check=_lfl_check, avalanche="LFL"),
     StrategySpec("gdumb", "GDumb: retrain from the initial model on a class-balanced memory (mem_size)",
                  _simple(GDumb, memory=True), ReplayOptions, uses_memory=True, state=GDUMB_STATE,
                  avalanche="GDumb"),
