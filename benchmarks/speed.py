@@ -106,7 +106,7 @@ def make_model(name: str, layout: str, args, x: torch.Tensor) -> nn.Module:
     method, _, interference = name.partition("_")
     options = {"rank": args.rank, **({"interference": interference} if interference else {})}
     model = avl_peft.inject(base, method, **options)
-    if method in ("inflora", "sdlora") or interference == "project":
+    if avl_peft.adapters.METHODS.get(method).requires_stack or interference == "project":
         second_experience(model, x)
     return model
 
