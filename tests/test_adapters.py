@@ -340,6 +340,8 @@ def test_fused_low_rank_backward_is_exact(bias, separate_input, frozen, path, mo
     if frozen:
         ref = ref + (x @ pair[1].t()) @ pair[0].t()
     assert torch.allclose(fn(*inputs), ref)
+    with torch.no_grad():  # evaluation: nothing kept for a backward, the same output
+        assert torch.allclose(fn(*inputs), ref)
     # Frozen W, A and frozen term (InfLoRA's second experience): gradients only for B and x, the same ones.
     detached = (x, w.detach(), bias_t, a.detach(), b, x_l, *(p.detach() for p in pair or ()))
     assert torch.autograd.gradcheck(fn, detached)

@@ -209,10 +209,11 @@ def test_compile_plugin_follows_adapter_changes(policy):
     experience, so every experience trains the same module tree; stacking makes a new one every experience,
     so old graphs are dropped."""
     torch._dynamo.reset()
-    cfg = make_cfg("lora", n_experiences=3)
-    eager, _ = outputs_after_experiences(cfg, policy=policy)
+    n = 2 if policy == "merge" else 3  # merge: adapted, merged, adapted again (no new structure)
+    cfg = make_cfg("lora", n_experiences=n)
+    eager, _ = outputs_after_experiences(cfg, experiences=n, policy=policy)
     plugin = CompilePlugin(backend="eager")
-    compiled, parts = outputs_after_experiences(cfg, plugin, policy=policy)
+    compiled, parts = outputs_after_experiences(cfg, plugin, experiences=n, policy=policy)
     assert parts.model.backbone._compiled_call_impl is not None
     assert torch.equal(compiled, eager)
     if policy == "merge":

@@ -85,3 +85,43 @@ def test_a_run_applies_training_threads(monkeypatch):
     ((_, cfg),) = expand(validate_study(data))
     build(cfg, None)
     assert torch.get_num_threads() == 2
+
+
+FAULTS = """
+import importlib.util, resource, sys
+spec = importlib.util.spec_from_file_location("threads", sys.argv[1])
+threads = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(threads)
+applied = threads.retain_freed_memory() if sys.argv[2] == "retain" else False
+def step():  # a training step's activations: blocks kept alive together, zero-filled (touched), then freed
+    blocks = [bytearray(6 << 20) for _ in range(8)]
+    del blocks
+step()  # the first step faults either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_freed_memory_is_reused_not_faulted_in_again(monkeypatch):
+    """glibc only: by default the heap is trimmed after each step (48 MiB freed at its top), so every step
+    faults its 12,288 pages in again; with the policy they are reused."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator policy applies to glibc")
+    env = {k: v for k, v in threads.os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", FAULTS, threads.__file__, mode], env=env, capture_output=True)
+        applied, count = out.stdout.decode().split()
+        return applied == "True", int(count)
+
+    (_, default), (applied, retained) = faults("default"), faults("retain")
+    assert applied
+    assert default > 10 * 10_000 and retained < 1000
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert not threads.retain_freed_memory()  # the user's malloc settings win

@@ -59,7 +59,7 @@ def use_merged(n: int, d_out: int, d_in: int) -> bool:
 
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_l, weight, bias, a, b, left, right, scale: float):
+    def forward(ctx, x, x_l, weight, bias, a, b, left, right, scale: float, grad: bool):
         shape = x.shape
         d_out = weight.shape[0]
         x2 = x.reshape(-1, shape[-1])  # (N, d_in)
@@ -67,7 +67,10 @@ class _LowRankLinear(torch.autograd.Function):
         xl2 = x2 if same else x_l.reshape(-1, shape[-1])
         frozen = left is not None
         merged = same and weight.dtype in FULL_PRECISION and use_merged(x2.shape[0], d_out, shape[-1])
-        need_x, _, need_w, _, need_a, need_b, need_left, need_right, _ = ctx.needs_input_grad
+        # needs_input_grad says what requires grad even under no_grad/inference_mode; ``grad`` is the caller's
+        # grad mode, so evaluation computes and keeps nothing for a backward that will never run.
+        needs = ctx.needs_input_grad if grad else (False,) * 9
+        need_x, _, need_w, _, need_a, need_b, need_left, need_right = needs[:8]
         xa = xl2 @ a.t() if (need_b or not merged) else None  # (N, q)
         xr = x2 @ right.t() if frozen and (need_left or not merged) else None  # (N, q₀)
         w = _effective(weight, a, b, left, right, scale) if merged else weight
@@ -90,7 +93,7 @@ class _LowRankLinear(torch.autograd.Function):
         xl2 = x2 if ctx.same else xl2
         s = ctx.scale
         g = grad.reshape(-1, weight.shape[0])  # (N, d_out)
-        need_x, need_xl, need_w, need_bias, need_a, need_b, need_left, need_right, _ = ctx.needs_input_grad
+        need_x, need_xl, need_w, need_bias, need_a, need_b, need_left, need_right = ctx.needs_input_grad[:8]
         grad_x = grad_xl = grad_w = grad_bias = grad_a = grad_b = grad_left = grad_right = None
         split_x = need_x and not ctx.merged  # the input gradient is assembled from the separate paths
         gxa = glr = None
@@ -122,7 +125,7 @@ class _LowRankLinear(torch.autograd.Function):
             grad_w = (x2.t() @ g).t()
         if need_bias and ctx.has_bias:
             grad_bias = g.sum(0)
-        return grad_x, grad_xl, grad_w, grad_bias, grad_a, grad_b, grad_left, grad_right, None
+        return grad_x, grad_xl, grad_w, grad_bias, grad_a, grad_b, grad_left, grad_right, None, None
 
 
 def _effective(weight, a, b, left, right, scale: float) -> torch.Tensor:
@@ -168,11 +171,11 @@ def low_rank_linear(
         x, weight, a, b = x.to(low), weight.to(low), a.to(low), b.to(low)
         x_l, bias, left, right = (t.to(low) if t is not None else None for t in (x_l, bias, left, right))
         with torch.autocast(x.device.type, enabled=False):
-            return _LowRankLinear.apply(x, x_l, weight, bias, a, b, left, right, float(scale))
+            return _LowRankLinear.apply(x, x_l, weight, bias, a, b, left, right, float(scale), torch.is_grad_enabled())
     dtype = weight.dtype
     if any(t is not None and t.dtype != dtype for t in (x, x_l, a, b, left, right)):
         # Mixed dtypes outside autocast: plain ops (and PyTorch's own dtype errors).
         x_l = x if x_l is None else x_l
         out = torch.nn.functional.linear(x, weight, bias) + (x_l @ a.t()) @ (scale * b).t()
         return out + (x @ right.t()) @ left.t() if left is not None else out
-    return _LowRankLinear.apply(x, x_l, weight, bias, a, b, left, right, float(scale))
+    return _LowRankLinear.apply(x, x_l, weight, bias, a, b, left, right, float(scale), torch.is_grad_enabled())
