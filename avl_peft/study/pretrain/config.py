@@ -65,7 +65,7 @@ SCHEMA: dict[str, Any] = {
     },
     "data": {
         "dataset": _Field("str", "glyphs", _one_of("glyphs"), "upstream dataset"),
-        "train_per_class": _Field("int", 800, _positive, "training images per letter and epoch"),
+        "train_per_class": _Field("int", 320, _positive, "training images per letter and epoch"),
         "test_per_class": _Field("int", 40, _positive, "held-out-font test images per letter"),
         "img_size": _Field("int", 32, _between(8, 512), "image side in pixels; must match the backbone"),
         "test_fraction": _Field("float", 0.25, _between(0, 1, True, True), "share of fonts held out"),
@@ -73,15 +73,15 @@ SCHEMA: dict[str, Any] = {
     },
     "training": {
         "epochs": _Field("int", 1, _positive, "passes over the training images"),
-        "batch_size": _Field("int", 64, _positive, "images per step"),
-        "lr": _Field("float", 1e-3, _positive, "peak AdamW learning rate"),
+        "batch_size": _Field("int", 32, _positive, "images per step"),
+        "lr": _Field("float", 7e-4, _positive, "peak AdamW learning rate"),
         "weight_decay": _Field("float", 0.05, _between(0, 1), "AdamW decay (not on biases, norms, tokens)"),
         "warmup": _Field("float", 0.1, _between(0, 1, False, True), "share of steps with linear warm-up"),
         "label_smoothing": _Field("float", 0.1, _between(0, 1, False, True), "cross-entropy smoothing"),
         "pos_embed_std": _Field(
-            "float", 0.5, _between(0, 10), "std of the position embedding init (0: keep timm's 0.02)"
+            "float", 0.6, _between(0, 10), "std of the position embedding init (0: keep timm's 0.02)"
         ),
-        "patch_drop": _Field("float", 0.5, _between(0, 1, False, True), "share of patch tokens dropped in training"),
+        "patch_drop": _Field("float", 0.25, _between(0, 1, False, True), "share of patch tokens dropped in training"),
         "precision": _Field("str", "bf16", _one_of("bf16", "fp32"), "autocast dtype of the training steps"),
         "threads": _Field("int", 1, _positive, "torch CPU threads while training"),
     },
