@@ -447,7 +447,7 @@ CASES = [
         "checkpoint-is-folder",
         dry(merged(backbone={"checkpoint": "/"})),
         2,
-        "backbone.checkpoint: folder '/' has no model.safetensors",
+        "backbone.checkpoint: '/' is not a complete `avl-peft pretrain` output: no card.json",
     ),
     Case("state-pickle-payload", evil_state, 0, "state_0.pt: cannot be loaded"),
     # --- report: a bad results.json is skipped with a warning, never a traceback

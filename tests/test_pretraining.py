@@ -189,3 +189,41 @@ def test_unwritable_output_folder_is_a_config_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ConfigError, match="not writable"):
         pretrain(TINY, blocker / "out", progress=False)
+
+
+def _study(checkpoint, depth=1):
+    from avl_peft.study.grid import validate_study
+
+    kwargs = {**TINY["backbone"]["kwargs"], "depth": depth}
+    return validate_study(
+        {
+            "backbone": {"name": "vit_tiny_patch16_224", "kwargs": kwargs, "checkpoint": str(checkpoint)},
+            "scenario": {"name": "digits", "n_experiences": 2},
+        }
+    )
+
+
+def test_checkpoint_folder_must_be_a_complete_output_of_this_backbone(tmp_path, built):
+    out = shutil.copytree(built, tmp_path / "out")
+    _study(out)  # complete, same backbone: accepted
+    with pytest.raises(ConfigError, match=r"this run's backbone is vit_tiny_patch16_224 with .*'depth': 2"):
+        _study(out, depth=2)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted copy
+    with pytest.raises(ConfigError, match=r"backbone.checkpoint: .*does not match the sha256.*--force"):
+        _study(out)
+
+
+def test_results_record_which_weights_a_run_started_from(built, tmp_path):
+    from avl_peft.study.experiment import weights_provenance
+
+    bb = {"name": "vit_tiny_patch16_224", "pretrained": False}
+    card = json.loads((built / "card.json").read_text())
+    got = weights_provenance(bb, built / "model.safetensors")
+    assert got["source"] == "pretrain" and got["config_hash"] == config_hash(TINY)
+    assert got["model_sha256"] == hashlib.sha256((built / "model.safetensors").read_bytes()).hexdigest()
+    assert got["test_accuracy"] == card["test_accuracy"]
+    assert weights_provenance(bb, None)["source"] == "random_init"
+    assert weights_provenance({**bb, "pretrained": True}, None)["source"] == "timm_pretrained"
+    plain = tmp_path / "w.pth"
+    assert weights_provenance(bb, plain) == {"source": "checkpoint", "file": str(plain)}

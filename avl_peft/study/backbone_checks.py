@@ -12,7 +12,7 @@ from ..adapters import METHODS
 from ..adapters.budget import select_for_budget
 from ..cl.backbone import closest_models, meta_backbone
 from ..errors import ConfigError
-from .pretrain import load_pretrain_config
+from .pretrain import load_pretrain_config, read_card
 
 # Structural timm arguments whose size is surely a typo beyond these (the largest ViTs have depth 48, width
 # 1,664, 16 heads, 518-pixel inputs). Checked before the meta-device model is built: timm loops over
@@ -35,11 +35,8 @@ def _check_backbone(bb: dict) -> None:
         _check_pretrain(bb)
     if bb["checkpoint"] is not None:
         path = Path(bb["checkpoint"]).expanduser()
-        if path.is_dir() and not (path / "model.safetensors").is_file():
-            raise ConfigError(
-                f"backbone.checkpoint: folder '{path}' has no model.safetensors; give an `avl-peft pretrain` "
-                "output folder or a .pth/.safetensors file"
-            )
+        if path.is_dir():
+            _check_pretrain_folder(bb, path)
         if not path.exists():
             raise ConfigError(
                 f"backbone.checkpoint: '{bb['checkpoint']}' does not exist; give the path of a local .pth or "
@@ -47,6 +44,24 @@ def _check_backbone(bb: dict) -> None:
             )
     check_backbone_kwargs(bb["kwargs"])
     meta_model(bb)  # builds the structure on the meta device: every argument timm refuses fails here
+
+
+def _check_pretrain_folder(bb: dict, path: Path) -> None:
+    """backbone.checkpoint as a folder: a complete pretrain output (weights match the card) of this backbone."""
+    try:
+        card = read_card(path)
+    except ConfigError as e:
+        raise ConfigError(f"backbone.checkpoint: {e}") from None
+    _same_backbone(bb, (card["backbone"]["name"], dict(card["backbone"]["kwargs"])), f"folder '{path}' holds")
+
+
+def _same_backbone(bb: dict, theirs: tuple[str, dict], what: str) -> None:
+    ours = (bb["name"], dict(bb["kwargs"]))
+    if ours != theirs:
+        raise ConfigError(
+            f"backbone: {what} {theirs[0]} with {theirs[1]}, but this run's backbone is {ours[0]} with {ours[1]}; "
+            "make backbone.name and backbone.kwargs match"
+        )
 
 
 def _check_pretrain(bb: dict) -> None:
@@ -62,13 +77,7 @@ def _check_pretrain(bb: dict) -> None:
         pre = load_pretrain_config(path)
     except ConfigError as e:
         raise ConfigError(f"backbone.pretrain: {e}") from None
-    ours = (bb["name"], dict(bb["kwargs"]))
-    theirs = (pre["backbone"]["name"], dict(pre["backbone"]["kwargs"]))
-    if ours != theirs:
-        raise ConfigError(
-            f"backbone.pretrain: '{path}' trains {theirs[0]} with {theirs[1]}, but this run's backbone is {ours[0]} "
-            f"with {ours[1]}; make backbone.name and backbone.kwargs match the pretrain config"
-        )
+    _same_backbone(bb, (pre["backbone"]["name"], dict(pre["backbone"]["kwargs"])), f"pretrain config '{path}' trains")
 
 
 def check_backbone_kwargs(kwargs: dict, where: str = "backbone.kwargs") -> None:

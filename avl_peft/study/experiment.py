@@ -44,7 +44,10 @@ from ..instruments.metrics import summarize_both
 from ..instruments.tracker import SubspaceTracker
 from . import results
 from . import resume as run_state
-from .pretrain import find_or_build, load_pretrain_config
+from .pretrain import CARD, find_or_build, load_pretrain_config, read_card
+
+# What results.json records of a pretrain card (``backbone_weights``): enough to tell two backbones apart.
+PROVENANCE_KEYS = ("name", "config_hash", "model_sha256", "test_accuracy", "created")
 from .upstream import build_upstream
 
 
@@ -65,6 +68,7 @@ class RunParts:
     stateful: dict[str, Any] = dataclasses.field(default_factory=dict)
     spec: StrategySpec | None = None  # the strategy's registry entry (its state is saved through it)
     context: StateContext | None = None  # what restoring the strategy's state needs (datasets, fresh models)
+    weights: dict[str, Any] | None = None  # where the backbone weights came from (:func:`weights_provenance`)
 
 
 def versions() -> dict[str, str]:
@@ -94,6 +98,17 @@ def resolve_checkpoint(bb: dict) -> Path | None:
         return None
     path = Path(bb["checkpoint"]).expanduser()
     return path / "model.safetensors" if path.is_dir() else path
+
+
+def weights_provenance(bb: dict, checkpoint: Path | None) -> dict[str, Any]:
+    """Which backbone weights a run started from: recorded in results.json (``backbone_weights``)."""
+    if checkpoint is None:
+        return {"source": "timm_pretrained" if bb["pretrained"] else "random_init", "name": bb["name"]}
+    out: dict[str, Any] = {"source": "checkpoint", "file": str(checkpoint)}
+    if (checkpoint.parent / CARD).is_file():  # a pretrain output: its card says what the weights are
+        card = read_card(checkpoint.parent)
+        out.update(source="pretrain", **{k: card.get(k) for k in PROVENANCE_KEYS})
+    return out
 
 
 def probe_batch(benchmark: Any, size: int) -> torch.Tensor:
@@ -240,7 +255,19 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         device=device,
     )
     return RunParts(
-        model, benchmark, strategy, matrix, peft, evaluator, device, tracker, budget, stateful, spec, context
+        model,
+        benchmark,
+        strategy,
+        matrix,
+        peft,
+        evaluator,
+        device,
+        tracker,
+        budget,
+        stateful,
+        spec,
+        context,
+        weights=weights_provenance(bb, checkpoint),
     )
 
 
@@ -334,6 +361,7 @@ def run_experiment(
         "versions": versions(),
         "params": done["counts"] or parameter_counts(strategy.model),
         "budget": parts.budget,
+        "backbone_weights": parts.weights,
         "classes_order": [int(c) for c in getattr(benchmark, "classes_order", [])],
         "accuracy_matrix": matrix.matrices,
         "metrics": summarize_both(matrix.matrices),

@@ -4,9 +4,10 @@ Every run folder ends with a ``results.json`` (written atomically, last, so its 
 ``status: finished`` means the run is complete). Schema version 2 (docs/design.md has the field list):
 
 * ``finished``: ``schema``, ``status``, ``run`` (id, method, strategy, seed, policy, options), ``config``,
-  ``versions``, ``params``, ``budget``, ``classes_order``, ``accuracy_matrix`` (``class_incremental`` and
-  ``task_aware``), ``metrics``, ``avalanche_metrics``, ``subspace``, ``subspace_layers``, ``upstream``
-  (optional), ``heads`` (optional), ``timing`` and, after a resume, ``resumed_at_experience``;
+  ``versions``, ``params``, ``budget``, ``backbone_weights`` (optional), ``classes_order``,
+  ``accuracy_matrix`` (``class_incremental`` and ``task_aware``), ``metrics``, ``avalanche_metrics``,
+  ``subspace``, ``subspace_layers``, ``upstream`` (optional), ``heads`` (optional), ``timing``
+  and, after a resume, ``resumed_at_experience``;
 * ``failed``: ``schema``, ``status``, ``error``, ``run``, ``config``.
 
 Version 1 files (before ``upstream``/``heads``) are still read. The writer (:mod:`.experiment`), the

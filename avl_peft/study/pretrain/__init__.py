@@ -25,7 +25,15 @@ bit-identical weights on the same machine and thread count.
 """
 
 from .config import CARD, CARD_FORMAT, RECIPE_VERSION, SCHEMA, WEIGHTS, config_hash, load_pretrain_config
-from .outputs import check_output, default_cache_dir, find_or_build, load_pretrained, output_dir, pretrain
+from .outputs import (
+    check_output,
+    default_cache_dir,
+    find_or_build,
+    load_pretrained,
+    output_dir,
+    pretrain,
+    read_card,
+)
 from .training import accuracy, data_config, to_model_input
 
 __all__ = [
@@ -44,5 +52,6 @@ __all__ = [
     "load_pretrained",
     "output_dir",
     "pretrain",
+    "read_card",
     "to_model_input",
 ]

@@ -70,6 +70,17 @@ def check_output(out_dir: str | os.PathLike, cfg: Mapping[str, Any] | None = Non
     return ""
 
 
+def read_card(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The card of a complete pretrain output folder; ConfigError saying why when it is not one."""
+    card, why = _read_card(Path(out_dir))
+    if card is None:
+        raise ConfigError(
+            f"'{out_dir}' is not a complete `avl-peft pretrain` output: {why}; rebuild it with "
+            f"`avl-peft pretrain CONFIG --out {out_dir} --force`"
+        )
+    return card
+
+
 def _ensure_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
