@@ -8,13 +8,17 @@ from avl_peft.cli import main
 from avl_peft.errors import ConfigError
 from avl_peft.study.grid import apply_set, expand, validate_study
 
-ALL_CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+REPO = Path(__file__).parent.parent
+ALL_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 PRETRAIN_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("pretrain_")]  # `avl-peft pretrain` configs
-CONFIGS = [p for p in ALL_CONFIGS if p not in PRETRAIN_CONFIGS]  # study configs
+# study configs, the recorded benchmark studies included (a run folder's copy, runs/**/study.yaml, is not one)
+CONFIGS = [p for p in ALL_CONFIGS if p not in PRETRAIN_CONFIGS] + sorted(
+    p for p in (REPO / "benchmarks").glob("*/*.yaml") if p.parent.name != "runs"
+)
 TINY = {"backbone": {"kwargs": {"img_size": 32, "patch_size": 4, "depth": 2}}, "scenario": {"name": "synthetic"}}
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parent.name}/{p.name}" for p in CONFIGS])
 def test_every_shipped_config_validates(path, capsys):
     import torch
     import yaml

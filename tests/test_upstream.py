@@ -250,3 +250,14 @@ def test_read_imagefolder_decompression_bomb(tmp_path, monkeypatch):
     err = _folder(tmp_path / "e", {"a": [("huge.png", (0, 0, 0), (30, 30))]})  # 900 px > 2·limit: Pillow's error
     with pytest.raises(DataError, match="huge.png' is too large"):
         read_imagefolder(err, 4, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def test_glyph_probe_renders_a_reference_split_only_for_knn():
+    from avl_peft.study.upstream import upstream_data
+
+    dc = {"img_size": 16, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    up = {"dataset": "glyphs", "per_class": 1, "seed": 0}
+    rx, ry, qx, qy = upstream_data({**up, "head": "checkpoint"}, dc, seed=0)
+    assert len(rx) == len(ry) == 0 and qx.shape == (52, 3, 16, 16) and qy.tolist() == list(range(52))
+    kx, ky, kqx, kqy = upstream_data({**up, "head": "knn", "k": 1}, dc, seed=0)
+    assert kx.shape == (52, 3, 16, 16) and torch.equal(kqx, qx) and torch.equal(kqy, qy)  # same test split

@@ -88,9 +88,11 @@ def upstream_data(up: dict, dc: dict[str, Any], seed: int) -> tuple[torch.Tensor
     """(reference images, labels, query images, labels) in the backbone's input format."""
     dataset, n = up["dataset"], up["per_class"]
     if dataset == "glyphs":
-        train = GlyphDataset("train", n, seed=up["seed"], img_size=dc["img_size"])
         test = GlyphDataset("test", n, seed=up["seed"], img_size=dc["img_size"])
-        (tx, ty), (qx, qy) = train.as_tensors(), test.as_tensors()
+        qx, qy = test.as_tensors()
+        if up["head"] == "checkpoint":  # the checkpoint's classifier needs no reference split: none rendered
+            return _to_input(qx[:0], dc), qy[:0], _to_input(qx, dc), qy
+        tx, ty = GlyphDataset("train", n, seed=up["seed"], img_size=dc["img_size"]).as_tensors()
         return _to_input(tx, dc), ty, _to_input(qx, dc), qy
     if dataset.startswith(IMAGEFOLDER):
         images, labels, _ = read_imagefolder(dataset[len(IMAGEFOLDER) :], max_per_class=2 * n, **dc)

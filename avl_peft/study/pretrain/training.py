@@ -150,7 +150,7 @@ def _train(cfg: Mapping[str, Any], progress: bool) -> tuple[nn.Module, dict[str,
     test_images, test_labels = test_set.as_tensors()
     facts = {
         "test_accuracy": accuracy(model, test_images, test_labels, dcfg),
-        "train_accuracy_last_epoch": correct / max(1, seen),
+        "train_accuracy_running_last_epoch": correct / max(1, seen),  # while training: patch drop on, weights moving
         "final_loss": loss_value,
         "steps": total,
         "samples_seen": total * tr["batch_size"],
