@@ -45,9 +45,6 @@ from ..instruments.tracker import SubspaceTracker
 from . import results
 from . import resume as run_state
 from .pretrain import CARD, find_or_build, load_pretrain_config, read_card
-
-# What results.json records of a pretrain card (``backbone_weights``): enough to tell two backbones apart.
-PROVENANCE_KEYS = ("name", "config_hash", "model_sha256", "test_accuracy", "created")
 from .upstream import build_upstream
 
 
@@ -98,6 +95,10 @@ def resolve_checkpoint(bb: dict) -> Path | None:
         return None
     path = Path(bb["checkpoint"]).expanduser()
     return path / "model.safetensors" if path.is_dir() else path
+
+
+# What results.json records of a pretrain card (``backbone_weights``): enough to tell two backbones apart.
+PROVENANCE_KEYS = ("name", "config_hash", "model_sha256", "test_accuracy", "created")
 
 
 def weights_provenance(bb: dict, checkpoint: Path | None) -> dict[str, Any]:
