@@ -326,5 +326,8 @@ def test_schema_2_heads_and_upstream_columns_and_plot(tmp_path: Path):
     markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "Linear-head ACC (%)" in markdown and "Upstream retention" in markdown
     line = next(x for x in markdown.splitlines() if x.startswith("| lora | rank=8 | naive | prototype | 2 |"))
-    assert "32.0" in line and "65.0" in line and "0.722" in line
+    assert "32.0 ± 2.8" in line and "65.0 ± 7.1" in line and "0.722 ± 0.079" in line  # mean ± std over seeds
+    assert proto["upstream_retention_std"] == pytest.approx(0.1 / 0.9 / 2**0.5)
     assert (tmp_path / "plots" / "upstream_acc.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "upstream_retention_vs_params.png").stat().st_size > 0
+    assert "(plots/upstream_retention_vs_params.png)" in markdown

@@ -27,18 +27,20 @@ def write_plots(
     root = Path(plots_dir).parent if root is None else root
     written: list[Path] = []
     finished_rows = [row for row in rows if row["status"] == "finished"]
+    params = ("trainable_params", "trainable parameters (log scale)", True)
     scatters = [
-        ("trainable_params", "trainable parameters (log scale)", "forgetting_vs_params.png", True),
-        ("overlap_mean", "mean subspace overlap", "forgetting_vs_overlap.png", False),
-        ("alignment_mean", "mean subspace alignment", "forgetting_vs_alignment.png", False),
+        (FORGETTING, params, "forgetting_vs_params.png"),
+        (FORGETTING, ("overlap_mean", "mean subspace overlap", False), "forgetting_vs_overlap.png"),
+        (FORGETTING, ("alignment_mean", "mean subspace alignment", False), "forgetting_vs_alignment.png"),
+        (RETENTION, params, "upstream_retention_vs_params.png"),
     ]
     # Colours are assigned once over all methods so a method looks the same in every plot.
     methods = sorted({row["method"] for row in finished_rows})
-    for x_key, x_label, filename, log_x in scatters:
-        if _plot_forgetting_scatter(finished_rows, methods, x_key, x_label, plots_dir / filename, log_x, root):
+    for y_axis, x_axis, filename in scatters:
+        if _plot_scatter(finished_rows, methods, y_axis, x_axis, plots_dir / filename, root):
             written.append(plots_dir / filename)
 
-    if _plot_upstream(runs, plots_dir / "upstream_acc.png"):
+    if _plot_upstream(runs, plots_dir / "upstream_acc.png", root):
         written.append(plots_dir / "upstream_acc.png")
 
     used_names: set[str] = set()
@@ -125,23 +127,28 @@ def _plot_accuracy_matrices(matrices: dict[str, np.ndarray], run_id: str, path: 
     _save(figure, path, root)
 
 
-def _plot_forgetting_scatter(
+# y axes of the scatter plots: (row key without _mean/_std, label, scale to the axis unit)
+FORGETTING = ("forgetting", "forgetting, class-incremental (%)", 100.0)
+RETENTION = ("upstream_retention", "upstream retention (1 = pretrained accuracy kept)", 1.0)
+
+
+def _plot_scatter(
     rows: list[dict[str, Any]],
     all_methods: list[str],
-    x_key: str,
-    x_label: str,
+    y_axis: tuple[str, str, float],
+    x_axis: tuple[str, str, bool],
     path: Path,
-    log_x: bool,
     root: Path,
 ) -> bool:
-    """Forgetting (mean ± std over seeds) against one column, one colour per method; False if no data."""
+    """One metric (mean ± std over seeds) against one column, one colour per method; False if no data."""
     import matplotlib
 
+    (y_key, y_label, scale), (x_key, x_label, log_x) = y_axis, x_axis
     points = [
         row
         for row in rows
         if row.get(x_key) is not None
-        and row.get("forgetting_mean") is not None
+        and row.get(f"{y_key}_mean") is not None
         and (not log_x or row[x_key] > 0)  # a log axis cannot place 0 trainable parameters
     ]
     if not points:
@@ -154,8 +161,8 @@ def _plot_forgetting_scatter(
         mine = [row for row in points if row["method"] == method]
         ax.errorbar(
             [row[x_key] for row in mine],
-            [row["forgetting_mean"] * 100 for row in mine],
-            yerr=[(row["forgetting_std"] or 0.0) * 100 for row in mine],
+            [row[f"{y_key}_mean"] * scale for row in mine],
+            yerr=[(row.get(f"{y_key}_std") or 0.0) * scale for row in mine],
             fmt="o",
             capsize=3,
             color=cmap(all_methods.index(method) % cmap.N),
@@ -165,7 +172,7 @@ def _plot_forgetting_scatter(
             label = ", ".join(part for part in (row["options"], row["strategy"]) if part)
             ax.annotate(
                 label,
-                (row[x_key], row["forgetting_mean"] * 100),
+                (row[x_key], row[f"{y_key}_mean"] * scale),
                 textcoords="offset points",
                 xytext=(4, 4),
                 fontsize=7,
@@ -173,15 +180,15 @@ def _plot_forgetting_scatter(
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(x_label)
-    ax.set_ylabel("forgetting, class-incremental (%)")
-    ax.set_title(f"Forgetting vs {x_label.split(' (')[0]}")
+    ax.set_ylabel(y_label)
+    ax.set_title(f"{y_label.split(' (')[0].split(',')[0].capitalize()} vs {x_label.split(' (')[0]}")
     ax.grid(alpha=0.3)
     ax.legend(title="method", fontsize=8)
     _save(figure, path, root)
     return True
 
 
-def _plot_upstream(runs: list[Run], path: Path) -> bool:
+def _plot_upstream(runs: list[Run], path: Path, root: Path) -> bool:
     """Upstream accuracy against experience (−1 = the model as built), one line per configuration, mean
     over seeds; False when no run measured it."""
     groups: dict[tuple[str, ...], list[list[float]]] = {}
@@ -202,5 +209,5 @@ def _plot_upstream(runs: list[Run], path: Path) -> bool:
     ax.set_title("Pretrained knowledge kept: upstream accuracy after each experience")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.savefig(path, dpi=110)
+    _save(fig, path, root)
     return True

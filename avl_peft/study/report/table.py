@@ -13,7 +13,12 @@ from ...safeio import write_text_nofollow
 from .runs import REPORT_METRICS, Run, mean
 
 SUBSPACE_COLUMNS: tuple[str, ...] = ("overlap_mean", "alignment_mean", "final_feature_drift")
-UPSTREAM_COLUMNS: tuple[str, ...] = ("upstream_acc_mean", "upstream_retention_mean")
+UPSTREAM_COLUMNS: tuple[str, ...] = (
+    "upstream_acc_mean",
+    "upstream_acc_std",
+    "upstream_retention_mean",
+    "upstream_retention_std",
+)
 
 # The CSV always has every column (empty cells where a value is missing) so that tools reading several
 # reports see one stable schema; the Markdown table drops the subspace columns when no run has them.
@@ -29,6 +34,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "trainable_params",
     "train_s_mean",
     "linear_acc_mean",
+    "linear_acc_std",
     *UPSTREAM_COLUMNS,
     *SUBSPACE_COLUMNS,
     "error",
@@ -63,11 +69,11 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         cells.append(f"{params:,}" if params is not None else "n/a")
         cells.append(_number_cell(row.get("train_s_mean"), ".1f"))
         if with_linear:
-            cells.append(_number_cell(_scaled(row.get("linear_acc_mean")), ".1f"))
+            cells.append(_percent(row.get("linear_acc_mean"), row.get("linear_acc_std")))
         if with_upstream:
             cells += [
-                _number_cell(_scaled(row.get("upstream_acc_mean")), ".1f"),
-                _number_cell(row.get("upstream_retention_mean"), ".3f"),
+                _percent(row.get("upstream_acc_mean"), row.get("upstream_acc_std")),
+                _plus_minus(row.get("upstream_retention_mean"), row.get("upstream_retention_std"), ".3f"),
             ]
         if with_subspace:
             cells += [_number_cell(row.get(column), ".3f") for column in SUBSPACE_COLUMNS]
@@ -113,9 +119,10 @@ def _group_row(key: tuple[str, str, str, str], members: list[Run]) -> dict[str, 
     row["overlap_mean"] = mean([r.overlap for r in members if r.overlap is not None])
     row["alignment_mean"] = mean([r.alignment for r in members if r.alignment is not None])
     row["final_feature_drift"] = mean([r.final_drift for r in members if r.final_drift is not None])
-    row["linear_acc_mean"] = mean([r.linear_acc for r in members if r.linear_acc is not None])
-    row["upstream_acc_mean"] = mean([r.upstream[-1] for r in members if r.upstream])
-    row["upstream_retention_mean"] = mean([r.upstream_retention for r in members if r.upstream_retention is not None])
+    row["linear_acc_mean"], row["linear_acc_std"] = _mean_std([r.linear_acc for r in members])
+    final_upstream = [r.upstream[-1] if r.upstream else None for r in members]
+    row["upstream_acc_mean"], row["upstream_acc_std"] = _mean_std(final_upstream)
+    row["upstream_retention_mean"], row["upstream_retention_std"] = _mean_std([r.upstream_retention for r in members])
     return row
 
 
@@ -184,9 +191,13 @@ def _scaled(fraction: float | None) -> float | None:
 
 
 def _percent(mean: float | None, std: float | None) -> str:
+    return _plus_minus(_scaled(mean), _scaled(std), ".1f")
+
+
+def _plus_minus(mean: float | None, std: float | None, spec: str) -> str:
     if mean is None:
         return "n/a"
-    return f"{mean * 100:.1f} ± {(std or 0.0) * 100:.1f}"
+    return f"{format(mean, spec)} ± {format(std or 0.0, spec)}"
 
 
 def _number_cell(value: float | None, spec: str) -> str:
