@@ -325,19 +325,28 @@ def pissa_init_times(args) -> dict[str, float]:
 
 def end_to_end() -> dict[str, float]:
     """The quickstart's pipeline (Avalanche loop, data loading, callbacks, metrics, logging) against the
-    pure model step for the same images: one LoRA experience of the offline digits scenario."""
+    pure model step for the same images: one LoRA experience of the offline digits scenario.
+
+    ``pipeline``: the loop with the linear head and no upstream probe — the overhead of the machinery.
+    ``instrumented``: the quickstart as configured, which also measures upstream accuracy before and after
+    the experience and computes the prototype head's class means — measurements, reported apart.
+    """
     import tempfile
 
     from avl_peft.study.experiment import build
     from avl_peft.study.grid import expand, load_study
 
     config = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
-    study = load_study(config, ["training.pretrain=false", "variants=[{method.name: lora}]", "training.epochs=2"])
-    _, cfg = expand(study)[0]
+    common = ["training.pretrain=false", "variants=[{method.name: lora}]", "training.epochs=2"]
+    plain = [*common, "training.head=linear", "upstream.dataset=null"]
     with tempfile.TemporaryDirectory() as tmp:
-        parts = build(cfg, Path(tmp))
-        strategy, experience = parts.strategy, parts.benchmark.train_stream[0]
-        strategy.train(experience)  # warm-up: injection, optimizer, first-iteration allocations
+        strategies = {}
+        for name, overrides in (("pipeline", plain), ("instrumented", common)):
+            _, cfg = expand(load_study(config, overrides))[0]
+            parts = build(cfg, Path(tmp) / name)
+            parts.strategy.train(parts.benchmark.train_stream[0])  # warm-up: injection, optimizer, allocations
+            strategies[name] = (parts.strategy, parts.benchmark.train_stream[0])
+        strategy, experience = strategies["pipeline"]
         n = len(experience.dataset) * strategy.train_epochs
         # The same model, optimizer and batch size on pre-stacked tensors: nothing but the model step.
         ds = experience.dataset
@@ -358,16 +367,50 @@ def end_to_end() -> dict[str, float]:
                     opt.zero_grad(set_to_none=True)
 
         pure()
-        fns = {"model": pure, "pipeline": lambda: strategy.train(experience)}
+        fns = {"model": pure, **{name: (lambda s=s, e=e: s.train(e)) for name, (s, e) in strategies.items()}}
         result = interleaved(fns, 5, "cpu", "model", warmup=0)
     v = result["variants"]
     per = "cpu_s_median" if result["timer"] == "cpu" else "wall_s_median"
     return {
         "pipeline_s_per_image": v["pipeline"][per] / n,
+        "instrumented_s_per_image": v["instrumented"][per] / n,
         "model_s_per_image": v["model"][per] / n,
         "overhead": v["pipeline"]["ratio_median"] - 1,
+        "overhead_instrumented": v["instrumented"]["ratio_median"] - 1,
         "timer": result["timer"],
     }
+
+
+def profile_steps(models: dict, layout: str, args, x, y) -> dict[str, dict[str, float]]:
+    """torch.profiler over ``--profile-steps`` fp32 steps of the limit and each ``--profile`` method: self CPU
+    time per operator (ms per step), written as a table beside the results; the difference to the limit's
+    column is where a method's extra cost goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op: dict[str, dict[str, float]] = {}
+    for name in ["limit", *args.profile]:
+        step = Stepper(models[name], args.device, "fp32")
+        step(x, y)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.profile_steps):
+                step(x, y)
+        for event in prof.key_averages():
+            per_op.setdefault(event.key, {})[name] = event.self_cpu_time_total / 1e3 / args.profile_steps
+    columns = ["limit", *args.profile]
+    totals = {c: sum(v.get(c, 0.0) for v in per_op.values()) for c in columns}
+    order = sorted(per_op, key=lambda k: -max(per_op[k].get(c, 0.0) - per_op[k].get("limit", 0.0) for c in columns))
+    title = f"self CPU ms per step, {layout} fp32, batch {args.batch}, {args.profile_steps} steps"
+    lines = [f"{title}; rows ordered by the largest extra over the limit"]
+    lines.append(f"{'operator':<44}" + "".join(f"{c:>14}" for c in columns))
+    lines.append(f"{'(total)':<44}" + "".join(f"{totals[c]:>14.1f}" for c in columns))
+    for key in order[:25]:
+        lines.append(f"{key[:43]:<44}" + "".join(f"{per_op[key].get(c, 0.0):>14.2f}" for c in columns))
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out) / f"profile-{LAYOUTS[layout][0]}-{LAYOUTS[layout][1]}px-{args.device}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+    return {key: per_op[key] for key in order[:25]}
 
 
 def has_peft() -> bool:
@@ -418,6 +461,8 @@ def main() -> None:
     ap.add_argument("--skip-heads", action="store_true")
     ap.add_argument("--skip-pissa-init", action="store_true")
     ap.add_argument("--skip-end-to-end", action="store_true")
+    ap.add_argument("--profile", default="", help="comma list of methods to profile against the limit (fp32)")
+    ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--tag", default="", help="suffix of the result file names (e.g. bf16)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -425,6 +470,9 @@ def main() -> None:
     args.precisions = supported_precisions(args.precisions.split(","), args.device)
     args.methods = [m for m in args.methods.split(",") if m]
     args.compile_methods = [m for m in args.compile_methods.split(",") if m]
+    args.profile = [m for m in args.profile.split(",") if m]
+    if any(m not in args.methods for m in args.profile):
+        ap.error(f"--profile: every method must also be in --methods ({', '.join(args.methods)})")
     threads.configure()  # the process policy the CLI applies (threads, freed memory kept: avl_peft/threads.py)
     machine = {
         "machine": socket.gethostname(),
@@ -450,6 +498,8 @@ def main() -> None:
         if "lora" in steps.get("precisions", {}).get("fp32", {}).get("variants", {}) and "peft_lora" in models:
             v = steps["precisions"]["fp32"]["variants"]
             results["ours_over_peft_lora"] = v["lora"]["ratio_median"] / v["peft_lora"]["ratio_median"]
+        if args.profile:
+            results["profile"] = profile_steps(models, layout, args, x, y)
         if not args.skip_eval:
             results["eval"] = eval_costs(models, layout, args, x)
         if not args.skip_heads:

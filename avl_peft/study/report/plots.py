@@ -190,20 +190,38 @@ def _plot_scatter(
 
 def _plot_upstream(runs: list[Run], path: Path, root: Path) -> bool:
     """Upstream accuracy against experience (−1 = the model as built), one line per configuration, mean
-    over seeds; False when no run measured it."""
-    groups: dict[tuple[str, ...], list[list[float]]] = {}
+    over seeds; False when no run measured it.
+
+    The classifier head only reads the backbone, so configurations that differ only in ``training.head``
+    train the same backbone: their curves are drawn once, labelled with every head that produced them.
+    """
+    import matplotlib
+
+    groups: dict[tuple[str, ...], dict[Any, list[float]]] = {}  # configuration -> seed -> curve
+    heads: dict[tuple[str, ...], set[str]] = {}
     for run in runs:
         if run.status == "finished" and run.upstream:
-            groups.setdefault(run.key, []).append(run.upstream)
+            method, options, strategy, head = run.key
+            seed = run.seed if run.seed is not None else run.run_id
+            groups.setdefault((method, options, strategy), {}).setdefault(seed, run.upstream)
+            heads.setdefault((method, options, strategy), set()).add(head or "linear")
     if not groups:
         return False
     fig = _new_figure(7.5, 4.5)
     ax = fig.add_subplot(1, 1, 1)
-    for (method, options, strategy, head), curves in sorted(groups.items()):
+    cmap = matplotlib.colormaps["tab10" if len(groups) <= 10 else "tab20"]
+    for i, (key, by_seed) in enumerate(sorted(groups.items())):
+        curves = list(by_seed.values())  # one per seed: another head of the same seed trained the same backbone
         length = min(len(c) for c in curves)
         values = np.nanmean(np.array([c[:length] for c in curves]) * 100, axis=0)
-        label = " ".join(p for p in (method, options, strategy, head) if p)
-        ax.plot(range(-1, length - 1), values, marker="o", label=f"{label} (n={len(curves)})")
+        label = " ".join(p for p in key if p)
+        ax.plot(
+            range(-1, length - 1),
+            values,
+            marker="os^Dv<>ph*"[i % 10],
+            color=cmap(i % cmap.N),
+            label=f"{label} [{', '.join(sorted(heads[key]))}] (n={len(curves)})",
+        )
     ax.set_xlabel("experience (−1: before training)")
     ax.set_ylabel("upstream accuracy (%)")
     ax.set_title("Pretrained knowledge kept: upstream accuracy after each experience")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -94,9 +95,21 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
     rows += [_failed_row(run) for run in runs if run.status == "failed"]
     # Finished row first, then the failed runs of the same configuration right below it.
     rows.sort(
-        key=lambda r: (r["method"], r["options"], r["strategy"], r["head"], r["status"] != "finished", r["run_ids"])
+        key=lambda r: (
+            r["method"],
+            _natural(r["options"]),
+            r["strategy"],
+            r["head"],
+            r["status"] != "finished",
+            r["run_ids"],
+        )
     )
     return rows
+
+
+def _natural(text: str) -> tuple:
+    """Sort key reading digit runs as numbers: rank=4 before rank=16."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text or ""))
 
 
 def _empty_row(key: tuple[str, str, str, str], status: str) -> dict[str, Any]:
