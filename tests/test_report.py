@@ -84,6 +84,7 @@ def _subspace(seed: int) -> list[dict]:
         {
             "experience": 1,
             "overlap": 0.4 + 0.1 * seed,
+            "input_overlap": 0.05 * seed,
             "alignment": 0.7,
             "effective_rank": 5.0,
             "relative_norm": 0.2,
@@ -166,6 +167,7 @@ def test_rows_average_over_seeds_and_keep_failed_runs_apart(run_root: Path):
     assert lora["trainable_params"] == 12_000
     assert lora["train_s_mean"] == pytest.approx(10.5)
     assert lora["overlap_mean"] == pytest.approx(statistics.fmean([(0.2 + 0.4) / 2, (0.2 + 0.5) / 2]))
+    assert lora["input_overlap_mean"] == pytest.approx(0.025)  # only experience 1 has one: (0 + 0.05) / 2
     assert lora["alignment_mean"] == pytest.approx(0.6)
     assert lora["final_feature_drift"] == pytest.approx(0.35)
 
@@ -209,7 +211,7 @@ def test_markdown_report_shows_rows_as_percentages(run_root: Path):
     assert "12,000" in lora
     full = next(line for line in markdown.splitlines() if line.startswith("| full "))
     assert "61.0 ± 1.4" in full and "n/a" in full  # no subspace data for full fine-tuning
-    assert "Overlap" in markdown and "Final drift" in markdown
+    assert "Overlap" in markdown and "Input overlap" in markdown and "Final drift" in markdown
     failed = next(line for line in markdown.splitlines() if "**failed**" in line)
     assert failed.startswith("| lora | rank=8 |")
     assert "CUDA out of memory \\| try a smaller batch" in failed  # the pipe must not split the cell

@@ -46,6 +46,7 @@ class Run:
     trainable: int | None = None
     train_s: float | None = None
     overlap: float | None = None
+    input_overlap: float | None = None  # row-space (input-side) overlap: what interference control constrains
     alignment: float | None = None
     final_drift: float | None = None
     matrices: dict[str, Any] = field(default_factory=dict)
@@ -163,6 +164,8 @@ def _read_subspace(entries: Any, run: Run) -> None:
     overlaps = [_number(e.get("overlap"), "subspace[].overlap") for e in adapted]
     alignments = [_number(e.get("alignment"), "subspace[].alignment") for e in adapted]
     run.overlap = mean([v for v in overlaps if v is not None])
+    inputs = [_number(e.get("input_overlap"), "subspace[].input_overlap") for e in adapted]
+    run.input_overlap = mean([v for v in inputs if v is not None])
     run.alignment = mean([v for v in alignments if v is not None])
     # "Final" means the last experience, taken by its index rather than list order in case a writer
     # appended entries out of order; entries without an index rank below indexed ones, ties by position.

@@ -13,7 +13,7 @@ from typing import Any
 from ...safeio import write_text_nofollow
 from .runs import REPORT_METRICS, Run, mean
 
-SUBSPACE_COLUMNS: tuple[str, ...] = ("overlap_mean", "alignment_mean", "final_feature_drift")
+SUBSPACE_COLUMNS: tuple[str, ...] = ("overlap_mean", "input_overlap_mean", "alignment_mean", "final_feature_drift")
 UPSTREAM_COLUMNS: tuple[str, ...] = (
     "upstream_acc_mean",
     "upstream_acc_std",
@@ -58,7 +58,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     if with_upstream:
         headers += ["Upstream acc (%)", "Upstream retention"]
     if with_subspace:
-        headers += ["Overlap", "Alignment", "Final drift"]
+        headers += ["Overlap", "Input overlap", "Alignment", "Final drift"]
     headers.append("Status")
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
@@ -130,6 +130,7 @@ def _group_row(key: tuple[str, str, str, str], members: list[Run]) -> dict[str, 
     row["trainable_params"] = round(trainable) if trainable is not None else None
     row["train_s_mean"] = mean([r.train_s for r in members if r.train_s is not None])
     row["overlap_mean"] = mean([r.overlap for r in members if r.overlap is not None])
+    row["input_overlap_mean"] = mean([r.input_overlap for r in members if r.input_overlap is not None])
     row["alignment_mean"] = mean([r.alignment for r in members if r.alignment is not None])
     row["final_feature_drift"] = mean([r.final_drift for r in members if r.final_drift is not None])
     row["linear_acc_mean"], row["linear_acc_std"] = _mean_std([r.linear_acc for r in members])
