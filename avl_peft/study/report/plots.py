@@ -87,7 +87,7 @@ def _new_figure(width: float, height: float) -> Any:
 
 def _save(figure: Any, path: Path, root: Path) -> None:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")  # keeps a legend placed outside
     write_bytes_nofollow(path, buffer.getvalue(), root=root)
 
 
@@ -207,7 +207,7 @@ def _plot_upstream(runs: list[Run], path: Path, root: Path) -> bool:
             heads.setdefault((method, options, strategy), set()).add(head or "linear")
     if not groups:
         return False
-    fig = _new_figure(7.5, 4.5)
+    fig = _new_figure(13.0 if len(groups) > 6 else 7.5, 4.5)  # room for a legend beside many lines
     ax = fig.add_subplot(1, 1, 1)
     cmap = matplotlib.colormaps["tab10" if len(groups) <= 10 else "tab20"]
     for i, (key, by_seed) in enumerate(sorted(groups.items())):
@@ -226,6 +226,9 @@ def _plot_upstream(runs: list[Run], path: Path, root: Path) -> bool:
     ax.set_ylabel("upstream accuracy (%)")
     ax.set_title("Pretrained knowledge kept: upstream accuracy after each experience")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if len(groups) > 6:  # many lines: the legend beside the axes, not over the curves
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7, loc="best")
     _save(fig, path, root)
     return True
