@@ -85,9 +85,10 @@ def _new_figure(width: float, height: float) -> Any:
     return figure
 
 
-def _save(figure: Any, path: Path, root: Path) -> None:
+def _save(figure: Any, path: Path, root: Path, *, tight: bool = False) -> None:
+    """``tight``: crop to the drawn content (a legend placed beside the axes); heatmaps keep their capped size."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")  # keeps a legend placed outside
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight" if tight else None)
     write_bytes_nofollow(path, buffer.getvalue(), root=root)
 
 
@@ -230,5 +231,5 @@ def _plot_upstream(runs: list[Run], path: Path, root: Path) -> bool:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         ax.legend(fontsize=7, loc="best")
-    _save(fig, path, root)
+    _save(fig, path, root, tight=True)
     return True
