@@ -15,20 +15,8 @@ from avl_peft.adapters import METHODS
 from avl_peft.cl.strategies import STRATEGIES
 from avl_peft.errors import ConfigError
 from avl_peft.study import experiment as study
+from avl_peft.study.compat_rows import TINY_OPTIONS
 from avl_peft.study.grid import expand, validate_study
-
-# Small memories and steps so every strategy does its work on 8 images per class.
-OPTIONS = {
-    "replay": {"mem_size": 8},
-    "gdumb": {"mem_size": 8},
-    "agem": {"patterns_per_exp": 4, "sample_size": 4},
-    "gem": {"patterns_per_exp": 4},
-    "mir": {"mem_size": 8, "subsample": 6, "batch_size_mem": 2},
-    "er_ace": {"mem_size": 8, "batch_size_mem": 2},
-    "mer": {"mem_size": 8, "batch_size_mem": 2, "n_inner_steps": 1},
-    "rwalk": {"delta_t": 2},
-    "l2p": {"pool_size": 2, "prompt_length": 1, "top_k": 1},
-}
 
 
 def make_cfg(method, strategy, *, policy=None, pretrain=False):
@@ -50,7 +38,8 @@ def make_cfg(method, strategy, *, policy=None, pretrain=False):
             "train_mask": "seen" if spec.uses_memory else "current",
         },
         "method": {"name": method, "policy": policy, "options": {"rank": 2} if cls.adds_adapter else {}},
-        "strategy": {"name": strategy, "options": OPTIONS.get(strategy, {})},
+        # the compatibility table's small memories and few steps: every strategy works on 8 images per class
+        "strategy": {"name": strategy, "options": TINY_OPTIONS.get(strategy, {})},
         "subspace": {"enabled": False},
     }
     ((_, cfg),) = expand(validate_study(data))
