@@ -40,8 +40,6 @@ FETCH_ERRORS = (
     pickle.UnpicklingError,
 )
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
-
 
 class Common:
     """The arguments every scenario accepts, validated once."""
