@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -87,14 +86,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from .study.pretrain import find_or_build, load_pretrain_config, pretrain
+    from .study.pretrain import find_or_build, load_pretrain_config, pretrain, read_card
 
     cfg = load_pretrain_config(args.config)
     if args.out:
         out = pretrain(cfg, args.out, force=args.force, progress=not args.quiet)
     else:
         out = find_or_build(cfg, force=args.force, progress=not args.quiet)
-    card = json.loads((out / "card.json").read_text())
+    card = read_card(out)  # bounded, schema-checked, and the weights verified against it under the lock
     print(f"{out}: held-out-font accuracy {card['test_accuracy']:.3f} ({card['wall_time_s']:.0f} s to train)")
     print(f"use it with  backbone.checkpoint: {out}   (or backbone.pretrain: {args.config})")
     return 0
@@ -124,10 +123,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_budget(args: argparse.Namespace) -> int:
     from .adapters.budget import budget_table
-    from .cl.backbone import meta_backbone
+    from .cl.backbone import check_backbone_kwargs, meta_backbone
     from .errors import ConfigError
     from .safeio import check_finite, parse_yaml
-    from .study.backbone_checks import check_backbone_kwargs
 
     kwargs = {}
     for item in args.timm:

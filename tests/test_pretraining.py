@@ -64,7 +64,7 @@ def test_unknown_key_names_the_path_and_suggests():
 def test_types_and_ranges_are_checked():
     with pytest.raises(ConfigError, match=r"training\.batch_size must be an integer"):
         load_pretrain_config({"training": {"batch_size": "big"}})
-    with pytest.raises(ConfigError, match=r"training\.lr must be > 0"):
+    with pytest.raises(ConfigError, match=r"training\.lr must be in \(0, 10\]"):
         load_pretrain_config({"training": {"lr": -1}})
     with pytest.raises(ConfigError, match=r"training\.precision must be one of bf16, fp32"):
         load_pretrain_config({"training": {"precision": "fp16"}})
@@ -155,7 +155,7 @@ def test_cache_is_reused_without_retraining(tmp_path, built, count_trainings, mo
 @pytest.mark.parametrize(
     "damage, note",
     [
-        (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]), "sha256"),
+        (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]), "truncated"),
         (lambda d: (d / "card.json").unlink(), "no card.json"),
         (lambda d: (d / "card.json").write_text('{"format": "avl-peft-pre'), "unreadable"),
     ],
@@ -176,10 +176,15 @@ def test_damaged_cache_is_rebuilt_with_a_note(tmp_path, built, count_trainings, 
     assert pretraining.check_output(out, TINY) == ""
 
 
-def test_other_config_in_folder_is_rebuilt(tmp_path, built, count_trainings):
+def test_other_config_in_folder_is_refused_unless_forced(tmp_path, built, count_trainings):
     out = shutil.copytree(built, tmp_path / "out")
     assert "another config" in pretraining.check_output(out, {**TINY, "seed": 1})
-    pretrain({**TINY, "seed": 1}, out, progress=False)
+    with pytest.raises(
+        ConfigError, match=rf"holds the weights of another pretrain config: 'tiny' \(hash {config_hash(TINY)}\)"
+    ):
+        pretrain({**TINY, "seed": 1}, out, progress=False)
+    assert not count_trainings
+    pretrain({**TINY, "seed": 1}, out, force=True, progress=False)
     assert len(count_trainings) == 1
     assert json.loads((out / "card.json").read_text())["seed"] == 1
 
@@ -210,7 +215,7 @@ def test_checkpoint_folder_must_be_a_complete_output_of_this_backbone(tmp_path, 
         _study(out, depth=2)
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted copy
-    with pytest.raises(ConfigError, match=r"backbone.checkpoint: .*does not match the sha256.*--force"):
+    with pytest.raises(ConfigError, match=r"backbone.checkpoint: .*truncated.*--force"):
         _study(out)
 
 

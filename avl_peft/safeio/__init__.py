@@ -37,7 +37,14 @@ from .limits import (
     YAML_MAX_DEPTH,
     YAML_MAX_NODES,
 )
-from .paths import default_out_dir, safe_component, safe_write_path, write_bytes_nofollow, write_text_nofollow
+from .paths import (
+    check_writable,
+    default_out_dir,
+    safe_component,
+    safe_write_path,
+    write_bytes_nofollow,
+    write_text_nofollow,
+)
 from .yaml_reader import check_finite, load_yaml, parse_yaml
 
 __all__ = [
@@ -49,6 +56,7 @@ __all__ = [
     "YAML_MAX_DEPTH",
     "YAML_MAX_NODES",
     "check_finite",
+    "check_writable",
     "default_out_dir",
     "load_json",
     "load_json_or_none",

@@ -10,21 +10,9 @@ import timm
 
 from ..adapters import METHODS
 from ..adapters.budget import select_for_budget
-from ..cl.backbone import closest_models, meta_backbone
+from ..cl.backbone import check_backbone_kwargs, closest_models, meta_backbone
 from ..errors import ConfigError
 from .pretrain import load_pretrain_config, read_card
-
-# Structural timm arguments whose size is surely a typo beyond these (the largest ViTs have depth 48, width
-# 1,664, 16 heads, 518-pixel inputs). Checked before the meta-device model is built: timm loops over
-# `depth`, so depth: 10**9 would otherwise hang validation.
-BACKBONE_KWARG_LIMITS = {
-    "depth": 256,
-    "img_size": 8192,
-    "patch_size": 1024,
-    "embed_dim": 65_536,
-    "num_heads": 1024,
-    "mlp_ratio": 64,
-}
 
 
 def _check_backbone(bb: dict) -> None:
@@ -78,19 +66,6 @@ def _check_pretrain(bb: dict) -> None:
     except ConfigError as e:
         raise ConfigError(f"backbone.pretrain: {e}") from None
     _same_backbone(bb, (pre["backbone"]["name"], dict(pre["backbone"]["kwargs"])), f"pretrain config '{path}' trains")
-
-
-def check_backbone_kwargs(kwargs: dict, where: str = "backbone.kwargs") -> None:
-    """Names must be strings; the structural sizes in BACKBONE_KWARG_LIMITS positive and below their limit."""
-    for key, value in kwargs.items():
-        if not isinstance(key, str):
-            raise ConfigError(f"{where}: argument names must be strings, got {key!r}")
-        limit = BACKBONE_KWARG_LIMITS.get(key)
-        values = value if isinstance(value, (list, tuple)) else [value]  # img_size/patch_size may be [h, w]
-        if limit is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            if any(not 0 < v <= limit for v in values):
-                label = f"{where} {key}" if where.startswith("--") else f"{where}.{key}"  # --timm depth
-                raise ConfigError(f"{label}: must be > 0 and <= {limit:,}, got {value!r}")
 
 
 _META_MODELS: dict[str, Any] = {}
