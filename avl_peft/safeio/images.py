@@ -68,9 +68,21 @@ def image_files(folder: Path, what: str = "image folder") -> list[Path]:
     return found
 
 
+def check_image(
+    path: str | Path,
+    *,
+    what: str = "image",
+    max_pixels: int = IMAGE_MAX_PIXELS,
+    short_side: int | None = None,
+    fix: str = "remove or replace the file",
+) -> tuple[int, int]:
+    """:func:`open_image`'s checks from the header alone (nothing decoded): ``(width, height)`` or DataError."""
+    return open_image(path, None, what=what, max_pixels=max_pixels, short_side=short_side, fix=fix).size
+
+
 def open_image(
     path: str | Path,
-    mode: str,
+    mode: str | None,
     *,
     what: str = "image",
     max_pixels: int = IMAGE_MAX_PIXELS,
@@ -78,6 +90,8 @@ def open_image(
     fix: str = "remove or replace the file",
 ) -> Image.Image:
     """The image at ``path``, decoded and converted to ``mode`` ('RGB', 'L'), within a pixel budget.
+
+    With ``mode=None`` nothing is decoded: the unloaded image (closed; only ``size`` and ``format`` valid).
 
     Only PNG, JPEG, BMP, GIF and TIFF decoders are tried. ``max_pixels`` bounds width x height (read from
     the header, before decoding) and, when the caller will resize the shorter side to ``short_side``, the
@@ -106,7 +120,7 @@ def open_image(
                     # Pillow's own limit, when a user lowered it, counts too.
                     budget = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
                     _check_pixels(label, width, height, budget, short_side, fix)
-                    return img.convert(mode)
+                    return img if mode is None else img.convert(mode)
             except DataError:
                 raise
             except Image.DecompressionBombError as e:

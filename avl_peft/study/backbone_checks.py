@@ -11,8 +11,9 @@ import timm
 from ..adapters import METHODS
 from ..adapters.budget import select_for_budget
 from ..cl.backbone import check_backbone_kwargs, closest_models, meta_backbone
-from ..errors import ConfigError
-from .pretrain import load_pretrain_config, read_card
+from ..errors import ConfigError, DataError
+from ..safeio.weights import safetensors_shapes
+from .pretrain import WEIGHTS, load_pretrain_config, read_card
 
 
 def _check_backbone(bb: dict) -> None:
@@ -25,6 +26,8 @@ def _check_backbone(bb: dict) -> None:
         path = Path(bb["checkpoint"]).expanduser()
         if path.is_dir():
             _check_pretrain_folder(bb, path)
+        elif path.suffix == ".safetensors" and path.exists():
+            _header_shapes(path)  # a truncated or foreign file fails here, before any run starts
         if not path.exists():
             raise ConfigError(
                 f"backbone.checkpoint: '{bb['checkpoint']}' does not exist; give the path of a local .pth or "
@@ -41,6 +44,25 @@ def _check_pretrain_folder(bb: dict, path: Path) -> None:
     except ConfigError as e:
         raise ConfigError(f"backbone.checkpoint: {e}") from None
     _same_backbone(bb, (card["backbone"]["name"], dict(card["backbone"]["kwargs"])), f"folder '{path}' holds")
+    # The card matches the weights' hash, but a card can be written by anyone: the tensors must be this backbone's.
+    check_backbone_kwargs(bb["kwargs"])
+    shapes = _header_shapes(path / WEIGHTS)
+    for name, tensor in meta_model(bb).state_dict().items():
+        if name.startswith("head."):
+            continue  # the pretraining head (52 classes) is replaced by the run's own
+        if shapes.get(name) != tuple(tensor.shape):
+            raise ConfigError(
+                f"backbone.checkpoint: '{path / WEIGHTS}' does not hold this backbone's tensor '{name}' "
+                f"{tuple(tensor.shape)} (it has {shapes.get(name, 'none')}); rebuild the folder with "
+                f"`avl-peft pretrain CONFIG --out {path} --force`"
+            )
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        return safetensors_shapes(path, what="weights file")
+    except DataError as e:
+        raise ConfigError(f"backbone.checkpoint: {e}") from None
 
 
 def _same_backbone(bb: dict, theirs: tuple[str, dict], what: str) -> None:

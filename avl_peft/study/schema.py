@@ -18,15 +18,16 @@ import torch
 
 from ..adapters import METHODS
 from ..adapters.base import parse_options
+from ..cl.backbone import data_config
 from ..cl.heads import head_options
 from ..cl.plugin import POLICIES, check_policy
 from ..cl.precision import PRECISIONS, check_precision
-from ..cl.scenarios import SCENARIOS, check_scenario_options
+from ..cl.scenarios import SCENARIOS, check_counts, check_scenario_options
 from ..cl.strategies import STRATEGIES, strategy_options
 from ..errors import ConfigError
 from ..options import option_names
 from ..registry import suggest
-from .backbone_checks import _check_backbone, _check_budget
+from .backbone_checks import _check_backbone, _check_budget, meta_model
 from .upstream import check_upstream
 
 
@@ -115,7 +116,14 @@ SCHEMA: dict[str, Any] = {
             str, "fp32", "fp32, or bf16/fp16 autocast (fp16 with loss scaling, CUDA only)", choices=PRECISION_NAMES
         ),
         "compile": F(bool, False, "torch.compile the backbone, adapters included (first steps pay the compile)"),
-        "threads": F(int, None, "CPU threads (null: OMP_NUM_THREADS, else cores/workers)", minimum=1, nullable=True),
+        "threads": F(
+            int,
+            None,
+            "CPU threads (null: OMP_NUM_THREADS, else cores/workers)",
+            minimum=1,
+            maximum=256,  # beyond any machine's cores: 1,000 threads made steps 50-90x slower
+            nullable=True,
+        ),
     },
     "method": {
         "name": F(str, "lora", "a method from `avl-peft list`"),
@@ -150,7 +158,9 @@ SCHEMA: dict[str, Any] = {
             choices=("checkpoint", "knn"),
         ),
         "k": F(int, 10, "neighbours of the k-NN classifier", minimum=1),
-        "per_class": F(int, 20, "images per class in the upstream query (and k-NN reference) set", minimum=1),
+        "per_class": F(
+            int, 20, "images per class in the upstream query (and k-NN reference) set", minimum=1, maximum=100_000
+        ),
         "seed": F(int, 0, "seed of the upstream data (glyphs: which fonts are held out; use the pretraining seed)"),
     },
     "subspace": {
@@ -309,6 +319,9 @@ def check_run(cfg: dict) -> None:
     if cfg["backbone"]["pretrained"] and cfg["backbone"]["checkpoint"]:
         raise ConfigError("backbone: set either pretrained: true (download) or checkpoint: PATH (local), not both")
     _check_backbone(cfg["backbone"])
+    img_size = data_config(meta_model(cfg["backbone"]))["img_size"]
+    scenario = cfg["scenario"]
+    check_counts(scenario["name"], scenario["n_experiences"], scenario["options"], img_size)
     if cfg.get("budget") is not None:
         _check_budget(cfg)
     device = cfg["training"]["device"]
@@ -334,7 +347,7 @@ def check_run(cfg: dict) -> None:
         check_policy(cfg["method"]["name"], cfg["method"]["policy"], cfg["method"]["options"])
     except ConfigError as e:
         raise ConfigError(f"method: {e}") from None
-    check_upstream(cfg)
+    check_upstream(cfg, img_size)
     # cuda is checked again when the run resolves its device (bf16 support of the GPU it gets)
     resolved = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     check_precision(cfg["training"]["precision"], torch.device(resolved.split(":")[0]))

@@ -25,7 +25,7 @@ from ...errors import DataError
 from ...safeio.images import class_folders as _class_folders
 from ...safeio.images import image_files, open_image
 from ...validate import check_bool, check_int, check_number
-from .base import SCENARIOS, Built, Common, class_order_for, experiences_for, image_transform
+from .base import CLASS_COUNTS, SCENARIOS, Built, Common, class_order_for, experiences_for, image_transform
 
 N_CLASSES = 200
 URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
@@ -104,3 +104,6 @@ def _imagenet_r(
     )
     derived: dict[str, Any] = {"n_train": len(train), "n_test": len(test)}
     return benchmark, derived
+
+
+CLASS_COUNTS["imagenet_r"] = (lambda options, img_size: N_CLASSES, 10)
