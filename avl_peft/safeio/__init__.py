@@ -22,6 +22,10 @@ then a pre-scan with regular expressions (strings blanked out) bounds nesting an
 before :func:`json.loads`, whose C scanner recurses. ``NaN``/``Infinity`` stay allowed: a diverged run
 legitimately records a NaN metric.
 
+Images (:mod:`.images`): one lister and one opener for user image folders, with an allow-list of decoders
+and a pixel budget checked before decoding. Weights (:mod:`.weights`): a safetensors header read bounded and
+checked against the file's size. Locks (:mod:`.locks`): one folder lock (filelock) naming its holder.
+
 Writing: :func:`safe_component` turns run ids and config names into one harmless path component,
 :func:`safe_write_path` refuses symlinks below an output root, and :func:`write_text_nofollow` writes
 atomically without ever following a symlink below the root.
@@ -40,6 +44,7 @@ from .limits import (
 from .paths import (
     check_writable,
     default_out_dir,
+    project_cache_dir,
     safe_component,
     safe_write_path,
     write_bytes_nofollow,
@@ -62,6 +67,7 @@ __all__ = [
     "load_json_or_none",
     "load_yaml",
     "parse_yaml",
+    "project_cache_dir",
     "safe_component",
     "safe_write_path",
     "write_bytes_nofollow",

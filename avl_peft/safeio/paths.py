@@ -150,3 +150,9 @@ def check_writable(folder: str | Path, *, fix: str = "choose another with --out"
         os.unlink(probe)
     except OSError as e:
         raise ConfigError(f"output folder '{folder}' is not writable ({e.strerror or e}); {fix}") from None
+
+
+def project_cache_dir(*parts: str) -> Path:
+    """``$AVL_PEFT_CACHE/<parts>`` if that variable is set, else ``~/.cache/avl-peft/<parts>`` (not created)."""
+    root = os.environ.get("AVL_PEFT_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "avl-peft").joinpath(*parts)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ...cl.glyphs import CLASSES
 from ...errors import ConfigError, DataError
-from ...safeio import check_writable, load_json, write_bytes_nofollow, write_text_nofollow
+from ...safeio import check_writable, load_json, project_cache_dir, write_bytes_nofollow, write_text_nofollow
 from ...safeio.locks import LOCK_NAME, folder_lock
 from ...safeio.weights import safetensors_shapes
 from .config import CARD, CARD_FORMAT, WEIGHTS, config_hash, load_pretrain_config
@@ -216,8 +216,7 @@ def pretrain(
 
 def default_cache_dir() -> Path:
     """``$AVL_PEFT_CACHE/pretrain`` if that variable is set, else ``~/.cache/avl-peft/pretrain``."""
-    root = os.environ.get("AVL_PEFT_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "avl-peft") / "pretrain"
+    return project_cache_dir("pretrain")
 
 
 def output_dir(cfg: str | os.PathLike | Mapping[str, Any], cache_dir: str | os.PathLike | None = None) -> Path:
