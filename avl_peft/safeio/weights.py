@@ -35,7 +35,7 @@ def safetensors_shapes(path: str | Path, *, what: str = "weights file") -> dict[
     """
     path = Path(path)
     label = f"{what} '{path}'"
-    fix = "it is truncated or not a safetensors file; rebuild or replace it"
+    fix = "it is truncated or not a safetensors file"
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:

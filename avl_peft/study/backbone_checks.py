@@ -62,7 +62,7 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     try:
         return safetensors_shapes(path, what="weights file")
     except DataError as e:
-        raise ConfigError(f"backbone.checkpoint: {e}") from None
+        raise ConfigError(f"backbone.checkpoint: {e}; replace it or rebuild its folder") from None
 
 
 def _same_backbone(bb: dict, theirs: tuple[str, dict], what: str) -> None:
@@ -79,7 +79,7 @@ def _check_pretrain(bb: dict) -> None:
     if bb["pretrained"] or bb["checkpoint"] is not None:
         raise ConfigError("backbone: set one of pretrained, checkpoint or pretrain, not several")
     path = Path(bb["pretrain"]).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(
             f"backbone.pretrain: '{path}' does not exist; give a pretrain YAML such as configs/pretrain_glyphs.yaml"
         )
