@@ -886,8 +886,10 @@ def _png(width: int, height: int) -> bytes:
     [
         (_png(20000, 20000), "is too large to decode safely"),  # a decompression bomb: 400 M pixels
         (b"\x89PNG\r\n\x1a\nnot really", "could not be read"),
+        # every notMNIST image is kept decoded: a 28x28 letter's budget bounds the memory of many large ones
+        (_png(200, 200), "200 x 200 pixels, more than the 16,384 allowed"),
     ],
-    ids=["decompression-bomb", "garbage"],
+    ids=["decompression-bomb", "garbage", "large-image-kept-decoded"],
 )
 def test_bad_image_in_notmnist_folder_is_named(sandbox, capsys, bad, message):
     data = sandbox.root / "data"

@@ -232,3 +232,20 @@ def test_results_record_which_weights_a_run_started_from(built, tmp_path):
     assert weights_provenance({**bb, "pretrained": True}, None)["source"] == "timm_pretrained"
     plain = tmp_path / "w.pth"
     assert weights_provenance(bb, plain) == {"source": "checkpoint", "file": str(plain)}
+
+
+@pytest.mark.slow
+def test_planted_links_in_the_output_folder_are_replaced_not_written_through(tmp_path, capsys):
+    """Links planted where pretrain writes (card, weights, a probe-like name) and a pipe: the targets stay."""
+    out = tmp_path / "out"
+    out.mkdir()
+    victims = {name: tmp_path / f"victim-{name}" for name in ("card.json", "model.safetensors", ".avl-peft-x")}
+    for name, victim in victims.items():
+        victim.write_text("keep me")
+        (out / name).symlink_to(victim)
+    pretrain(TINY, out, progress=False)
+    assert all(victim.read_text() == "keep me" for victim in victims.values())
+    for name in ("card.json", "model.safetensors"):
+        assert (out / name).is_file() and not (out / name).is_symlink()
+    assert pretraining.check_output(out, TINY) == ""
+    assert not [p for p in out.iterdir() if p.name.startswith(".avl-peft-write-test-") or ".tmp" in p.name]
