@@ -483,6 +483,18 @@ def pretrain_over_owner(sb: Sandbox) -> list[str]:
     return pre({})(sb)[:0] or ["pretrain", str(sb.config(yaml.safe_dump(PRE_OK), "pre.yaml")), "--out", str(sb.out)]
 
 
+def pretrain_cache_entry_link(sb: Sandbox) -> list[str]:
+    """The cache entry of a config planted as a link to a folder outside the cache: refused, nothing written."""
+    from avl_peft.study.pretrain import output_dir
+
+    config = sb.config(yaml.safe_dump(PRE_OK), "pre.yaml")
+    os.environ["AVL_PEFT_CACHE"] = str(sb.out)  # the table's monkeypatch restores it
+    entry = output_dir(config)
+    entry.parent.mkdir(parents=True)
+    entry.symlink_to(sb.victim.parent, target_is_directory=True)
+    return ["pretrain", str(config), "--quiet"]
+
+
 def pretrain_lock_link(sb: Sandbox) -> list[str]:
     sb.out.mkdir(parents=True)
     (sb.out / ".lock").symlink_to(sb.victim)
@@ -684,6 +696,7 @@ CASES = [
     ),
     # --- pretrain outputs: planted links, and another config's folder (nothing is trained)
     Case("pretrain-lock-is-link", pretrain_lock_link, 2, "is a symbolic link or not a regular file"),
+    Case("pretrain-cache-entry-is-link", pretrain_cache_entry_link, 2, "cache entry"),
     Case(
         "pretrain-other-config-owns-out",
         pretrain_over_owner,
@@ -771,7 +784,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_hostile_input_table(case, sandbox, capsys):
+def test_hostile_input_table(case, sandbox, capsys, monkeypatch):
+    monkeypatch.setenv("AVL_PEFT_CACHE", str(sandbox.out / "cache"))  # a case may point it elsewhere in out
     argv = case.prepare(sandbox)
     before = snapshot(sandbox.root, sandbox.out)
     code = call(argv)

@@ -232,8 +232,18 @@ def find_or_build(
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    """The output folder for ``cfg`` in the cache, trained first unless a complete one is there."""
-    return pretrain(cfg, output_dir(cfg, cache_dir), force=force, progress=progress)
+    """The output folder for ``cfg`` in the cache, trained first unless a complete one is there.
+
+    The cache folder is trusted (it may be a link to a scratch disk), its entries are not: an entry that is a
+    symbolic link (or a file) raises ConfigError instead of being written through.
+    """
+    out = output_dir(cfg, cache_dir)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError(
+            f"pretrain cache entry '{out}' is a symbolic link or not a folder; avl-peft never makes those, so "
+            "remove it (it is rebuilt)"
+        )
+    return pretrain(cfg, out, force=force, progress=progress)
 
 
 def load_pretrained(out_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
