@@ -53,8 +53,8 @@ from torch import nn
 
 import avl_peft
 from avl_peft import threads
-from avl_peft.hardware import hardware_info
 from avl_peft.adapters import _lowrank, begin_experience, collect_inputs, end_experience, stack
+from avl_peft.hardware import hardware_info
 
 METHODS = ["lora", "pissa", "wegeft", "loretta", "inflora", "sdlora", "lora_project"]
 MERGEABLE = ["lora", "pissa", "wegeft", "loretta", "inflora", "sdlora", "lora_project"]
