@@ -19,10 +19,11 @@ from torch import nn
 
 from ...cl.glyphs import CLASSES
 from ...errors import ConfigError, DataError
+from ...hardware import hardware_info
 from ...safeio import check_writable, load_json, project_cache_dir, write_bytes_nofollow, write_text_nofollow
 from ...safeio.locks import LOCK_NAME, folder_lock
 from ...safeio.weights import safetensors_shapes
-from .config import CARD, CARD_FORMAT, WEIGHTS, config_hash, load_pretrain_config
+from .config import CARD, CARD_FORMAT, WEIGHTS, config_hash, load_pretrain_config, resolved_precision
 from .training import _create_model, _threads, _train
 
 
@@ -163,7 +164,9 @@ def pretrain(
     """Train the configured backbone on glyphs and write ``model.safetensors`` + ``card.json`` to ``out_dir``.
 
     A complete output of the same config already there is kept (no training) unless ``force``; an
-    incomplete or foreign one is rebuilt with a note on stderr. Returns ``out_dir``.
+    incomplete one is rebuilt with a note on stderr. A complete output of another config is refused
+    (ConfigError naming the config that owns the folder) unless ``force``. Everything happens under the
+    folder's lock, and the files are written without following links below ``out_dir``. Returns ``out_dir``.
     """
     cfg = load_pretrain_config(cfg)
     out = Path(out_dir).expanduser()
@@ -186,6 +189,7 @@ def pretrain(
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]), _threads(cfg["training"]["threads"]):
             model, facts = _train(cfg, progress)
+            hardware = hardware_info("cpu")  # inside: records the threads the build trained with
         from safetensors.torch import save
 
         blob = save({k: v.contiguous() for k, v in model.state_dict().items()})
@@ -206,6 +210,8 @@ def pretrain(
             "model_sha256": hashlib.sha256(blob).hexdigest(),
             "versions": _versions(),
             "threads": cfg["training"]["threads"],
+            "precision": resolved_precision(cfg),
+            "hardware": hardware,
             "wall_time_s": round(time.perf_counter() - start, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
