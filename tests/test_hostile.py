@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -788,15 +789,29 @@ def test_hostile_input_table(case, sandbox, capsys, monkeypatch):
     monkeypatch.setenv("AVL_PEFT_CACHE", str(sandbox.out / "cache"))  # a case may point it elsewhere in out
     argv = case.prepare(sandbox)
     before = snapshot(sandbox.root, sandbox.out)
+    peak_before, start = _peak_rss(), time.perf_counter()
     code = call(argv)
+    seconds, grown = time.perf_counter() - start, _peak_rss() - peak_before
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert code == case.code, text[-2000:]
+    assert seconds < 10, f"{case.id} took {seconds:.1f} s"
+    # The process's peak resident memory: a row that allocated a GiB beyond the earlier peak raises it.
+    assert grown < 1 << 30, f"{case.id} raised the peak memory by {grown / 2**20:.0f} MiB"
     assert case.fragment in text, text[-2000:]
     assert "Traceback" not in text
     assert snapshot(sandbox.root, sandbox.out) == before  # nothing written, removed or changed outside out
     assert sandbox.victim.read_text() == "keep me"
     assert not list(sandbox.root.rglob("PWNED")) and not (Path.cwd() / "PWNED").exists()
+
+
+def _peak_rss() -> int:
+    """Peak resident memory of this process so far, in bytes (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def test_the_table_is_big_enough():
