@@ -105,12 +105,13 @@ def open_image(
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise DataError(f"{label} cannot be opened ({e.strerror}); {fix}") from None
-    with open(fd, "rb") as handle:
-        info = os.fstat(fd)
+    info = os.fstat(fd)  # of the file opened, before Python wraps it (a folder would fail there)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > IMAGE_MAX_BYTES:
+        os.close(fd)
         if not stat.S_ISREG(info.st_mode):
             raise DataError(f"{label} is not a regular file (a pipe, socket, device or folder); {fix}")
-        if info.st_size > IMAGE_MAX_BYTES:
-            raise DataError(f"{label} is {info.st_size:,} bytes, more than the {IMAGE_MAX_BYTES:,} allowed; {fix}")
+        raise DataError(f"{label} is {info.st_size:,} bytes, more than the {IMAGE_MAX_BYTES:,} allowed; {fix}")
+    with open(fd, "rb") as handle:
         with warnings.catch_warnings():
             # Pillow's own bomb check warns (or raises) only above ~89 M pixels; ours is below it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -40,10 +40,12 @@ def safetensors_shapes(path: str | Path, *, what: str = "weights file") -> dict[
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise DataError(f"{label} cannot be opened ({e.strerror}); check the path") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise DataError(f"{label} is not a regular file; give the path of a .safetensors file")
+    size = info.st_size
     with open(fd, "rb") as handle:
-        size = os.fstat(fd).st_size
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise DataError(f"{label} is not a regular file; give the path of a .safetensors file")
         head = handle.read(8)
         if len(head) < 8:
             raise DataError(f"{label} is {size} bytes, too short for a safetensors header; {fix}")

@@ -157,6 +157,15 @@ def load_pretrain_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[
         raw = {} if raw is None else raw
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where} must be a mapping of keys (name, seed, backbone, data, training)")
+    try:
+        return _validated(raw)
+    except ConfigError as e:
+        if isinstance(source, Mapping):
+            raise
+        raise ConfigError(f"{where}: {e}") from None  # the file as well as the key
+
+
+def _validated(raw: Mapping[str, Any]) -> dict[str, Any]:
     cfg = _default_config()
     _merge(SCHEMA, raw, cfg, "")
     _check_backbone(cfg)
