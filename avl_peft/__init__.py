@@ -17,6 +17,9 @@ _LAZY = {
     "summarize": "instruments.metrics",
     "summarize_both": "instruments.metrics",
     "run_experiment": "study.experiment",
+    "export": "study.export",
+    "load_peft": "study.export",
+    "load_timm": "study.export",
 }
 
 
@@ -34,7 +37,10 @@ __all__ = [
     "build_scenario",
     "create_backbone",
     "delta_weights",
+    "export",
     "inject",
+    "load_peft",
+    "load_timm",
     "merge",
     "methods",
     "parameter_counts",

@@ -43,6 +43,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,13 +190,23 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
         model.avl_peft_owner = self._token  # copies the strategy makes (GDumb) carry it too
         self._used = True
 
-    def restore(self, model: torch.nn.Module) -> int:
+    def restore(
+        self,
+        model: torch.nn.Module,
+        *,
+        through: int | None = None,
+        visit: Callable[[int, torch.nn.Module], None] | None = None,
+    ) -> int:
         """Continue in Python: load every ``exp_<t>.pt`` of ``checkpoint_dir`` into ``model`` in order.
 
         ``model`` is built as the trained one was (same backbone, seed or checkpoint). Each checkpoint is
         restored and followed by the same end-of-experience step training made (merge and re-inject, end of
         the base session, a new branch), so the model is left ready for the next experience and the
         plugin counts on from there (no ``exp_<t>.pt`` is ever overwritten). Returns that next index.
+
+        ``through=t`` stops after ``exp_<t>.pt``, *before* its end-of-experience step: the model is left as
+        experience t finished training (what an export of experience t reads). ``visit(t, model)`` is called
+        after each checkpoint is restored, before that step (e.g. to read the branches a merge will fold).
         """
         if self.checkpoint_dir is None:
             raise ConfigError("restore needs the plugin's checkpoint_dir")
@@ -206,11 +217,18 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
             raise ConfigError(
                 f"checkpoints in '{self.checkpoint_dir}' are not exp_0 … exp_N without gaps: {list(files)}"
             )
+        if through is not None and through not in files:
+            raise ConfigError(f"no exp_{through}.pt in '{self.checkpoint_dir}' (it holds exp_0 … exp_{len(files) - 1})")
         self._used = False
         self._adopt(model)
         for t, path in files.items():
             restore_checkpoint(model, path)
             self.experiences_done = t
+            if visit is not None:
+                visit(t, model)
+            if t == through:
+                self.experiences_done = t + 1
+                return t + 1  # left as experience t finished: no merge, new branch or re-injection
             self._next_structure(model)
         self.experiences_done = len(files)
         self._restructured = True
