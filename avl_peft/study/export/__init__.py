@@ -18,11 +18,13 @@ from ...errors import ConfigError, DataError
 from ...safeio import safe_write_path
 from .card import active_classes as _active
 from .card import base_block, card, head_tensors, write_card
-from .peft_format import FactorCollector, adapter_files, check_exportable, load_peft, write_adapter
-from .runs import RunFolder, fresh_model, model_at, open_run
-from .timm_format import load_timm, merged_state, write_weights
+from .peft_format import CONFIG, FactorCollector, adapter_files, check_exportable, load_peft, write_adapter
+from .peft_format import WEIGHTS as PEFT_WEIGHTS
+from .runs import RunFolder, check_checkpoints, fresh_model, model_at, open_run
+from .timm_format import WEIGHTS, load_timm, merged_state, write_weights
 
 FORMATS = ("peft", "timm")
+PEFT_FILES = (PEFT_WEIGHTS, CONFIG)
 
 __all__ = ["FORMATS", "export", "load_peft", "load_timm"]
 
@@ -68,26 +70,51 @@ def export(
     if format == "peft":
         check_exportable(run)
     _check_out(out)
-    width = _head_width(run)
     fresh = fresh_model(run)
+    check_checkpoints(run, max(wanted), fresh)  # every file is checked before anything is written
+    width = _head_width(run)
     base = base_block(run, fresh, width)
     content = card(run, base, format, fresh)
     classifier = base["classifier"][0]
-    for t in wanted:
-        model = fresh_model(run) if t != wanted[0] else fresh
-        name = f"exp_{t}"
-        sub = name if len(wanted) > 1 else ""
-        collector = FactorCollector(accumulate=run.config["method"]["policy"] == "merge")
-        model = model_at(run, t, model, visit=collector if format == "peft" else None)
-        head = head_tensors(model, width)
-        if format == "peft":
-            config, weights = adapter_files(collector.lora(), head, classifier, base)
-            entry = write_adapter(out, sub, config, weights)
-        else:
-            entry = write_weights(out, sub, merged_state(model, head, classifier), base)
-        content["experiences"][name] = {"experience": t, "active_classes": _active(model), **entry}
-    write_card(out, content)
+    pending = []  # peft adapters are small: all are made before the first is written
+    created = not out.exists()
+    written: list[Path] = []
+    try:
+        for t in wanted:
+            model = fresh_model(run) if t != wanted[0] else fresh
+            name = f"exp_{t}"
+            sub = name if len(wanted) > 1 else ""
+            collector = FactorCollector(accumulate=run.config["method"]["policy"] == "merge")
+            model = model_at(run, t, model, visit=collector if format == "peft" else None)
+            head = head_tensors(model, width)
+            info = {"experience": t, "active_classes": _active(model)}
+            if format == "peft":
+                pending.append((name, sub, info, *adapter_files(collector.lora(), head, classifier, base)))
+            else:  # a whole model per experience: written as it is made, removed again if a later one fails
+                written.append(out / sub / WEIGHTS if sub else out / WEIGHTS)
+                content["experiences"][name] = info | write_weights(
+                    out, sub, merged_state(model, head, classifier), base
+                )
+        for name, sub, info, config, weights in pending:
+            written += [out / sub / f for f in PEFT_FILES] if sub else [out / f for f in PEFT_FILES]
+            content["experiences"][name] = info | write_adapter(out, sub, config, weights)
+        write_card(out, content)  # last: a folder without its card is no export
+    except BaseException:
+        _remove(written, out, created)
+        raise
     return content
+
+
+def _remove(files: list[Path], out: Path, created: bool) -> None:
+    """Undo a failed export: the files it wrote, then its (now empty) folders; nothing else is touched."""
+    for path in files:
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+    for folder in sorted({p.parent for p in files}, key=lambda p: len(p.parts), reverse=True):
+        if folder != out and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _head_width(run: RunFolder) -> int:

@@ -148,17 +148,22 @@ def fresh_model(run: RunFolder) -> nn.Module:
     )  # fmt: skip
 
 
+def check_checkpoints(run: RunFolder, t: int, model: nn.Module) -> None:
+    """``exp_0.pt`` … ``exp_<t>.pt`` are regular files (no links) no larger than ``model`` can make."""
+    limit = 2 * sum(v.numel() * v.element_size() for v in model.state_dict().values()) + _CHECKPOINT_MARGIN
+    for i in range(t + 1):
+        path = regular_file(run.path / "checkpoints" / f"exp_{i}.pt", run.path, "checkpoint")
+        size = path.stat().st_size
+        if size > limit:
+            raise DataError(f"checkpoint '{path}' is {size:,} bytes, more than this model's checkpoints can hold")
+
+
 def model_at(
     run: RunFolder, t: int, model: nn.Module, visit: Callable[[int, nn.Module], None] | None = None
 ) -> nn.Module:
     """``model`` (from :func:`fresh_model`) as experience ``t`` finished training, in eval mode."""
-    limit = 2 * sum(v.numel() * v.element_size() for v in model.state_dict().values()) + _CHECKPOINT_MARGIN
+    check_checkpoints(run, t, model)
     ckdir = run.path / "checkpoints"
-    for i in range(t + 1):
-        path = regular_file(ckdir / f"exp_{i}.pt", run.path, "checkpoint")
-        size = path.stat().st_size
-        if size > limit:
-            raise DataError(f"checkpoint '{path}' is {size:,} bytes, more than this model's checkpoints can hold")
     method, training = run.config["method"], run.config["training"]
     plugin = PEFTPlugin(
         method["name"],
