@@ -20,6 +20,7 @@ _LAZY = {
     "export": "study.export",
     "load_peft": "study.export",
     "load_timm": "study.export",
+    "check_base": "study.export",
 }
 
 
@@ -35,6 +36,7 @@ __all__ = [
     "DataError",
     "PEFTPlugin",
     "build_scenario",
+    "check_base",
     "create_backbone",
     "delta_weights",
     "export",

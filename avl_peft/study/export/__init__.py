@@ -5,7 +5,7 @@
 (:mod:`.peft_format`, :mod:`.timm_format`) with a card (:mod:`.card`). Nothing is written outside ``out``
 (no-follow atomic writes below it), nothing at all when a check fails, and the card is written last.
 :func:`load_peft` and :func:`load_timm` load an export after checking the base's identity and the files'
-sha256.
+sha256; :func:`check_base` is the base check alone, for loading with peft directly.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ...errors import ConfigError, DataError
 from ...safeio import safe_write_path
 from .card import active_classes as _active
 from .card import base_block, card, head_tensors, write_card
-from .peft_format import CONFIG, FactorCollector, adapter_files, check_exportable, load_peft, write_adapter
+from .peft_format import CONFIG, FactorCollector, adapter_files, check_base, check_exportable, load_peft, write_adapter
 from .peft_format import WEIGHTS as PEFT_WEIGHTS
 from .runs import RunFolder, check_checkpoints, fresh_model, model_at, open_run
 from .timm_format import WEIGHTS, load_timm, merged_state, write_weights
@@ -26,7 +26,7 @@ from .timm_format import WEIGHTS, load_timm, merged_state, write_weights
 FORMATS = ("peft", "timm")
 PEFT_FILES = (PEFT_WEIGHTS, CONFIG)
 
-__all__ = ["FORMATS", "export", "load_peft", "load_timm"]
+__all__ = ["FORMATS", "check_base", "export", "load_peft", "load_timm"]
 
 
 def _experiences(run: RunFolder, experience: int | str) -> list[int]:

@@ -131,6 +131,16 @@ def write_adapter(out: Path, sub: str, config: dict[str, Any], weights: bytes) -
     return {"folder": sub or ".", "sha256": file_sha256(folder / WEIGHTS), "rank": config["r"]}
 
 
+def check_base(base: nn.Module, folder: str | Path) -> None:
+    """Raise ConfigError (naming the first differing tensor) unless ``base`` is the base ``folder`` was exported on.
+
+    For loading with peft directly (``PeftModel.from_pretrained(base, folder)``): call it on the plain timm
+    model first; :func:`load_peft` calls it itself.
+    """
+    folder = Path(folder)
+    check_identity(base, read_card(folder, "peft"), "the base model")
+
+
 def load_peft(folder: str | Path, *, experience: int | str | None = None, base: nn.Module | None = None) -> nn.Module:
     """The exported model of ``experience`` (default: the last exported) as a ``peft.PeftModel``.
 
