@@ -17,6 +17,7 @@ the card at the root records the base's identity, which :func:`load_peft` checks
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -128,7 +129,7 @@ def write_adapter(out: Path, sub: str, config: dict[str, Any], weights: bytes) -
     folder = out / sub if sub else out
     write_bytes_nofollow(folder / WEIGHTS, weights, root=out)
     write_text_nofollow(folder / CONFIG, json.dumps(config, indent=2), root=out)
-    return {"folder": sub or ".", "sha256": file_sha256(folder / WEIGHTS), "rank": config["r"]}
+    return {"folder": sub or ".", "sha256": hashlib.sha256(weights).hexdigest(), "rank": config["r"]}
 
 
 def check_base(base: nn.Module, folder: str | Path) -> None:

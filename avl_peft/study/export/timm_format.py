@@ -9,6 +9,7 @@ that after checking the file against the sha256 in the card.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,14 @@ def merged_state(model: nn.Module, head: dict[str, torch.Tensor], classifier: st
 
 def write_weights(out: Path, sub: str, state: dict[str, torch.Tensor], base: dict[str, Any]) -> dict[str, Any]:
     path = (out / sub if sub else out) / WEIGHTS
-    write_bytes_nofollow(path, save_safetensors(state, metadata={"format": "pt"}), root=out)
+    data = save_safetensors(state, metadata={"format": "pt"})
+    write_bytes_nofollow(path, data, root=out)
     rel = f"{sub}/{WEIGHTS}" if sub else WEIGHTS
     kwargs = ", ".join(f"{k}={v!r}" for k, v in base["kwargs"].items())
     n = base["num_classes"]
     return {
         "file": rel,
-        "sha256": file_sha256(path),
+        "sha256": hashlib.sha256(data).hexdigest(),  # of the bytes written: no second read of the file
         "load": (
             f"timm.create_model({base['timm_name']!r}, pretrained=True, num_classes={n}, "
             f"pretrained_cfg_overlay=dict(file='{rel}', num_classes={n}){', ' + kwargs if kwargs else ''})"
