@@ -345,3 +345,38 @@ def test_run_exports_equal_the_runs_models(method, policy, tmp_path):
         out = tmp_path / fmt
         assert main(["export", str(run), "--experience", "all", "--format", fmt, "--out", str(out)]) == 0
         check_export(run, out, fmt, [0, 1, 2])
+
+
+def test_safetensors_headers_are_checked_before_any_tensor_is_built(tmp_path):
+    from avl_peft.safeio import check_safetensors, read_safetensors
+
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.ones(2, 3), "b": torch.zeros(4)}, good)
+    assert check_safetensors(good, what="w", max_bytes=1 << 20) == good.stat().st_size
+    data = good.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+
+    def variant(name, change):
+        h = json.loads(json.dumps(header))
+        change(h)
+        text = json.dumps(h).encode()
+        path = tmp_path / name
+        path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+        return path
+
+    cases = {
+        variant("overlap", lambda h: h["b"].update(data_offsets=[0, 16])): "overlap or leave a gap",
+        variant("shape", lambda h: h["a"].update(shape=[3, 3])): "has 24 bytes for shape",
+        variant("dtype", lambda h: h["a"].update(dtype="X9")): "malformed entry",
+        variant("past", lambda h: h["b"].update(data_offsets=[24, 4000])): "malformed entry",
+    }
+    for path, message in cases.items():
+        with pytest.raises(DataError, match=message):
+            read_safetensors(path, what="w", max_bytes=1 << 20)
+    long = tmp_path / "long"
+    long.write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(DataError, match="header claims"):
+        check_safetensors(long, what="w", max_bytes=1 << 20)
+    with pytest.raises(DataError, match="more than the 10 allowed"):
+        check_safetensors(good, what="w", max_bytes=10)
