@@ -121,7 +121,7 @@ def run_cfg(method="lora", policy="continue", **extra):
     data = {
         "backbone": {"name": "vit_tiny_patch16_224", "kwargs": KWARGS},
         "scenario": {"name": "synthetic", "n_experiences": 3},
-        "training": {"epochs": 1, "batch_size": 16, "lr": 1e-2},
+        "training": {"epochs": 1, "batch_size": 16, "lr": 1e-2} | extra.pop("training", {}),
         "method": {"name": method, "options": options | extra.pop("options", {}), "policy": policy, **extra},
         "subspace": {"enabled": False},
     }
@@ -290,14 +290,18 @@ def test_export_refuses_incomplete_foreign_and_hostile_run_folders(lora_run, tmp
 
 
 @pytest.mark.slow
-def test_peft_format_refuses_methods_without_a_low_rank_update(tmp_path):
+@pytest.mark.parametrize("method, training, message", [
+    ("head", {}, "adds no adapter .*--format timm"),
+    ("lora", {"pretrain": True}, "began with a base session .*--format timm"),
+])  # fmt: skip
+def test_peft_format_refuses_runs_that_are_not_a_low_rank_update_of_the_base(method, training, message, tmp_path):
     run = tmp_path / "run"
-    study.run_experiment(run_cfg("head"), run, progress=False)
-    with pytest.raises(ConfigError, match="adds no adapter .*--format timm"):
+    study.run_experiment(run_cfg(method, training=training), run, progress=False)
+    with pytest.raises(ConfigError, match=message):
         avl_peft.export(run, out=tmp_path / "o", format="peft")
     assert not (tmp_path / "o").exists()
-    avl_peft.export(run, out=tmp_path / "t", format="timm")
-    check_export(run, tmp_path / "t", "timm", [2])
+    avl_peft.export(run, out=tmp_path / "t", format="timm", experience="all")
+    check_export(run, tmp_path / "t", "timm", [0, 2])
 
 
 # ------------------------------------------------------------------------------------------------
