@@ -725,7 +725,7 @@ CASES = [
         "weights-truncated",
         card_case(lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-10])),
         2,
-        "but its header describes",
+        "has a malformed entry in the header",
     ),
     Case(
         "weights-fifo",
@@ -733,7 +733,7 @@ CASES = [
         2,
         "is not a regular file",
     ),
-    Case("weights-link-to-32-GiB", card_case(huge_weights_link), 2, "has an unreadable header"),
+    Case("weights-link-to-32-GiB", card_case(huge_weights_link), 2, "its header is not valid JSON"),
     Case("weights-of-another-backbone", card_case(other_weights), 2, "does not hold this backbone's tensor"),
     # --- image folders (upstream imagefolder:, listed and header-checked by the dry-run)
     Case(

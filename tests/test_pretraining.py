@@ -155,7 +155,10 @@ def test_cache_is_reused_without_retraining(tmp_path, built, count_trainings, mo
 @pytest.mark.parametrize(
     "damage, note",
     [
-        (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]), "truncated"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+            "not a safetensors file",
+        ),
         (lambda d: (d / "card.json").unlink(), "no card.json"),
         (lambda d: (d / "card.json").write_text('{"format": "avl-peft-pre'), "unreadable"),
     ],
@@ -215,7 +218,7 @@ def test_checkpoint_folder_must_be_a_complete_output_of_this_backbone(tmp_path, 
         _study(out, depth=2)
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted copy
-    with pytest.raises(ConfigError, match=r"backbone.checkpoint: .*truncated.*--force"):
+    with pytest.raises(ConfigError, match=r"backbone.checkpoint: .*not a safetensors file.*--force"):
         _study(out)
 
 

@@ -12,7 +12,7 @@ from ..adapters import METHODS
 from ..adapters.budget import select_for_budget
 from ..cl.backbone import check_backbone_kwargs, closest_models, meta_backbone
 from ..errors import ConfigError, DataError
-from ..safeio.weights import safetensors_shapes
+from ..safeio.safetensors_reader import WEIGHTS_MAX_BYTES, safetensors_shapes
 from .pretrain import WEIGHTS, load_pretrain_config, read_card
 
 
@@ -60,7 +60,7 @@ def _check_pretrain_folder(bb: dict, path: Path) -> None:
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     try:
-        return safetensors_shapes(path, what="weights file")
+        return safetensors_shapes(path, what="weights file", max_bytes=WEIGHTS_MAX_BYTES)
     except DataError as e:
         raise ConfigError(f"backbone.checkpoint: {e}; replace it or rebuild its folder") from None
 

@@ -22,7 +22,7 @@ from ...errors import ConfigError, DataError
 from ...hardware import hardware_info
 from ...safeio import check_writable, load_json, project_cache_dir, write_bytes_nofollow, write_text_nofollow
 from ...safeio.locks import LOCK_NAME, folder_lock
-from ...safeio.weights import safetensors_shapes
+from ...safeio.safetensors_reader import WEIGHTS_MAX_BYTES, safetensors_shapes
 from .config import CARD, CARD_FORMAT, WEIGHTS, config_hash, load_pretrain_config, resolved_precision
 from .training import _create_model, _threads, _train
 
@@ -103,7 +103,7 @@ def _read_card(out_dir: Path) -> tuple[dict[str, Any] | None, str]:
     if not weights.exists():
         return None, f"{WEIGHTS} is missing"
     try:
-        safetensors_shapes(weights, what="pretrain weights")
+        safetensors_shapes(weights, what="pretrain weights", max_bytes=WEIGHTS_MAX_BYTES)
     except DataError as e:
         return None, str(e)
     if _sha256(weights) != card["model_sha256"]:
