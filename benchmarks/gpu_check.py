@@ -76,16 +76,16 @@ SIZES = {
             "backbone.kwargs={img_size: 16, patch_size: 8, depth: 1}",
             "scenario.n_experiences=2",
             "training.epochs=1",
-            "variants=[{method.name: lora}, {method.name: head}]",
+            "variants=[{method.name: lora}]",
         ],
         "speed_args": [
-            *("--layouts", "toy", "--rounds", "2", "--precisions", "fp32", "--methods", "lora,inflora"),
+            *("--layouts", "toy", "--rounds", "2", "--precisions", "fp32", "--methods", "lora"),
             *("--skip-pissa-init", "--skip-end-to-end", "--skip-heads", "--skip-eval"),
         ],
         "jpeg": {"per_class": 2, "size": (48, 40)},
         "stacked": {"n_classes": 40, "n_train_per_class": 2, "n_test_per_class": 1},
         "step_iters": 3,
-        "workers": [0, 2],
+        "workers": [0, 1],
     },
 }
 
@@ -186,7 +186,8 @@ def part_quickstart(ctx: argparse.Namespace) -> dict:
             "all_finite": bool(runs) and all(r.get("finite") for r in runs.values()),
         }
         if rc != 0:
-            out[label]["output_tail"] = tail
+            why = "timed out" if rc == "timeout" else f"exit {rc}"
+            out[label].update(error=f"avl-peft run: {why}", output_tail=tail)
     from avl_peft.study.pretrain.outputs import default_cache_dir
 
     cards = sorted((cache or default_cache_dir()).rglob("card.json"), key=lambda p: p.stat().st_mtime)
@@ -311,7 +312,7 @@ def loader_case(ctx: argparse.Namespace, config: str, scenario: dict) -> dict:
     training = load_yaml(ROOT / "configs" / config, what="config").get("training", {})
     batch, workers = training.get("batch_size", 32), training.get("num_workers", 0)
     if ctx.smoke:
-        workers = min(workers, 2)
+        workers = min(workers, 1)
     cfg = run_config(ctx, scenario, {"batch_size": batch, "num_workers": workers, "epochs": 2})
     parts = build(cfg, None)
     strategy, device = parts.strategy, parts.device
@@ -384,6 +385,8 @@ def part_stacked(ctx: argparse.Namespace) -> dict:
                 "eval_s": time.perf_counter() - start,
             }
         )
+    if not rows:
+        raise RuntimeError("no experience finished within the part's time budget (try --budget-scale 2)")
     last = parts.matrix.matrices["class_incremental"][len(rows) - 1][: len(rows)]
     peaks = [r["train_peak_mb"] for r in rows]
     return {

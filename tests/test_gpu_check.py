@@ -69,7 +69,9 @@ def positive(x) -> bool:
 @pytest.mark.slow
 def test_smoke_mode_runs_every_part_with_numbers(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)]
+    # The budgets are sized for the GPU run; a shared (or paused) test machine gets ten times as long.
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--budget-scale", "10"]
+    cmd += ["--out", str(tmp_path)]
     proc = subprocess.run([*cmd, "--work", str(tmp_path / "work")], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = tmp_path.glob("gpu_check-*-smoke.json")
@@ -84,20 +86,21 @@ def test_smoke_mode_runs_every_part_with_numbers(tmp_path):
     quick = parts["quickstart"]
     for label in ("auto", "compile"):
         run = quick[label]
-        assert run["returncode"] == 0 and run["runs"] and run["precision_ok"] and run["all_finite"]
+        assert "error" not in run and run["returncode"] == 0 and run["runs"]
+        assert run["precision_ok"] and run["all_finite"]
         for r in run["runs"].values():
             assert r["status"] == "finished" and r["compile"] == (label == "compile")
             assert positive(r["train_s"]) and positive(r["peak_memory_mb"]) and 0 <= r["acc"] <= 1
 
     methods = parts["speed"]["methods"]
-    assert {"limit", "lora", "inflora", "full"} <= set(methods)
+    assert {"limit", "lora", "full"} <= set(methods)
     assert all(positive(m["fp32"]["images_per_s"]) and positive(m["fp32"]["ratio_to_limit"]) for m in methods.values())
     assert methods["limit"]["fp32"]["ratio_to_limit"] == 1.0
 
     for case in ("digits", "imagenet_r"):
         loader = parts["loader"][case]
         assert positive(loader["step_images_per_s"]) and positive(loader["train_images_per_s"])
-        assert set(loader["loader"]) == {"0", "2"}
+        assert set(loader["loader"]) == {"0", "1"}
         assert all(positive(v["images_per_s"]) and v["images"] > 0 for v in loader["loader"].values())
         assert isinstance(loader["starved"], bool)
 
