@@ -33,6 +33,7 @@ import datetime as dt
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -150,6 +151,8 @@ def summarize_runs(out: Path) -> dict:
 
 def part_quickstart(ctx: argparse.Namespace) -> dict:
     cache = ctx.work / "cache" if not ctx.reuse_cache else None
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)  # fresh even when --work is reused: the pretrain is timed
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if cache is not None:
         env["AVL_PEFT_CACHE"] = str(cache)
@@ -166,6 +169,7 @@ def part_quickstart(ctx: argparse.Namespace) -> dict:
             out[label] = {"error": "skipped: the part's time budget was spent"}
             continue
         folder = ctx.work / f"quickstart-{label}"
+        shutil.rmtree(folder, ignore_errors=True)  # only this call's runs are summarised
         sets = [f"training.device={ctx.device.type}", "training.precision=auto", *ctx.size["quickstart_set"], *extra]
         cmd = [sys.executable, "-m", "avl_peft", "run", str(ROOT / "configs" / "quickstart.yaml")]
         cmd += ["--out", str(folder), "--force", "--quiet"] + [a for s in sets for a in ("--set", s)]
@@ -203,6 +207,7 @@ def part_quickstart(ctx: argparse.Namespace) -> dict:
 
 def part_speed(ctx: argparse.Namespace) -> dict:
     folder = ctx.work / "speed"
+    shutil.rmtree(folder, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", ctx.device.type, "--out", str(folder)]
     cmd += [*ctx.size["speed_args"], "--tag", "gpucheck"]
     print(f"  {' '.join(cmd[1:])}", flush=True)
