@@ -212,7 +212,9 @@ def _multi_head_class():
             self.backbone, self.head = backbone, head
 
         def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
-            return self.head(self.backbone(x), task_label)
+            # float32: MultiTaskModule.forward writes each task's logits into a float32 buffer, which an
+            # autocast (bf16/fp16) output cannot be index-put into
+            return self.head(self.backbone(x), task_label).float()
 
     return MultiHeadViT
 

@@ -22,6 +22,9 @@ then a pre-scan with regular expressions (strings blanked out) bounds nesting an
 before :func:`json.loads`, whose C scanner recurses. ``NaN``/``Infinity`` stay allowed: a diverged run
 legitimately records a NaN metric.
 
+Reading safetensors (:func:`check_safetensors`, :func:`read_safetensors`): bounded size, and the header
+(length, dtypes, shapes, offsets that tile the data exactly) checked before any tensor is built.
+
 Writing: :func:`safe_component` turns run ids and config names into one harmless path component,
 :func:`safe_write_path` refuses symlinks below an output root, and :func:`write_text_nofollow` writes
 atomically without ever following a symlink below the root.
@@ -38,6 +41,7 @@ from .limits import (
     YAML_MAX_NODES,
 )
 from .paths import default_out_dir, safe_component, safe_write_path, write_bytes_nofollow, write_text_nofollow
+from .safetensors_reader import check_safetensors, read_safetensors
 from .yaml_reader import check_finite, load_yaml, parse_yaml
 
 __all__ = [
@@ -49,11 +53,13 @@ __all__ = [
     "YAML_MAX_DEPTH",
     "YAML_MAX_NODES",
     "check_finite",
+    "check_safetensors",
     "default_out_dir",
     "load_json",
     "load_json_or_none",
     "load_yaml",
     "parse_yaml",
+    "read_safetensors",
     "safe_component",
     "safe_write_path",
     "write_bytes_nofollow",

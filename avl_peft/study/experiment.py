@@ -179,6 +179,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         pretrain=training["pretrain"],
         targets=method["targets"],
         checkpoint_dir=run_dir / "checkpoints" if run_dir is not None else None,
+        init_from=method.get("init_from"),
         **options,
     )
     spec = STRATEGIES.get(cfg["strategy"]["name"])

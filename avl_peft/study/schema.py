@@ -128,6 +128,12 @@ SCHEMA: dict[str, Any] = {
         "policy": F(str, "continue", "adapter lifecycle across experiences", choices=POLICIES),
         "targets": F(list, None, "module-name suffixes or regexes (null: qkv, proj, fc1, fc2)", nullable=True),
         "options": F(dict, {}, "method options: rank, alpha, dropout, svd_niter, share, tt_rank, init"),
+        "init_from": F(
+            str,
+            None,
+            "a Hugging Face peft LoRA folder the adapter starts from (lora; null: the method's init)",
+            nullable=True,
+        ),
     },
     "strategy": {
         "name": F(str, "naive", "a strategy from `avl-peft list`"),
@@ -309,6 +315,11 @@ def check_run(cfg: dict) -> None:
         check_policy(cfg["method"]["name"], cfg["method"]["policy"], cfg["method"]["options"])
     except ConfigError as e:
         raise ConfigError(f"method.policy: {e}") from None
+    if cfg["method"].get("init_from") is not None and not getattr(cls, "imports_lora", False):
+        able = ", ".join(m for m in METHODS.names() if getattr(METHODS.get(m), "imports_lora", False))
+        raise ConfigError(
+            f"method.init_from: method '{cfg['method']['name']}' cannot start from a peft LoRA ({able} can)"
+        )
     targets = cfg["method"]["targets"]
     if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
         raise ConfigError(f"method.targets: must be a non-empty list of strings, got {targets!r}")
