@@ -137,3 +137,69 @@ def test_states_written_before_folding_are_refused_with_a_clear_message():
     state = {**adapter_state_dict(model), "fc1.frozen.0.lora_A": torch.zeros(2, 12)}
     with pytest.raises(avl_peft.ConfigError, match="before frozen branches were folded"):
         load_adapter_state(model, state)
+
+
+class _Kill(Exception):
+    pass
+
+
+def _long_run(ckpt, n_exp: int, *, kill_at: int | None = None, resume: bool = False):
+    """Plain Avalanche Naive + PEFTPlugin over n_exp two-class experiences of a tiny ViT, InfLoRA (GPM memory,
+    folded sum past the dense switch); each experience's shuffling seeded by its index, so an interrupted
+    and resumed run can match the uninterrupted one."""
+    from avalanche.benchmarks import nc_benchmark
+    from avalanche.core import SupervisedPlugin
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from avl_peft import PEFTPlugin
+    from avl_peft.cl.scenarios.in_memory import tensor_dataset
+
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(2 * n_exp, 3, 8, 8, generator=g)
+    y = torch.arange(2 * n_exp).repeat_interleave(2)
+    data_set = tensor_dataset(protos[y] + 0.2 * torch.randn(len(y), 3, 8, 8, generator=g), y)
+    bench = nc_benchmark(
+        data_set, data_set, n_exp, task_labels=False, shuffle=False, fixed_class_order=list(range(2 * n_exp))
+    )
+    torch.manual_seed(0)
+    model = avl_peft.create_backbone(
+        "vit_tiny_patch16_224", num_classes=2 * n_exp, img_size=8, patch_size=4, depth=1, embed_dim=24, num_heads=2
+    )
+    # InfLoRA: its new branch is designed from the data (A) and zero (B), so a restored plugin starts the next
+    # experience exactly where the uninterrupted one did (a LoRA branch's random A would be drawn anew).
+    peft = PEFTPlugin("inflora", policy="stack", checkpoint_dir=ckpt, rank=2)
+    start = peft.restore(model) if resume else 0
+
+    class Killer(SupervisedPlugin):
+        def after_training_exp(self, strategy, **kwargs):
+            if kill_at is not None and peft.experiences_done == kill_at:
+                raise _Kill  # after the PEFTPlugin wrote exp_<kill_at - 1>.pt, like a kill between experiences
+
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+        criterion=torch.nn.CrossEntropyLoss(),
+        train_mb_size=2,
+        train_epochs=1,
+        plugins=[peft, Killer()],
+        evaluator=EvaluationPlugin(),
+    )
+    for t, exp in enumerate(bench.train_stream):
+        if t >= start:
+            torch.manual_seed(t)
+            strategy.train(exp)
+    model.eval()
+    with torch.no_grad():
+        return model(protos), start
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_experience_60_of_100_resumes_to_the_uninterrupted_result(tmp_path):
+    reference, _ = _long_run(tmp_path / "ref", 100)
+    with pytest.raises(_Kill):
+        _long_run(tmp_path / "run", 100, kill_at=60)
+    assert len(list((tmp_path / "run").glob("exp_*.pt"))) == 60  # the kill landed after experience 60
+    resumed, start = _long_run(tmp_path / "run", 100, resume=True)
+    assert start == 60
+    assert torch.equal(resumed, reference)
