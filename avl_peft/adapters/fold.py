@@ -87,18 +87,18 @@ class FoldedBranches(nn.Module):
 
     def term(self) -> Frozen:
         """The folded update for the fused forward: a pair (L, R), a dense ΔW, or None (nothing folded)."""
+        if not self.magnitudes.numel():  # a constant: hand out the stored tensors, no per-call product or copy
+            if self.dense.shape[0]:
+                return self.dense
+            return (self.left, self.right) if self.left.shape[1] else None
         d_out, d_in = self.shape
-        lefts, rights = [self.left], [self.right]
-        if self.magnitudes.numel():
-            r = self.dir_left.shape[1] // self.magnitudes.numel()
-            lefts.append(self.dir_left * self.magnitudes.repeat_interleave(r))
-            rights.append(self.dir_right)
-        left, right = torch.cat(lefts, dim=1), torch.cat(rights, dim=0)
+        r = self.dir_left.shape[1] // self.magnitudes.numel()
+        left, right = self.dir_left * self.magnitudes.repeat_interleave(r), self.dir_right
+        if self.left.shape[1]:  # never for one method's branches; kept so any mix stays exact
+            left, right = torch.cat([self.left, left], dim=1), torch.cat([self.right, right], dim=0)
         if self.dense.shape[0]:
-            return self.dense + left @ right if left.shape[1] else self.dense
-        if dense_is_cheaper(left.shape[1], d_out, d_in):
-            return left @ right
-        return (left, right) if left.shape[1] else None
+            return self.dense + left @ right
+        return left @ right if dense_is_cheaper(left.shape[1], d_out, d_in) else (left, right)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense sum of the folded branches' ΔW (d_out, d_in)."""
