@@ -326,7 +326,7 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
         self._next_structure(model)
         if self._restructured:
             model.to(strategy.device)
-            # Parameters were renamed (a branch moved to frozen.<k>) or replaced: Avalanche's name -> parameter
-            # map must follow now, or its next make_optimizer finds one tensor under two names.
+            # Parameters were replaced (a branch folded away, a fresh one added): Avalanche's name -> parameter map
+            # must follow now, or its next make_optimizer finds one tensor under two names.
             reset_optimizer(strategy)
         self.experiences_done += 1
