@@ -195,7 +195,8 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
         ``model`` is built as the trained one was (same backbone, seed or checkpoint). Each checkpoint is
         restored and followed by the same end-of-experience step training made (merge and re-inject, end of
         the base session, a new branch), so the model is left ready for the next experience and the
-        plugin counts on from there (no ``exp_<t>.pt`` is ever overwritten). Returns that next index.
+        plugin counts on from there (no ``exp_<t>.pt`` is ever overwritten). Under ``policy: stack`` without
+        a base session only the newest is loaded: it holds every branch. Returns that next index.
         """
         if self.checkpoint_dir is None:
             raise ConfigError("restore needs the plugin's checkpoint_dir")
@@ -208,7 +209,11 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
             )
         self._used = False
         self._adopt(model)
-        for t, path in files.items():
+        order = list(files.items())
+        if self.policy == "stack" and not self.pretrain:
+            # The newest checkpoint holds every earlier branch (folded): the others add nothing to load.
+            order = order[-1:]
+        for t, path in order:
             restore_checkpoint(model, path)
             self.experiences_done = t
             self._next_structure(model)
