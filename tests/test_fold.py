@@ -203,3 +203,11 @@ def test_a_run_killed_at_experience_60_of_100_resumes_to_the_uninterrupted_resul
     resumed, start = _long_run(tmp_path / "run", 100, resume=True)
     assert start == 60
     assert torch.equal(resumed, reference)
+
+
+@pytest.mark.parametrize("method", ["lora", "sdlora"])
+def test_update_factors_of_a_folded_layer_sum_to_its_update(method):
+    model, _, _ = run_stream(method, {})  # past the dense switch: the folded sum is exported as its SVD factors
+    for layer in adapted_layers(model).values():
+        total = sum(left @ right for left, right in layer.update_factors())
+        assert torch.allclose(total, layer.delta_weight(), atol=1e-6)

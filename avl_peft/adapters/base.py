@@ -127,6 +127,8 @@ class Adapter(nn.Module):
     shared: ClassVar[bool] = False
     # PiSSA: a stacked branch is re-derived from the layer's effective weight W + ΣΔW (see stack.py).
     derives_from_weight: ClassVar[bool] = False
+    # Can start from a peft LoRA pair (method.init_from, see peft_init.py): implements set_lora.
+    imports_lora: ClassVar[bool] = False
 
     def __init__(self, layer: nn.Linear, opts: AdapterOptions, shared: nn.Module | None = None):
         super().__init__()
@@ -182,6 +184,10 @@ class Adapter(nn.Module):
 
     def factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L (d_out, q), R (q, d_in)) with L R = delta_weight(weight); R already confined."""
+        raise NotImplementedError
+
+    def set_lora(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Start from the update ``scale · b a`` (a peft LoRA pair); only methods with ``imports_lora``."""
         raise NotImplementedError
 
     def input_factor(self) -> torch.Tensor:
@@ -259,6 +265,16 @@ class AdaptedLinear(nn.Module):
     def frozen_count(self) -> int:
         """How many earlier branches are folded into this layer (0 without stacking)."""
         return 0 if self.folded is None else int(self.folded.count)
+
+    def update_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The layer's whole update as (L, R) pairs, L R summing to :meth:`delta_weight`: the folded earlier
+        branches (a dense sum as its SVD factors U S, Vᵀ: exact, rank ≤ min(d_out, d_in)), then the current one."""
+        w = self.base.weight
+        term = None if self.folded is None else self.folded.term()
+        if isinstance(term, torch.Tensor):
+            u, s, vh = torch.linalg.svd(term.detach().double(), full_matrices=False)
+            term = ((u * s).to(w.dtype), vh.to(w.dtype))
+        return ([] if term is None else [term]) + [self.adapter.factors(w)]
 
     def delta_weight(self) -> torch.Tensor:
         delta = self.adapter.delta_weight(self.base.weight)
