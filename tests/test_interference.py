@@ -89,17 +89,17 @@ def test_stack_keeps_outputs_freezes_old_branches_and_merges(method):
     before = model(x)
     assert stack(model) == 1
     assert rel(model(x), before) <= 1e-6, "stacking must not change outputs"
-    old = {k: v.clone() for k, v in adapter_state_dict(model).items() if ".frozen." in k}
+    old = {k: v.clone() for k, v in adapter_state_dict(model).items() if ".folded." in k}
     assert old
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {n for n, _ in model.named_parameters() if n.startswith("head.") or ".adapter." in n}
     if method == "sdlora":  # earlier magnitudes keep learning
-        expected |= {n for n, _ in model.named_parameters() if n.endswith(".frozen.0.magnitude")}
+        expected |= {n for n, _ in model.named_parameters() if n.endswith(".folded.magnitudes")}
     assert trainable == expected
     randomise(model, seed=2)  # the new branch moves; the frozen ones must not
     train(model, x, steps=2, lr=0.05)
     for k, v in adapter_state_dict(model).items():
-        if k in old and not k.endswith("magnitude"):
+        if k in old and "magnitude" not in k:
             assert torch.equal(v, old[k]), f"frozen {k} changed"
     for name, layer in adapted_layers(model).items():  # fast path with frozen branches == dense sum
         w, b = layer.base.weight.double(), layer.base.bias.double()
@@ -114,11 +114,12 @@ def test_stack_keeps_outputs_freezes_old_branches_and_merges(method):
 
 def test_stack_gives_wegeft_fresh_shared_generators():
     model = avl_peft.inject(tiny_vit(2), "wegeft", rank=2)
+    old = model.blocks[0].mlp.fc1.adapter.gen
     stack(model)
     fc1 = [model.blocks[i].mlp.fc1 for i in range(2)]
     assert fc1[0].adapter.gen is fc1[1].adapter.gen  # still shared per target type
-    assert fc1[0].adapter.gen is not fc1[0].frozen[0].gen
-    assert not any(p.requires_grad for p in fc1[0].frozen[0].gen.parameters())
+    assert fc1[0].adapter.gen is not old  # a fresh generator; the old one is folded away
+    assert not any(p.requires_grad for p in old.parameters())
     unshared = avl_peft.inject(tiny_vit(2), "wegeft", rank=2, share=False)
     stack(unshared)
     assert unshared.blocks[0].mlp.fc1.adapter.gen is not unshared.blocks[1].mlp.fc1.adapter.gen
@@ -235,8 +236,9 @@ def test_model_penalty_accepts_lambda_and_matches_closed_form():
     model = avl_peft.inject(mlp(), "lora", targets=TARGETS, rank=2, interference="orthogonal", **{"lambda": 0.1})
     assert model.fc1.adapter.opts.orth_lambda == 0.1
     assert interference_penalty(model) == 0  # nothing frozen yet
+    olds = {lay: lay.adapter.lora_A.detach().clone() for lay in (model.fc1, model.fc2)}
     stack(model)
-    expected = sum(0.1 * (lay.frozen[0].lora_A @ lay.adapter.lora_A.t()).pow(2).sum() for lay in (model.fc1, model.fc2))
+    expected = sum(0.1 * (old @ lay.adapter.lora_A.t()).pow(2).sum() for lay, old in olds.items())
     assert torch.allclose(interference_penalty(model), expected)
     model.double()
     layer = model.fc1
@@ -248,7 +250,7 @@ def test_model_penalty_accepts_lambda_and_matches_closed_form():
     a = layer.adapter.lora_A.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(penalty, (a,))
     with torch.no_grad():  # rows orthogonal to the frozen branch's rows: no penalty from this layer
-        old = layer.frozen[0].lora_A
+        old = olds[model.fc1].double()
         basis = torch.linalg.qr(old.t()).Q  # (12, 2)
         free = a - (a @ basis) @ basis.t()
     assert penalty(free) - penalty(torch.zeros_like(a)) <= 1e-20
@@ -272,10 +274,11 @@ def test_orthogonal_penalty_for_every_method(method):
 def test_shared_wegeft_factor_counts_once():
     model = avl_peft.inject(tiny_vit(2), "wegeft", rank=2, targets=["mlp.fc1"], interference="orthogonal")
     randomise(model)
+    old = model.blocks[0].mlp.fc1.adapter.gen.psi.detach().clone()
     stack(model)
     randomise(model, seed=2)
     layer = model.blocks[0].mlp.fc1
-    once = 0.5 * orthogonal_penalty(layer.frozen[0].gen.psi, layer.adapter.gen.psi)
+    once = 0.5 * orthogonal_penalty(old, layer.adapter.gen.psi)
     assert torch.allclose(interference_penalty(model), once)
 
 
@@ -323,17 +326,20 @@ def test_sdlora_directions_frozen_magnitudes_learn():
     x0, x1 = data(0), data(1)
     experience(model, x0, first=True)
     before = model(x0)
+    old = model.fc1.adapter
     stack(model)
     assert (model(x0) - before).abs().max() <= 1e-5
-    old = model.fc1.frozen[0]
     a, b, alpha = old.lora_A.clone(), old.lora_B.clone(), old.magnitude.item()
     assert torch.allclose(old.direction_norm, torch.linalg.matrix_norm(b @ a))
     assert abs(alpha - torch.linalg.matrix_norm(model.fc1.delta_weight()).item()) <= 1e-4 * abs(alpha)
-    experience(model, x1, first=False, seed=1)
-    assert torch.equal(old.lora_A, a) and torch.equal(old.lora_B, b)
-    assert old.magnitude.item() != alpha
+    folded = model.fc1.folded
+    assert folded.magnitudes.requires_grad and folded.magnitudes.item() == alpha
+    directions = folded.dir_left.clone(), folded.dir_right.clone()
+    experience(model, x1, first=False, seed=1)  # stacks again: an untrained branch (α = 0) joins, then trains
+    assert torch.equal(folded.dir_left[:, :2], directions[0]) and torch.equal(folded.dir_right[:2], directions[1])
+    assert folded.magnitudes[0].item() != alpha
     direction = b @ a / torch.linalg.matrix_norm(b @ a)
-    assert torch.allclose(old.delta_weight(model.fc1.base.weight), old.magnitude * direction, atol=1e-6)
+    assert torch.allclose(folded.delta_weight(), folded.magnitudes[0] * direction, atol=1e-6)
 
 
 # --- checkpoints, budgets, options ---------------------------------------------------------------
@@ -352,7 +358,7 @@ def test_adapter_state_round_trips_through_a_fresh_model(method, options):
     fresh = load_adapter_state(adapted_mlp(method, **options), {**state, **head})
     x = data(9)
     assert torch.equal(fresh(x), model(x))
-    assert all(len(lay.frozen) == 2 for lay in adapted_layers(fresh).values())
+    assert all(lay.frozen_count() == 2 for lay in adapted_layers(fresh).values())
     assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {
         n for n, p in model.named_parameters() if p.requires_grad
     }
@@ -408,6 +414,6 @@ def test_fused_paths_agree_on_stacked_layers(method, interference, monkeypatch):
         results[path] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     (out_m, grads_m), (out_s, grads_s) = results["merged"], results["split"]
     assert rel(out_m, out_s) <= 1e-5
-    assert set(grads_m) == set(grads_s) and any(".frozen." in n for n in grads_m) == (method == "sdlora")
+    assert set(grads_m) == set(grads_s) and any(".folded." in n for n in grads_m) == (method == "sdlora")
     for name in grads_m:
         assert rel(grads_m[name], grads_s[name]) <= 1e-4, name

@@ -333,3 +333,27 @@ def test_schema_2_heads_and_upstream_columns_and_plot(tmp_path: Path):
     assert (tmp_path / "plots" / "upstream_acc.png").stat().st_size > 0
     assert (tmp_path / "plots" / "upstream_retention_vs_params.png").stat().st_size > 0
     assert "(plots/upstream_retention_vs_params.png)" in markdown
+
+
+@pytest.mark.slow  # ~2 s: two 100 x 100 heatmaps rendered
+def test_a_100_experience_run_renders_within_the_size_caps_with_its_curves(tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    from avl_peft.study.report.plots import stream_curves
+
+    T = 100
+    rng = np.random.default_rng(0)
+    matrix = np.tril(rng.uniform(0.2, 0.9, (T, T)))
+    data = _results("long-s0", "sdlora", 0, LORA[0])
+    data["accuracy_matrix"] = {"class_incremental": matrix.tolist(), "task_aware": matrix.tolist()}
+    _write(tmp_path, data)
+    build_report(tmp_path)
+    with Image.open(tmp_path / "plots" / "acc_matrix_long-s0.png") as image:
+        width, height = image.size
+    assert height <= 1300 and width <= 2 * 1200 + 100  # per panel: 12 inches at 100 dpi, heatmap + curves
+    curves = stream_curves(np.where(np.tril(np.ones((T, T), bool)), matrix, np.nan))
+    t = 37
+    assert curves["average accuracy after step t"][t] == pytest.approx(matrix[t, : t + 1].mean())
+    assert curves["final accuracy per task"][t] == pytest.approx(matrix[-1, t])
+    assert curves["forgetting per task"][t] == pytest.approx(matrix[t, t] - matrix[-1, t])

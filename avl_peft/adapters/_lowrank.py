@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import torch
 
+from .base import Frozen
+
 FULL_PRECISION = (torch.float32, torch.float64)
 # Tests and benchmarks set this to "merged" or "split" to exercise one path regardless of the shape rule,
 # or to "plain" for the unfused definition (plain ops; what autocast ran before the node supported it).
@@ -141,6 +143,13 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def absorb_dense(weight: torch.Tensor, frozen: Frozen) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(W + F, None) for a dense frozen term F, else (W, frozen): the frozen term in the form the node takes."""
+    if isinstance(frozen, torch.Tensor):
+        return weight + frozen.to(weight.dtype), None
+    return weight, frozen
+
+
 def low_rank_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -149,14 +158,17 @@ def low_rank_linear(
     b: torch.Tensor,
     scale: float,
     x_lora: torch.Tensor | None = None,
-    frozen: tuple[torch.Tensor, torch.Tensor] | None = None,
+    frozen: Frozen = None,
 ) -> torch.Tensor:
     """F.linear(x, W + L₀R₀, bias) + scale · F.linear(F.linear(x_lora, A), B), fused.
 
     ``x_lora`` defaults to x. ``frozen`` = (L₀ (d_out, q₀), R₀ (q₀, d_in)): a low-rank term that belongs to
     the layer's weight on the clean input — earlier stacked branches, PiSSA's −s·B₀A₀ — folded into the
-    same node (gradients reach L₀/R₀ only if they require them, e.g. SD-LoRA's magnitudes through L₀).
+    same node (gradients reach L₀/R₀ only if they require them, e.g. SD-LoRA's magnitudes through L₀); or
+    that term as a dense (d_out, d_in) matrix, which is added to W (earlier branches folded past the size
+    where a pair pays, see fold.py).
     """
+    weight, frozen = absorb_dense(weight, frozen)
     # The node gets x_l = None when the adapter reads x itself (no dropout): one tensor passed as two inputs
     # would also make torch.compile break the graph here.
     x_l = None if x_lora is None or x_lora is x else x_lora

@@ -16,8 +16,8 @@ Interference control (options shared by every method, see :class:`AdapterOptions
   (see :mod:`avl_peft.adapters.interference`).
 
 :class:`AdaptedLinear` holds the current (trainable) branch in ``adapter`` and, under ``policy: stack``,
-the branches of earlier experiences in ``frozen`` (see :mod:`avl_peft.adapters.stack`):
-``y = W x + b + Σ_{frozen} L_i (R_i x) + ΔW_current x``.
+the branches of earlier experiences folded into ``folded`` (see :mod:`avl_peft.adapters.stack` and
+:mod:`avl_peft.adapters.fold`): ``y = W x + b + (Σ_{frozen} ΔW_i) x + ΔW_current x``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from ..registry import Registry, suggest
 METHODS: Registry[type] = Registry("method")
 
 INTERFERENCE = ("none", "orthogonal", "project")
-# A layer's earlier (frozen) branches as one low-rank term of its weight: (L₀ (d_out, q₀), R₀ (q₀, d_in)).
-Frozen = tuple[torch.Tensor, torch.Tensor] | None
+# A layer's earlier (frozen) branches as one term of its weight: a low-rank pair (L₀ (d_out, q₀), R₀ (q₀, d_in)),
+# or the dense sum (d_out, d_in) once that is smaller (see fold.py).
+Frozen = tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None
 # Option names that are not Python identifiers: the user-facing key -> the dataclass field.
 OPTION_ALIASES = {"lambda": "orth_lambda"}
 
@@ -209,20 +210,28 @@ class Adapter(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
+    def fold_parts(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A frozen branch as (L, R, magnitude): ΔW = L R, or magnitude · L R where the magnitude keeps
+        training after freezing (SD-LoRA); magnitude None means the branch is a constant (see fold.py)."""
+        left, right = self.factors(weight)
+        return left, right, None
+
     def forward(self, x: torch.Tensor, layer: nn.Linear, frozen: Frozen = None) -> torch.Tensor:
-        """y = (W + L₀R₀ + ΔW) x + b; ``frozen`` = (L₀, R₀), the layer's earlier branches, or None.
+        """y = (W + L₀R₀ + ΔW) x + b; ``frozen`` = (L₀, R₀) or a dense L₀R₀, the layer's earlier branches, or None.
 
         Dense reference path; subclasses override with a factored equivalent that passes ``frozen`` on to
         :func:`~avl_peft.adapters._lowrank.low_rank_linear`.
         """
         w = layer.weight + self.delta_weight(layer.weight)
+        if isinstance(frozen, torch.Tensor):
+            return F.linear(x, w + frozen, layer.bias)
         return F.linear(x, w + frozen[0] @ frozen[1] if frozen is not None else w, layer.bias)
 
 
 class AdaptedLinear(nn.Module):
     """An ``nn.Linear`` plus its branches: ``y = (W + Σ_frozen ΔW_i + ΔW_current) x + b``.
 
-    ``adapter`` is the current branch, ``frozen`` the earlier ones (empty unless stacked), ``memory``
+    ``adapter`` is the current branch, ``folded`` the earlier ones (None unless stacked), ``memory``
     (d_in, k) the GPM basis of earlier experiences' inputs (a buffer, k = 0 until an experience ends with
     ``interference: project`` or InfLoRA). The only wrapper in avl-peft.
     """
@@ -231,7 +240,7 @@ class AdaptedLinear(nn.Module):
         super().__init__()
         self.base = base
         self.adapter = adapter
-        self.frozen = nn.ModuleList()
+        self.register_module("folded", None)  # a FoldedBranches once stack() freezes the first branch
         w = base.weight
         self.register_buffer("memory", torch.empty(w.shape[1], 0, dtype=w.dtype, device=w.device))
         # Set by end_experience, cleared by stack: a branch that finished an experience must not restart.
@@ -253,13 +262,23 @@ class AdaptedLinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
-    def branches(self) -> list[Adapter]:
-        """Every branch, oldest first; the last one is the current (trainable) branch."""
-        return [*self.frozen, self.adapter]
+    def frozen_count(self) -> int:
+        """How many earlier branches are folded into this layer (0 without stacking)."""
+        return 0 if self.folded is None else int(self.folded.count)
+
+    def update_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The layer's whole update as (L, R) pairs, L R summing to :meth:`delta_weight`: the folded earlier
+        branches (a dense sum as its SVD factors U S, Vᵀ: exact, rank ≤ min(d_out, d_in)), then the current one."""
+        w = self.base.weight
+        term = None if self.folded is None else self.folded.term()
+        if isinstance(term, torch.Tensor):
+            u, s, vh = torch.linalg.svd(term.detach().double(), full_matrices=False)
+            term = ((u * s).to(w.dtype), vh.to(w.dtype))
+        return ([] if term is None else [term]) + [self.adapter.factors(w)]
 
     def delta_weight(self) -> torch.Tensor:
-        w = self.base.weight
-        return sum((b.delta_weight(w) for b in self.frozen), self.adapter.delta_weight(w))
+        delta = self.adapter.delta_weight(self.base.weight)
+        return delta if self.folded is None else delta + self.folded.delta_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base
@@ -296,15 +315,10 @@ class AdaptedLinear(nn.Module):
         return out
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        frozen = None
-        if len(self.frozen):
-            # Earlier branches as one rank-Σq term of the weight; they see the clean input (no dropout):
-            # they are part of the model function now, exactly as if merged. The current branch folds
-            # them into its fused node (one GEMM with W + L₀R₀ + ΔW when that pays).
-            parts = [b.factors(self.base.weight) for b in self.frozen]
-            left = torch.cat([p[0] for p in parts], dim=1)  # (d_out, Σq)
-            right = torch.cat([p[1] for p in parts], dim=0)  # (Σq, d_in)
-            frozen = (left, right)
+        # Earlier branches as one term of the weight; they see the clean input (no dropout): they are part of
+        # the model function now, exactly as if merged. The current branch folds them into its fused node
+        # (one GEMM with W + L₀R₀ + ΔW when that pays).
+        frozen = self.folded.term() if self.folded is not None else None
         return self.adapter(x, self.base, frozen)
 
     def merged(self) -> nn.Linear:

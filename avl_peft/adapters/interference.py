@@ -162,25 +162,24 @@ def orthogonal_penalty(old: torch.Tensor, current: torch.Tensor) -> torch.Tensor
 def interference_penalty(model: nn.Module) -> torch.Tensor:
     """O-LoRA's λ Σ_layers Σ_frozen ‖R_i R_tᵀ‖²_F over layers with ``interference: orthogonal`` (0 if none).
 
-    Differentiable in the current branches' factors; the frozen factors are constants.
+    Σ_frozen ‖R_i R_tᵀ‖²_F = ‖R_old R_tᵀ‖²_F with R_old the layer's folded old input factors (fold.py), so
+    one product per layer whatever the number of experiences. Differentiable in the current branches'
+    factors; the old factors are constants. A current factor shared by several layers (WeGeFT's generator,
+    whose layers share their old generators too) counts once.
     """
     total: torch.Tensor | None = None
-    seen: set[tuple[int, int]] = set()
+    seen: set[int] = set()
     for layer in adapted_layers(model).values():
         current = layer.adapter
-        if current.opts.interference != "orthogonal" or not len(layer.frozen) or current.opts.orth_lambda == 0:
+        folded = layer.folded
+        if current.opts.interference != "orthogonal" or folded is None or current.opts.orth_lambda == 0:
             continue
         owner = id(current.factor_owner())
-        terms = []
-        for old in layer.frozen:
-            key = (id(old.factor_owner()), owner)
-            if key in seen:  # a shared WeGeFT generator pair, already counted through another layer
-                continue
-            seen.add(key)
-            terms.append(orthogonal_penalty(old.input_factor().detach(), current.input_factor()))
-        if terms:
-            term = current.opts.orth_lambda * torch.stack(terms).sum()
-            total = term if total is None else total + term
+        if owner in seen or not folded.inputs.shape[0]:
+            continue
+        seen.add(owner)
+        term = current.opts.orth_lambda * orthogonal_penalty(folded.inputs, current.input_factor())
+        total = term if total is None else total + term
     if total is None:
         p = next(model.parameters(), None)
         return torch.zeros((), device=None if p is None else p.device)

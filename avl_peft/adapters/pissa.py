@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ._lowrank import low_rank_linear
+from ._lowrank import absorb_dense, low_rank_linear
 from .base import METHODS, Adapter, AdapterOptions, Frozen
 
 
@@ -91,8 +91,9 @@ class PiSSA(Adapter):
     def forward(self, x: torch.Tensor, layer: nn.Linear, frozen: Frozen = None) -> torch.Tensor:
         # The constant −s·B₀A₀ joins the layer's frozen term: it reads the clean input (as the reference's
         # residual weight W − s·B₀A₀ does, with or without dropout) and no gradient is computed for it.
+        weight, frozen = absorb_dense(layer.weight, frozen)
         left, right = -self.scale * self.B0, self.confine(self.A0)
         if frozen is not None:
             left, right = torch.cat([frozen[0], left], dim=1), torch.cat([frozen[1], right], dim=0)
         a = self.confine(self.lora_A)
-        return low_rank_linear(x, layer.weight, layer.bias, a, self.lora_B, self.scale, self.drop(x), (left, right))
+        return low_rank_linear(x, weight, layer.bias, a, self.lora_B, self.scale, self.drop(x), (left, right))

@@ -23,6 +23,7 @@ With ``interference: project`` A_t is confined, A_t (I − M Mᵀ), and n_t is t
 Later experiences still move α_i, so earlier branches' updates change in scale by design. Input-side
 factor (orthogonal penalty): A. Trainable parameters: r (d_in + d_out) + 1 per layer at injection; after t
 stackings r (d_in + d_out) + t + 1 (the frozen magnitudes stay trainable), t · r (d_in + d_out) frozen.
+Frozen branches are folded as one stacked direction pair and one magnitude vector (:mod:`.fold`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class SDLoRA(Adapter):
 
     def input_factor(self) -> torch.Tensor:
         return self.lora_A
+
+    def fold_parts(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        # The unit direction B A / ‖B A‖_F stays fixed; its magnitude keeps training (stacked in fold.py).
+        return self.lora_B / self.direction_norm, self.confine(self.lora_A), self.magnitude
 
     def freeze(self) -> None:
         if not self.normalised:

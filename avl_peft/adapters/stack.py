@@ -1,28 +1,30 @@
-"""``policy: stack`` — a new branch per experience, earlier branches frozen and kept — and its checkpoints.
+"""``policy: stack`` — a new branch per experience, earlier branches frozen and folded — and its checkpoints.
 
 After experience t a layer holds branches 0…t (one per experience) on its frozen weight W (d_out, d_in):
 
     y = W x + b + Σ_{i<t} ΔW_i x + ΔW_t x,      ΔW_i = L_i R_i  (L_i (d_out, q_i), R_i (q_i, d_in)).
 
-:func:`stack` freezes every layer's current branch into ``AdaptedLinear.frozen`` and starts a fresh one of
-the same method and options, with ΔW = 0 (so outputs do not change at stacking):
+:func:`stack` freezes every layer's current branch, folds it into the layer's
+:class:`~avl_peft.adapters.fold.FoldedBranches` (``AdaptedLinear.folded``: the sum of the frozen ΔWs, what
+O-LoRA and SD-LoRA still need of them, in sizes that do not grow with the stream except SD-LoRA's
+directions) and starts a fresh branch of the same method and options, with ΔW = 0 (so outputs do not
+change at stacking):
 
-* WeGeFT: one fresh generator (φ, ψ) per group of layers that shared the previous one; the old generators
-  freeze with their branches.
+* WeGeFT: one fresh generator (φ, ψ) per group of layers that shared the previous one.
 * PiSSA: the new branch is derived from the layer's effective weight W + Σ_i ΔW_i (all branches, the one
   just frozen included) — the same starting point ``policy: merge`` gives it, where the merged weight is W.
 * SD-LoRA: freezing rescales the magnitude so the frozen direction is unit-norm (see sdlora.py).
 * ``interference: project``: the new branch is confined away from the layer's GPM memory.
 
-Why branches and not folding them into W (which is what ``merge`` does): the earlier branches' factors are
-what the orthogonal penalty compares against, what SD-LoRA's learnable magnitudes scale, and what lets a
-checkpoint say which experience contributed which update. Forward cost of the frozen branches is one
-thin path of rank Σ q_i per layer; :func:`avl_peft.merge` still folds every branch at once.
+Why not fold into W (which is what ``merge`` does): the frozen sum stays separate from the backbone, so
+O-LoRA's old input factors, SD-LoRA's learnable magnitudes and :func:`avl_peft.merge` (which folds
+everything at once) keep working, and the backbone itself never changes under ``stack``.
 
-Checkpoints: frozen branches (``<layer>.frozen.<i>.…``) and the GPM memory (``<layer>.memory``) live in
-the module's ``state_dict`` but outside ``<layer>.adapter.``, and ``basis``/``memory`` buffers change
-size as the bases grow. :func:`adapter_state_dict` returns every adapter tensor; :func:`load_adapter_state`
-re-creates the branch count and buffer sizes from the saved keys and shapes, then loads the values.
+Checkpoints: the folded terms (``<layer>.folded.…``) and the GPM memory (``<layer>.memory``) live in the
+module's ``state_dict`` but outside ``<layer>.adapter.``, and they change size as experiences pass.
+:func:`adapter_state_dict` returns every adapter tensor; :func:`load_adapter_state` re-creates the
+structure from the saved keys and shapes, then loads the values. States written before folding (one
+``<layer>.frozen.<i>.…`` entry per branch) are refused with a message saying so.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import AdaptedLinear, Adapter, WeightView
+from .fold import FoldedBranches
 
-_FROZEN_KEY = re.compile(r"(?:^|\.)frozen\.(\d+)\.")
+_UNFOLDED_KEY = re.compile(r"(?:^|\.)frozen\.(\d+)\.")  # the per-branch format before folding
+_COUNT_KEY = re.compile(r"(?:^|\.)folded\.count$")
 # Buffers whose column count grows with the GPM bases: (d_in, k).
 _VARIABLE = ("basis", "memory")
 
@@ -67,10 +71,12 @@ def stack(model: nn.Module) -> int:
             if new.opts.interference == "project":
                 new.basis = layer.memory.clone()
             old.freeze()
-            layer.frozen.append(old)
+            if layer.folded is None:
+                layer.folded = FoldedBranches(layer.base.weight)
+            layer.folded.add(old, layer.base.weight)
             layer.adapter = new
             layer.experience_done = False
-    return len(next(iter(layers.values())).frozen)
+    return next(iter(layers.values())).frozen_count()
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,32 +90,46 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def frozen_count(state: Mapping[str, torch.Tensor]) -> int:
-    """How many frozen branches per layer a saved state holds (0 without stacking)."""
-    found = [int(m.group(1)) for key in state for m in [_FROZEN_KEY.search(key)] if m]
-    return max(found) + 1 if found else 0
+    """How many frozen branches per layer a saved state holds (0 without stacking).
+
+    A state written before branches were folded (``<layer>.frozen.<i>.…`` keys) is refused: ConfigError.
+    """
+    old = next((key for key in state if _UNFOLDED_KEY.search(key)), None)
+    if old is not None:
+        raise ConfigError(
+            f"this saved state keeps one entry per stacked branch ('{old}'), the format avl-peft wrote before "
+            "frozen branches were folded; this version cannot read it. Re-run the study (or restore it with the "
+            "avl-peft version that wrote it and avl_peft.merge the model)"
+        )
+    found = [int(value) for key, value in state.items() if _COUNT_KEY.search(key)]
+    return max(found) if found else 0
 
 
 def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
     """Load a saved state (e.g. a checkpoint's model tensors) into a model injected like the saved one.
 
     ``model`` has the same method, targets and options injected and has not been stacked further than the
-    saved one. This stacks it to the saved branch count, resizes the ``basis``/``memory`` buffers to the
-    saved shapes, then loads ``state`` non-strictly (keys of other modules, such as the head, load too).
-    Every saved adapter key must find a tensor of the same shape, or ConfigError.
+    saved one. When the saved state has more frozen branches, this stacks the model once (the structure of
+    any branch count), gives the folded terms and the ``basis``/``memory`` buffers the saved shapes, then
+    loads ``state`` non-strictly (keys of other modules, such as the head, load too) — the same cost
+    whatever the stream's length. Every saved adapter key must find a tensor of the same shape, or
+    ConfigError.
     """
     layers = adapted_layers(model)
     if not layers:
         raise ConfigError("load_adapter_state: the model has no adapters; inject the saved method first")
-    have = len(next(iter(layers.values())).frozen)
+    have = next(iter(layers.values())).frozen_count()
     want = frozen_count(state)
     if have > want:
         raise ConfigError(f"the model has {have} frozen branches per layer but the saved state only {want}")
-    for _ in range(want - have):
+    if want > have:
         stack(model)
     modules = dict(model.named_modules())
     for key, value in state.items():
         owner, _, leaf = key.rpartition(".")
-        if leaf in _VARIABLE and owner in modules:
+        if isinstance(modules.get(owner), FoldedBranches):
+            modules[owner].resize(leaf, value.shape)
+        elif leaf in _VARIABLE and owner in modules:
             mod = modules[owner]
             current = mod._buffers.get(leaf)
             if current is not None and current.shape != value.shape:

@@ -228,7 +228,9 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
         ``model`` is built as the trained one was (same backbone, seed or checkpoint). Each checkpoint is
         restored and followed by the same end-of-experience step training made (merge and re-inject, end of
         the base session, a new branch), so the model is left ready for the next experience and the
-        plugin counts on from there (no ``exp_<t>.pt`` is ever overwritten). Returns that next index.
+        plugin counts on from there (no ``exp_<t>.pt`` is ever overwritten). Under ``policy: stack`` without
+        a base session or ``visit`` only the newest (or ``exp_<through>.pt``) is loaded: each checkpoint holds
+        every earlier branch, folded. Returns that next index.
 
         ``through=t`` stops after ``exp_<t>.pt``, *before* its end-of-experience step: the model is left as
         experience t finished training (what an export of experience t reads). ``visit(t, model)`` is called
@@ -248,7 +250,12 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
         self._used = False
         self._initialised = True  # the checkpoints hold the trained adapters: init_from applies to none of them
         self._adopt(model)
-        for t, path in files.items():
+        order = list(files.items())
+        if self.policy == "stack" and not self.pretrain and visit is None:
+            # Each checkpoint holds every earlier branch (folded): only the one asked for needs loading.
+            last = len(files) - 1 if through is None else through
+            order = [(last, files[last])]
+        for t, path in order:
             restore_checkpoint(model, path)
             self.experiences_done = t
             if visit is not None:
@@ -374,7 +381,7 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
         self._next_structure(model)
         if self._restructured:
             model.to(strategy.device)
-            # Parameters were renamed (a branch moved to frozen.<k>) or replaced: Avalanche's name -> parameter
-            # map must follow now, or its next make_optimizer finds one tensor under two names.
+            # Parameters were replaced (a branch folded away, a fresh one added): Avalanche's name -> parameter map
+            # must follow now, or its next make_optimizer finds one tensor under two names.
             reset_optimizer(strategy)
         self.experiences_done += 1

@@ -75,8 +75,7 @@ class FactorCollector:
             self.factors.clear()
         with torch.no_grad():
             for name, layer in adapted_layers(model).items():
-                w = layer.base.weight
-                parts = [b.factors(w) for b in layer.branches()]
+                parts = layer.update_factors()
                 self.factors[name.removeprefix(prefix)] += [
                     (left.detach().float(), right.detach().float()) for left, right in parts
                 ]

@@ -9,7 +9,8 @@ recursively, groups the runs by
   trainable parameters, mean training time and, where the runs logged subspace diagnostics, the mean
   overlap, mean alignment and final-experience feature drift;
 * ``report.md``: the same table formatted by :func:`format_table` (accuracies as percentages);
-* ``plots/acc_matrix_<run-id>.png``: one accuracy-matrix heatmap per finished run;
+* ``plots/acc_matrix_<run-id>.png``: one accuracy-matrix heatmap per finished run (beyond 20 experiences with
+  the average accuracy per step, the final accuracy and the forgetting per task plotted below it);
 * ``plots/forgetting_vs_params.png``: forgetting against trainable parameters, one colour per method;
 * ``plots/forgetting_vs_overlap.png`` and ``plots/forgetting_vs_alignment.png`` when subspace data exist.
 

@@ -103,22 +103,52 @@ def _save(figure: Any, path: Path, root: Path, *, tight: bool = False) -> None:
 # Inches per heatmap panel at most (at 100 dpi): a 500-experience matrix still makes a 1,200-pixel panel
 # instead of a 27,000-pixel one that would take gigabytes to render.
 _MAX_PANEL_INCHES = 12.0
+# Beyond this many experiences the numbers no longer fit in the cells, and the matrix alone is hard to read:
+# each heatmap gets a panel of the aggregates the field plots for long streams below it.
+_LONG_STREAM = 20
+_CURVE_INCHES = 3.5
+
+
+def stream_curves(matrix: np.ndarray) -> dict[str, np.ndarray]:
+    """A long stream's accuracy matrix summarised per step and per task (fractions; NaN where undefined):
+
+    ``average accuracy after step t`` (mean of row t over the experiences seen, i ≤ t), ``final accuracy
+    per task`` (the last row) and ``forgetting per task`` (a[i][i] − a[T−1][i], the accuracy lost since
+    the task was learned; 0 for the last task).
+    """
+    T = matrix.shape[0]
+    seen = np.tril(np.ones((T, T), dtype=bool))
+    average = np.array(
+        [np.nanmean(matrix[t, : t + 1]) if np.isfinite(matrix[t, : t + 1]).any() else np.nan for t in range(T)]
+    )
+    final = np.where(seen[-1], matrix[-1], np.nan)
+    return {
+        "average accuracy after step t": average,
+        "final accuracy per task": final,
+        "forgetting per task": np.diag(matrix) - final,
+    }
 
 
 def _plot_accuracy_matrices(matrices: dict[str, np.ndarray], run_id: str, path: Path, root: Path) -> None:
     import matplotlib
 
     size = max(m.shape[0] for m in matrices.values())
-    side = min(max(3.5, 0.55 * size + 1.5), _MAX_PANEL_INCHES)
-    figure = _new_figure(side * len(matrices) + 1.0, side + 0.5)
-    axes = figure.subplots(1, len(matrices), squeeze=False)[0]
+    long = size > _LONG_STREAM
+    # With the curves below, the heatmap shrinks so the whole figure keeps the capped height.
+    cap = _MAX_PANEL_INCHES - (_CURVE_INCHES if long else 0.0)
+    side = min(max(3.5, 0.55 * size + 1.5), cap)
+    figure = _new_figure(side * len(matrices) + 1.0, side + 0.5 + (_CURVE_INCHES if long else 0.0))
+    grid = figure.subplots(
+        2 if long else 1, len(matrices), squeeze=False, height_ratios=[side, _CURVE_INCHES] if long else None
+    )
+    axes = grid[0]
     # Cells above the diagonal (not yet trained experiences) are NaN in validated matrices: draw them grey.
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
     image = None
     for ax, (kind, matrix) in zip(axes, matrices.items(), strict=True):
         T = matrix.shape[0]
         image = ax.imshow(np.ma.masked_invalid(matrix * 100), vmin=0, vmax=100, cmap=cmap)
-        if T <= 20:  # beyond that the numbers no longer fit in the cells
+        if T <= _LONG_STREAM:  # beyond that the numbers no longer fit in the cells
             fontsize = max(5, 10 - T // 3)
             for t in range(T):
                 for i in range(t + 1):
@@ -132,6 +162,14 @@ def _plot_accuracy_matrices(matrices: dict[str, np.ndarray], run_id: str, path: 
         ax.set_xticks(list(ticks))
         ax.set_yticks(list(ticks))
     figure.colorbar(image, ax=list(axes), label="accuracy (%)", shrink=0.8)
+    if long:
+        for ax, matrix in zip(grid[1], matrices.values(), strict=True):
+            for label, values in stream_curves(matrix).items():
+                ax.plot(np.arange(len(values)), values * 100, label=label, linewidth=1)
+            ax.set_xlabel("experience (step t, or task i)")
+            ax.set_ylabel("%")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
     figure.suptitle(f"Accuracy matrix: {_short(run_id)}")
     _save(figure, path, root)
 
