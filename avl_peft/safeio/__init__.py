@@ -48,6 +48,7 @@ from .limits import (
 from .paths import (
     check_writable,
     default_out_dir,
+    file_sha256,
     project_cache_dir,
     safe_component,
     safe_write_path,
@@ -58,6 +59,7 @@ from .safetensors_reader import check_safetensors, read_safetensors, safetensors
 from .yaml_reader import check_finite, load_yaml, parse_yaml
 
 __all__ = [
+    "file_sha256",
     "JSON_MAX_BYTES",
     "JSON_MAX_DEPTH",
     "JSON_MAX_ITEMS",

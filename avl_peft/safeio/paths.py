@@ -156,3 +156,12 @@ def project_cache_dir(*parts: str) -> Path:
     """``$AVL_PEFT_CACHE/<parts>`` if that variable is set, else ``~/.cache/avl-peft/<parts>`` (not created)."""
     root = os.environ.get("AVL_PEFT_CACHE")
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "avl-peft").joinpath(*parts)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (callers bound the size first where it matters)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

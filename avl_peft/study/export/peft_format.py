@@ -31,9 +31,9 @@ from ...adapters import METHODS
 from ...adapters.inject import backbone_root
 from ...adapters.stack import adapted_layers
 from ...errors import ConfigError, DataError
-from ...safeio import check_safetensors, write_bytes_nofollow, write_text_nofollow
+from ...safeio import check_safetensors, file_sha256, write_bytes_nofollow, write_text_nofollow
 from .card import build_base, check_identity, pick_experience, read_card
-from .runs import RunFolder, file_sha256
+from .runs import RunFolder
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

@@ -29,6 +29,7 @@ from ...cl.plugin import PEFTPlugin, checkpoint_files
 from ...cl.strategies import STRATEGIES
 from ...cl.training import seed_everything
 from ...errors import ConfigError, DataError
+from ...safeio import file_sha256
 from .. import results as results_file
 
 # A checkpoint holds at most the whole model (a base session, full fine-tuning) plus adapters and head
@@ -128,14 +129,6 @@ def _weights_file(root: Path, res: dict[str, Any]) -> Path | None:
     if weights.get("model_sha256") and file_sha256(path) != weights["model_sha256"]:
         raise DataError(f"backbone weights '{path}' do not match the sha256 run '{root}' recorded; they changed")
     return path
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fresh_model(run: RunFolder) -> nn.Module:

@@ -20,9 +20,8 @@ from torch import nn
 
 from ...adapters.inject import merge
 from ...errors import DataError
-from ...safeio import check_safetensors, write_bytes_nofollow
+from ...safeio import check_safetensors, file_sha256, write_bytes_nofollow
 from .card import pick_experience, read_card
-from .runs import file_sha256
 
 WEIGHTS = "model.safetensors"
 

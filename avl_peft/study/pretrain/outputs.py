@@ -20,19 +20,18 @@ from torch import nn
 from ...cl.glyphs import CLASSES
 from ...errors import ConfigError, DataError
 from ...hardware import hardware_info
-from ...safeio import check_writable, load_json, project_cache_dir, write_bytes_nofollow, write_text_nofollow
+from ...safeio import (
+    check_writable,
+    file_sha256,
+    load_json,
+    project_cache_dir,
+    write_bytes_nofollow,
+    write_text_nofollow,
+)
 from ...safeio.locks import LOCK_NAME, folder_lock
 from ...safeio.safetensors_reader import WEIGHTS_MAX_BYTES, safetensors_shapes
 from .config import CARD, CARD_FORMAT, WEIGHTS, config_hash, load_pretrain_config, resolved_precision
 from .training import _create_model, _threads, _train
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -106,7 +105,7 @@ def _read_card(out_dir: Path) -> tuple[dict[str, Any] | None, str]:
         safetensors_shapes(weights, what="pretrain weights", max_bytes=WEIGHTS_MAX_BYTES)
     except DataError as e:
         return None, str(e)
-    if _sha256(weights) != card["model_sha256"]:
+    if file_sha256(weights) != card["model_sha256"]:
         return None, f"{WEIGHTS} does not match the sha256 in {CARD} (truncated or modified)"
     return card, ""
 
