@@ -295,6 +295,18 @@ def end_full_training(model: nn.Module) -> None:
         _bump_lineage(model)
 
 
+def freeze_adapters(model: nn.Module) -> int:
+    """Stop every branch of every adapted layer from training (``policy: first``); outputs do not change.
+    Returns the number of parameters frozen."""
+    frozen = 0
+    for layer in adapted_layers(model).values():
+        for p in layer.parameters():
+            if p.requires_grad and p is not layer.base.weight and p is not layer.base.bias:
+                p.requires_grad_(False)
+                frozen += p.numel()
+    return frozen
+
+
 def delta_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Dense ΔW of every adapted Linear, keyed by module name, shaped like its weight."""
     return {n: m.delta_weight() for n, m in adapted_layers(model).items()}

@@ -103,7 +103,12 @@ SCHEMA: dict[str, Any] = {
             "backbone's features without class-incremental bias",
             choices=("linear", "prototype", "ranpac", *LEGACY_HEADS),
         ),
-        "head_options": F(dict, {}, "options of the statistics head (ranpac: dim, lambdas, val_fraction)"),
+        "head_options": F(
+            dict,
+            {},
+            "options of the head (ranpac: dim, lambdas, val_fraction; every head: align, drift, covariance, "
+            "covariance_rank)",
+        ),
         "task_incremental": F(bool, False, "one head per task (Avalanche MultiHeadClassifier) with task labels"),
         "pretrain": F(bool, False, "base session: train experience 0 with full fine-tuning"),
         "pretrain_epochs": F(
