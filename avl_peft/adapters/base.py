@@ -134,6 +134,7 @@ class Adapter(nn.Module):
         self.drop = nn.Dropout(opts.dropout) if opts.dropout > 0 else nn.Identity()
         w = layer.weight
         self.register_buffer("basis", torch.empty(w.shape[1], 0, dtype=w.dtype, device=w.device))
+        self.layer_role = ""  # set by place()
 
     @staticmethod
     def max_rank(d_out: int, d_in: int) -> int:
@@ -193,6 +194,24 @@ class Adapter(nn.Module):
 
     def shared_module(self) -> nn.Module | None:
         """The parameters this branch shares with other layers' branches, or None."""
+        return None
+
+    @classmethod
+    def role(cls, name: str, names: list[str], opts: AdapterOptions) -> str:
+        """The part layer ``name`` plays for this method among every adapted layer ``names`` ("" for all but
+        methods whose branches differ by position, e.g. CL-LoRA's task-shared and task-specific blocks)."""
+        return ""
+
+    def place(self, role: str, previous: Adapter | None) -> None:
+        """Called right after construction with the layer's :meth:`role`: by ``inject`` (``previous`` None),
+        by ``stack`` (the branch this one follows) and by the budget count. Methods override to change their
+        parameters by role; they must call this base version, which records the role."""
+        self.layer_role = role
+
+    @classmethod
+    def model_loss(cls, model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """A loss term of the whole adapted model on the training batch ``x``, added to the strategy's loss
+        (CL-LoRA's distillation); None for methods without one."""
         return None
 
     def begin(self, inputs: torch.Tensor | None, memory: torch.Tensor) -> None:

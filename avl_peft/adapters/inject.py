@@ -260,6 +260,7 @@ def inject(
                 shared[key] = cls.new_shared(base, opts)
             gen = shared[key]
         adapter: Adapter = cls(base, opts, gen)
+        adapter.place(cls.role(name, list(chosen), opts), None)
         _set_module(model, name, AdaptedLinear(base, adapter))
     model.avl_peft_injection = {
         "method": method,

@@ -64,6 +64,7 @@ def stack(model: nn.Module) -> int:
                     fresh[id(prev)] = cls.new_shared(layer.base, old.opts)
                 gen = fresh[id(prev)]
             new = cls(ref, old.opts, gen)
+            new.place(old.layer_role, old)
             if new.opts.interference == "project":
                 new.basis = layer.memory.clone()
             old.freeze()

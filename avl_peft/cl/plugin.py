@@ -324,6 +324,11 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self.options.get("interference") == "orthogonal":
             strategy.loss = strategy.loss + interference_penalty(strategy.model)
+        model_loss = getattr(METHODS.get(self.method), "model_loss", None)
+        if model_loss is not None and not self._in_base_session():
+            extra = model_loss(strategy.model, strategy.mb_x)  # e.g. CL-LoRA's distillation
+            if extra is not None:
+                strategy.loss = strategy.loss + extra
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         model = strategy.model

@@ -147,7 +147,8 @@ class ClassMoments:
         d = self.feature_dim
         self.counts = torch.zeros(0, dtype=torch.int64)
         self.means = torch.zeros(0, d, dtype=torch.float64)
-        if covariance == "full":
+        self.lowrank = covariance == "lowrank"
+        if not self.lowrank:
             self.scatter = torch.zeros(0, d, d, dtype=torch.float32)
         else:
             self.factors = torch.zeros(0, d, self.rank, dtype=torch.float32)
@@ -164,7 +165,7 @@ class ClassMoments:
         return [int(c) for c in torch.nonzero(self.counts > 0).flatten()]
 
     def _tensors(self) -> tuple[str, ...]:
-        return ("counts", "means", "scatter") if self.covariance == "full" else ("counts", "means", "factors", "diag")
+        return ("counts", "means", "factors", "diag") if self.lowrank else ("counts", "means", "scatter")
 
     def _grow(self, width: int) -> None:
         extra = width - self.n_classes
@@ -182,10 +183,10 @@ class ClassMoments:
     def expected_nbytes(n_classes: int, feature_dim: int, covariance: str = "full", rank: int = 64) -> int:
         """:meth:`nbytes` for ``n_classes`` classes, by formula (module docstring)."""
         per_class = 8 + 8 * feature_dim
-        if covariance == "full":
-            per_class += 4 * feature_dim * feature_dim
-        else:
+        if covariance == "lowrank":
             per_class += 4 * feature_dim * (min(rank, feature_dim) + 1)
+        else:
+            per_class += 4 * feature_dim * feature_dim
         return n_classes * per_class
 
     # -- accumulating -------------------------------------------------------------------------------------
@@ -211,7 +212,7 @@ class ClassMoments:
         n = n_a + n_b
         delta = mu_b - self.means[c]
         w = n_a * n_b / n  # the merge term's weight: 0 for a class seen for the first time
-        if self.covariance == "full":
+        if not self.lowrank:
             self.scatter[c] = (self.scatter[c].double() + xc.T @ xc + w * torch.outer(delta, delta)).float()
         else:
             cols = [self.factors[c].double(), xc.T, (math.sqrt(w) * delta)[:, None]]
@@ -230,7 +231,7 @@ class ClassMoments:
     def covariance_matrix(self, c: int) -> Tensor:
         """Σ_c (D, D) float64 (the low-rank form expanded): scatter / (n_c − 1); zero for n_c ≤ 1."""
         n = int(self.counts[c])
-        if self.covariance == "full":
+        if not self.lowrank:
             s = self.scatter[c].double()
         else:
             f = self.factors[c].double()
@@ -274,7 +275,7 @@ class ClassMoments:
         count = int(self.counts[c])
         z = torch.randn(n, d, generator=generator, dtype=torch.float64)
         mu = self.means[c]
-        if self.covariance == "full":
+        if not self.lowrank:
             cov = self.covariance_matrix(c)
             eps = shrink * float(torch.diagonal(cov).sum()) / d
             chol, info = torch.linalg.cholesky_ex(cov + eps * torch.eye(d, dtype=torch.float64))
