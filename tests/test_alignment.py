@@ -1,6 +1,7 @@
 """Class moments, classifier alignment (SLCA), drift compensation (SDC) and first-session adaptation: known answers."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,3 +243,25 @@ def test_first_session_run_keeps_the_adapted_backbone_bit_identical(tmp_path):
     assert adapter and any(states[0][k].abs().sum() > 0 for k in adapter if "lora_B" in k)  # experience 0 adapted
     for later in states[1:]:
         assert all(torch.equal(states[0][k], later[k]) for k in states[0] if not k.startswith("head."))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["alignment_split_cifar100", "alignment_imagenet_r"])
+def test_paper_scale_configs_validate(name):
+    import yaml
+
+    from avl_peft.study.grid import expand
+
+    data = yaml.safe_load((Path(__file__).parents[1] / "configs" / f"{name}.yaml").read_text())
+    data["training"]["device"] = "cpu"  # the dry run of a GPU config on a CPU machine
+    runs = expand(validate_study(data))
+    assert len(runs) == 54
+    heads = {head_options("ranpac", **cfg["training"]["head_options"]).uses_moments for _, cfg in runs}
+    assert heads == {True, False}
+
+
+def test_align_is_refused_where_the_run_model_is_not_the_classifier():
+    data = {**STUDY, "strategy": {"name": "l2p"}, "method": {"name": "head"}}
+    data["training"] = {**STUDY["training"], "head": "linear", "head_options": {"align": True}}
+    with pytest.raises(ConfigError, match="align re-trains the run model's linear head"):
+        validate_study(data)

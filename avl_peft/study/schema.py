@@ -327,9 +327,14 @@ def check_run(cfg: dict) -> None:
             "class-incremental classifier: linear, prototype or ranpac)"
         )
     try:
-        head_options(training["head"], **training["head_options"])
+        head_opts = head_options(training["head"], **training["head_options"])
     except ConfigError as e:
         raise ConfigError(f"training.head_options: {e}") from None
+    if head_opts.align is not None and STRATEGIES.get(cfg["strategy"]["name"]).owns_model:
+        raise ConfigError(
+            f"training.head_options.align re-trains the run model's linear head, which strategy "
+            f"'{cfg['strategy']['name']}' does not use (it builds its own model); drop align"
+        )
     if training["head"] != "linear" and training["task_incremental"]:
         raise ConfigError(
             f"training.head: {training['head']} removes class-incremental bias; a task-incremental run "
