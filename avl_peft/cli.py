@@ -95,7 +95,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     else:
         out = find_or_build(cfg, force=args.force, progress=not args.quiet)
     card = json.loads((out / "card.json").read_text())
-    print(f"{out}: held-out-font accuracy {card['test_accuracy']:.3f} ({card['wall_time_s']:.0f} s to train)")
+    precision = card.get("precision", "?")
+    print(
+        f"{out}: held-out-font accuracy {card['test_accuracy']:.3f} ({card['wall_time_s']:.0f} s to train, {precision})"
+    )
     print(f"use it with  backbone.checkpoint: {out}   (or backbone.pretrain: {args.config})")
     return 0
 

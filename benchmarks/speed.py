@@ -54,6 +54,7 @@ from torch import nn
 import avl_peft
 from avl_peft import threads
 from avl_peft.adapters import _lowrank, begin_experience, collect_inputs, end_experience, stack
+from avl_peft.hardware import hardware_info
 
 METHODS = ["lora", "pissa", "wegeft", "loretta", "inflora", "sdlora", "lora_project"]
 MERGEABLE = ["lora", "pissa", "wegeft", "loretta", "inflora", "sdlora", "lora_project"]
@@ -484,6 +485,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "malloc_retained": threads.retain_freed_memory(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "hardware": hardware_info(args.device),  # CPU model, ISA, bf16/AMX native, GPU and compute capability
     }
     for i, layout in enumerate(args.layouts):
         load_before = os.getloadavg()

@@ -1,7 +1,9 @@
-"""Wall time to a result on this machine: README command 1's quickstart (run + report), the test suite,
-and the quick test loop — with the machine's load recorded, so the README's figures can come from here.
+"""Wall time to a result on this machine: README command 1's quickstart (run + report; the glyph pretrain
+inside it reported apart), the test suite and the quick test loop — with the machine's load and hardware
+recorded, per CPU class, so the README's figures can come from here.
 
     python benchmarks/time_to_result.py                       # all three, as the README runs them
+    python benchmarks/time_to_result.py --cpu-class avx2      # the same with the ISA capped to AVX2
     python benchmarks/time_to_result.py --only quickstart     # one of quickstart, suite, quick
     python benchmarks/time_to_result.py --set training.epochs=1 --pytest-args tests/test_threads.py  # a reduced try
 
@@ -15,7 +17,13 @@ and the package cache, not on avl-peft.
 The load is the 1-minute load average (``os.getloadavg``), sampled every ``--sample-s`` seconds while each
 step runs; the step itself adds up to one per core, so a step whose median load exceeds 1.5 per core ran beside
 other work and is flagged ``"busy": true``. Output:
-``benchmarks/results/time_to_result-<machine>-<date>.json`` (``--out`` for another folder).
+``benchmarks/results/time_to_result-<machine>-<date>-<class>.json`` (``--out`` for another folder).
+
+CPU classes: ``native`` runs as the machine is; ``avx2`` caps every child process to AVX2
+(``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``), which on an AVX-512/AMX machine reproduces an
+AVX2-only CPU's speed and its fp32 resolution of ``precision: auto`` (``benchmarks/precision_probe.py`` shows
+the cap reproduces the emulated-bf16 slowdown). The record's ``hardware`` block is read in a child process under
+the same caps.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("quickstart", "suite", "quick")
+CPU_CLASSES = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 
 
 class LoadSampler:
@@ -94,6 +103,13 @@ def timed(commands: list[list[str]], env: dict, cores: int, sample_s: float) -> 
     }
 
 
+def hardware(env: dict) -> dict:
+    """avl_peft.hardware.hardware_info() as a child process with ``env`` (ISA caps included) sees it."""
+    code = "import json; from avl_peft.hardware import hardware_info; print(json.dumps(hardware_info()))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)
+
+
 def quickstart(args, env: dict, cores: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="avl-peft-ttr") as tmp:
         out = Path(args.keep) if args.keep else Path(tmp) / "quickstart"
@@ -114,6 +130,15 @@ def quickstart(args, env: dict, cores: int) -> dict:
             }
         result["runs"] = runs
         result["report"] = (out / "report.md").read_text() if (out / "report.md").exists() else None
+        cards = sorted(Path(env["AVL_PEFT_CACHE"]).glob("pretrain/*/card.json")) if not args.reuse_pretrain else []
+        if cards:  # the first pretrain, built inside this step: its own time, accuracy and precision
+            card = json.loads(cards[0].read_text())
+            result["pretrain"] = {
+                "wall_s": card.get("wall_time_s"),
+                "test_accuracy": card.get("test_accuracy"),
+                "precision": card.get("precision"),
+                "threads": card.get("threads"),
+            }
     result["overrides"] = list(args.set)
     result["first_pretrain_included"] = not args.reuse_pretrain
     return result
@@ -136,6 +161,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="quickstart override (reduced try)")
     ap.add_argument("--pytest-args", nargs="*", default=[], help="test paths/options (reduced try; default: all)")
     ap.add_argument("--threads", type=int, help="set OMP_NUM_THREADS for every step (default: environment as is)")
+    ap.add_argument("--cpu-class", choices=sorted(CPU_CLASSES), default="native", help="avx2: cap the ISA (see above)")
     ap.add_argument("--sample-s", type=float, default=5.0, help="load sampling interval")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--keep", help="write the quickstart's runs and report to this folder (default: a temporary one)")
@@ -145,7 +171,7 @@ def main() -> None:
         help="reuse the cached pretrained backbone (default: build it inside the timing, as on a new machine)",
     )
     args = ap.parse_args()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **CPU_CLASSES[args.cpu_class]}
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = str(args.threads)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -156,6 +182,8 @@ def main() -> None:
         "python": platform.python_version(),
         "cores": cores,
         "omp_num_threads": env.get("OMP_NUM_THREADS"),
+        "cpu_class": args.cpu_class,
+        "hardware": hardware(env),
         "reduced": bool(args.set or args.pytest_args),
         "load_1min_before": os.getloadavg()[0],
         "git": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
@@ -170,6 +198,9 @@ def main() -> None:
         result["git"], result["measured_at"] = record["git"], dt.datetime.now().isoformat(timespec="seconds")
         record["steps"][step] = result
         flag = " (machine busy: other work beside the step)" if result["busy"] else ""
+        if "pretrain" in result:
+            pre = result["pretrain"]
+            print(f"  pretrain: {pre['wall_s']} s, held-out accuracy {pre['test_accuracy']:.4f}, {pre['precision']}")
         print(
             f"{step}: {result['wall_s']:.1f} s, {'ok' if result['ok'] else 'FAILED'}, "
             f"load median {result['load_1min']['median']:.2f} on {cores} cores{flag}"
@@ -178,7 +209,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "-reduced" if record["reduced"] else ""
-    path = out / f"time_to_result-{record['machine']}-{record['date']}{suffix}.json"
+    path = out / f"time_to_result-{record['machine']}-{record['date']}-{args.cpu_class}{suffix}.json"
     if path.exists():  # steps measured earlier that day (e.g. --only quickstart, then --only suite) are kept
         earlier = json.loads(path.read_text())
         for step, result in earlier.get("steps", {}).items():

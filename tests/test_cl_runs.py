@@ -50,6 +50,10 @@ def check_run_folder(run_dir, results, *, method, strategy):
     assert {"id", "method", "strategy", "seed", "policy"} <= set(on_disk["run"])
     assert (on_disk["run"]["method"], on_disk["run"]["strategy"]) == (method, strategy)
     assert {"avl_peft", "torch", "avalanche", "timm"} <= set(on_disk["versions"])
+    # the precision this machine ran (auto resolved) and the machine itself
+    assert on_disk["precision"] in ("fp32", "bf16") and on_disk["config"]["training"]["precision"] == "auto"
+    assert {"cpu_model", "cpu_capability", "bf16_native", "threads", "cores_available"} <= set(on_disk["hardware"])
+    assert on_disk["precision"] == ("bf16" if on_disk["hardware"]["bf16_native"] else "fp32")
     assert on_disk["params"]["trainable"] > 0 and on_disk["params"]["total"] >= on_disk["params"]["trainable"]
     assert set(METRIC_NAMES) <= set(on_disk["metrics"])
     assert {f"til_{m}" for m in METRIC_NAMES} <= set(on_disk["metrics"])

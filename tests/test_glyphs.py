@@ -98,11 +98,11 @@ def test_rendering_is_fast_enough_for_pretraining():
     ds.render(np.arange(8))  # rasterise the fonts first
     import time
 
-    start = time.perf_counter()
+    start = time.process_time()  # this process's CPU time: other work on a shared machine does not count
     ds.render(np.arange(len(ds)))
-    rate = len(ds) / (time.perf_counter() - start)
-    # thousands on an idle core; the bound is loose because shared CI machines can be heavily loaded
-    assert rate > 150, f"{rate:.0f} images/s"
+    rate = len(ds) / max(time.process_time() - start, 1e-9)
+    # thousands per CPU second on any recent core; the bound only catches a rendering path gone quadratic
+    assert rate > 150, f"{rate:.0f} images per CPU second"
 
 
 def test_bad_arguments_raise_config_error():

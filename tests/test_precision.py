@@ -21,6 +21,7 @@ KWARGS = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 64, "num_hea
 
 
 def make_cfg(method="lora", n_experiences=2, **training):
+    training = {"precision": "fp32", **training}  # the reference: auto would be bf16 on a CPU with native bf16
     data = {
         "backbone": {"name": "vit_tiny_patch16_224", "kwargs": KWARGS},
         "scenario": {"name": "synthetic", "n_experiences": n_experiences},

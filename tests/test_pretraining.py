@@ -66,7 +66,7 @@ def test_types_and_ranges_are_checked():
         load_pretrain_config({"training": {"batch_size": "big"}})
     with pytest.raises(ConfigError, match=r"training\.lr must be > 0"):
         load_pretrain_config({"training": {"lr": -1}})
-    with pytest.raises(ConfigError, match=r"training\.precision must be one of bf16, fp32"):
+    with pytest.raises(ConfigError, match=r"training\.precision must be one of auto, bf16, fp32"):
         load_pretrain_config({"training": {"precision": "fp16"}})
     with pytest.raises(ConfigError, match=r"data\.dataset must be one of glyphs"):
         load_pretrain_config({"data": {"dataset": "mnist"}})

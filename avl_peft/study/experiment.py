@@ -40,6 +40,7 @@ from ..cl.strategies import STRATEGIES, StrategySpec, strategy_options
 from ..cl.strategies.state import StateContext, tag_experience
 from ..cl.training import BatchProgress, DivergenceGuard, make_optimizer, resolve_device, seed_everything
 from ..errors import ConfigError
+from ..hardware import hardware_info, resolve_precision
 from ..instruments.metrics import summarize_both
 from ..instruments.tracker import SubspaceTracker
 from . import results
@@ -66,6 +67,7 @@ class RunParts:
     spec: StrategySpec | None = None  # the strategy's registry entry (its state is saved through it)
     context: StateContext | None = None  # what restoring the strategy's state needs (datasets, fresh models)
     weights: dict[str, Any] | None = None  # where the backbone weights came from (:func:`weights_provenance`)
+    precision: str = "fp32"  # training.precision as resolved on this machine (auto -> bf16 or fp32)
 
 
 def versions() -> dict[str, str]:
@@ -144,7 +146,8 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
     threads.for_run(training["threads"])
     seed_everything(cfg["seed"])
     device = resolve_device(training["device"])
-    check_precision(training["precision"], device)
+    resolved_precision = resolve_precision(training["precision"], device)  # auto: bf16 only where native
+    check_precision(resolved_precision, device)
     bb = cfg["backbone"]
     task_incremental = training["task_incremental"]
     checkpoint = resolve_checkpoint(bb)
@@ -187,7 +190,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
     spec = STRATEGIES.get(cfg["strategy"]["name"])
     if not spec.owns_model:
         peft.check(model)  # targets, rank and trainable against this backbone, before anything trains
-    precision = PrecisionPlugin(training["precision"])
+    precision = PrecisionPlugin(resolved_precision)
     plugins = [peft, matrix, criterion, DivergenceGuard(), precision, InferenceModeEval()]
     if training["compile"]:
         plugins.append(CompilePlugin())  # after peft: compiles the injected model
@@ -278,6 +281,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         spec,
         context,
         weights=weights_provenance(bb, checkpoint),
+        precision=resolved_precision,
     )
 
 
@@ -372,6 +376,8 @@ def run_experiment(
         "run": results.run_info(run_id, cfg, parts.budget["options"] if parts.budget else None),
         "config": cfg,
         "versions": versions(),
+        "precision": parts.precision,
+        "hardware": hardware_info(parts.device),
         "params": done["counts"] or parameter_counts(strategy.model),
         "budget": parts.budget,
         "backbone_weights": parts.weights,

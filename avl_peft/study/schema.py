@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import math
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from ..cl.precision import PRECISIONS, check_precision
 from ..cl.scenarios import SCENARIOS, check_scenario_options
 from ..cl.strategies import STRATEGIES, strategy_options
 from ..errors import ConfigError
+from ..hardware import PrecisionWarning, resolve_precision
 from ..options import option_names
 from ..registry import suggest
 from .backbone_checks import _check_backbone, _check_budget
@@ -49,7 +51,7 @@ def F(types, default=None, doc="", **kw) -> Field:
 NUM = (int, float)
 # Values training.head took before it chose the classifier; refused with the new spelling (check_run).
 LEGACY_HEADS = ("incremental", "multi")
-PRECISION_NAMES = tuple(PRECISIONS)
+PRECISION_NAMES = ("auto", *PRECISIONS)
 
 # The schema: section -> key -> Field. Defaults are the quickstart-scale choices; each has its reason.
 # Upper bounds (``maximum``) are there to catch typos (an extra ten zeros), not to limit real studies: each
@@ -117,7 +119,11 @@ SCHEMA: dict[str, Any] = {
         "pretrain_lr": F(NUM, None, "lr of the base session (null: lr)", minimum=0, exclusive_min=True, nullable=True),
         "num_workers": F(int, 0, "data-loader worker processes", minimum=0, maximum=1024),
         "precision": F(
-            str, "fp32", "fp32, or bf16/fp16 autocast (fp16 with loss scaling, CUDA only)", choices=PRECISION_NAMES
+            str,
+            "auto",
+            "auto (bf16 where the device runs it natively: CUDA Ampere+, CPUs with AMX/AVX512-BF16; else fp32), "
+            "fp32, or bf16/fp16 autocast (fp16 with loss scaling, CUDA only)",
+            choices=PRECISION_NAMES,
         ),
         "compile": F(bool, False, "torch.compile the backbone, adapters included (first steps pay the compile)"),
         "threads": F(int, None, "CPU threads (null: OMP_NUM_THREADS, else cores/workers)", minimum=1, nullable=True),
@@ -347,7 +353,10 @@ def check_run(cfg: dict) -> None:
     check_upstream(cfg)
     # cuda is checked again when the run resolves its device (bf16 support of the GPU it gets)
     resolved = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    check_precision(cfg["training"]["precision"], torch.device(resolved.split(":")[0]))
+    device = torch.device(resolved.split(":")[0])
+    with warnings.catch_warnings():  # the emulated-bf16 warning is the run's to give, once, not the config check's
+        warnings.simplefilter("ignore", PrecisionWarning)
+        check_precision(resolve_precision(cfg["training"]["precision"], device), device)
     spec = STRATEGIES.get(cfg["strategy"]["name"])
     if spec.check is not None:
         spec.check(cfg)

@@ -12,9 +12,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ...errors import ConfigError
+from ...hardware import bf16_native
 from ...registry import suggest
 
 CARD = "card.json"
@@ -82,7 +84,9 @@ SCHEMA: dict[str, Any] = {
             "float", 0.6, _between(0, 10), "std of the position embedding init (0: keep timm's 0.02)"
         ),
         "patch_drop": _Field("float", 0.25, _between(0, 1, False, True), "share of patch tokens dropped in training"),
-        "precision": _Field("str", "bf16", _one_of("bf16", "fp32"), "autocast dtype of the training steps"),
+        "precision": _Field(
+            "str", "auto", _one_of("auto", "bf16", "fp32"), "autocast dtype (auto: bf16 where the CPU has it natively)"
+        ),
         "threads": _Field("int", 1, _positive, "torch CPU threads while training"),
     },
 }
@@ -175,12 +179,24 @@ def load_pretrain_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[
     return cfg
 
 
+def resolved_precision(cfg: Mapping[str, Any]) -> str:
+    """``training.precision`` as this machine trains it: ``auto`` is bf16 where the CPU runs it natively
+    (AMX, AVX512-BF16; :mod:`avl_peft.hardware`), else fp32."""
+    precision = cfg["training"]["precision"]
+    if precision != "auto":
+        return precision
+    return "bf16" if bf16_native(torch.device("cpu")) else "fp32"
+
+
 def config_hash(cfg: Mapping[str, Any]) -> str:
     """16 hex digits of sha256 over the validated config (canonical JSON) and the recipe version.
 
-    Every key counts, ``training.threads`` included: a thread count may change float rounding.
+    Every key counts, ``training.threads`` included: a thread count may change float rounding. The
+    precision counts as resolved (:func:`resolved_precision`): bf16 and fp32 builds are different weights,
+    so one machine's cache is not taken for the other's, and ``auto`` shares the cache of what it resolves to.
     """
     cfg = load_pretrain_config(cfg)
+    cfg["training"]["precision"] = resolved_precision(cfg)
     blob = json.dumps({"recipe": RECIPE_VERSION, "config": cfg}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

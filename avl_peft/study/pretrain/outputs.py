@@ -20,7 +20,8 @@ from torch import nn
 from ...atomic import write_bytes, write_json
 from ...cl.glyphs import CLASSES
 from ...errors import ConfigError, DataError
-from .config import CARD, CARD_FORMAT, WEIGHTS, config_hash, load_pretrain_config
+from ...hardware import hardware_info
+from .config import CARD, CARD_FORMAT, WEIGHTS, config_hash, load_pretrain_config, resolved_precision
 from .training import _create_model, _threads, _train
 
 
@@ -141,6 +142,7 @@ def pretrain(
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]), _threads(cfg["training"]["threads"]):
             model, facts = _train(cfg, progress)
+            hardware = hardware_info("cpu")  # inside: records the threads the build trained with
         from safetensors.torch import save
 
         blob = save({k: v.contiguous() for k, v in model.state_dict().items()})
@@ -161,6 +163,8 @@ def pretrain(
             "model_sha256": hashlib.sha256(blob).hexdigest(),
             "versions": _versions(),
             "threads": cfg["training"]["threads"],
+            "precision": resolved_precision(cfg),
+            "hardware": hardware,
             "wall_time_s": round(time.perf_counter() - start, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

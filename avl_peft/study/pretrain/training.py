@@ -15,6 +15,7 @@ from torch import nn
 
 from ...cl.glyphs import CLASSES, GlyphDataset
 from ...errors import ConfigError, DataError
+from ...hardware import resolve_precision
 
 
 def _create_model(cfg: Mapping[str, Any], checkpoint: Path | None = None, patch_drop: float = 0.0) -> nn.Module:
@@ -114,7 +115,8 @@ def _train(cfg: Mapping[str, Any], progress: bool) -> tuple[nn.Module, dict[str,
     warmup_steps = max(1, round(tr["warmup"] * total))
     opt = torch.optim.AdamW(_param_groups(model, tr["weight_decay"]), lr=tr["lr"], betas=(0.9, 0.99))
     order_rng = torch.Generator().manual_seed(seed)
-    use_bf16 = tr["precision"] == "bf16"
+    # auto -> bf16 only where the CPU multiplies bf16 natively; an explicit bf16 elsewhere warns (emulated)
+    use_bf16 = resolve_precision(tr["precision"], torch.device("cpu"), key="pretrain training.precision") == "bf16"
     model.train()
     bar = tqdm(total=total, desc=f"pretrain {cfg['name']}", unit="step", disable=not progress, dynamic_ncols=True)
     correct = seen = 0

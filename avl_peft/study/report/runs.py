@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import AvlPeftError, DataError
+from ...hardware import describe
 from ...instruments.metrics import MATRIX_KINDS, summarize, summarize_both
 from .. import results
 
@@ -54,6 +55,8 @@ class Run:
     linear_acc: float | None = None  # the trained linear head's class-IL ACC when a statistics head was used
     upstream: list[float] | None = None  # upstream accuracy before training and after each experience
     upstream_retention: float | None = None
+    precision: str | None = None  # training.precision as the run resolved it (auto -> bf16/fp32)
+    hardware: str | None = None  # one line describing the machine (avl_peft.hardware.describe), load left out
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -114,6 +117,10 @@ def load_run(path: Path) -> Run:
     _read_subspace(data.get("subspace"), result)
     _read_heads(data.get("heads"), result)
     _read_upstream(data.get("upstream"), result)
+    if isinstance(data.get("precision"), str):
+        result.precision = data["precision"][:16]
+    if isinstance(data.get("hardware"), dict):
+        result.hardware = describe(data["hardware"], load=False)[:300]
     return result
 
 

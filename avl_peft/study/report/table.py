@@ -178,6 +178,7 @@ def markdown_report(rows: list[dict[str, Any]], runs: list[Run], root: Path, out
         "",
         format_table(rows),
         "",
+        *_hardware_lines(runs),
     ]
     if failed:
         lines += ["## Failed runs", ""]
@@ -191,6 +192,24 @@ def markdown_report(rows: list[dict[str, Any]], runs: list[Run], root: Path, out
             lines.append(f"![{plot.stem}]({_relative(plot, out)})")
         lines.append("")
     return "\n".join(lines)
+
+
+def _hardware_lines(runs: list[Run]) -> list[str]:
+    """Where the numbers come from: each machine (and resolved precision) once, with its run count."""
+    seen: dict[tuple[str, str], int] = {}
+    for run in runs:
+        if run.hardware is not None:
+            key = (run.hardware, run.precision or "?")
+            seen[key] = seen.get(key, 0) + 1
+    if not seen:
+        return []
+    lines = [
+        f"{_markdown_cell(machine)}; precision {_markdown_cell(precision)} ({count} run{'s' * (count != 1)})"
+        for (machine, precision), count in sorted(seen.items())
+    ]
+    if len(lines) == 1:
+        return [f"Hardware: {lines[0]}.", ""]
+    return ["Hardware (the runs differ; compare times within one machine only):", "", *[f"- {x}" for x in lines], ""]
 
 
 def _relative(path: Path, base: Path) -> str:
