@@ -17,6 +17,10 @@ _LAZY = {
     "summarize": "instruments.metrics",
     "summarize_both": "instruments.metrics",
     "run_experiment": "study.experiment",
+    "export": "study.export",
+    "load_peft": "study.export",
+    "load_timm": "study.export",
+    "check_base": "study.export",
 }
 
 
@@ -32,9 +36,13 @@ __all__ = [
     "DataError",
     "PEFTPlugin",
     "build_scenario",
+    "check_base",
     "create_backbone",
     "delta_weights",
+    "export",
     "inject",
+    "load_peft",
+    "load_timm",
     "merge",
     "methods",
     "parameter_counts",

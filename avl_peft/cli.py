@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -87,19 +86,29 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from .study.pretrain import find_or_build, load_pretrain_config, pretrain
+    from .study.pretrain import find_or_build, load_pretrain_config, pretrain, read_card
 
     cfg = load_pretrain_config(args.config)
     if args.out:
         out = pretrain(cfg, args.out, force=args.force, progress=not args.quiet)
     else:
         out = find_or_build(cfg, force=args.force, progress=not args.quiet)
-    card = json.loads((out / "card.json").read_text())
+    card = read_card(out)  # bounded, schema-checked, and the weights verified against it under the lock
     precision = card.get("precision", "?")
     print(
         f"{out}: held-out-font accuracy {card['test_accuracy']:.3f} ({card['wall_time_s']:.0f} s to train, {precision})"
     )
     print(f"use it with  backbone.checkpoint: {out}   (or backbone.pretrain: {args.config})")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .study.export import export
+
+    content = export(args.run_dir, out=args.out, format=args.format, experience=args.experience)
+    names = ", ".join(content["experiences"])
+    print(f"exported {names} of {args.run_dir} ({content['run']['method']}) as {args.format} -> {args.out}")
+    print(f"card: {Path(args.out) / 'avl_peft_export.json'}; load with avl_peft.load_{args.format}('{args.out}')")
     return 0
 
 
@@ -127,10 +136,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_budget(args: argparse.Namespace) -> int:
     from .adapters.budget import budget_table
-    from .cl.backbone import meta_backbone
+    from .cl.backbone import check_backbone_kwargs, meta_backbone
     from .errors import ConfigError
     from .safeio import check_finite, parse_yaml
-    from .study.backbone_checks import check_backbone_kwargs
 
     kwargs = {}
     for item in args.timm:
@@ -199,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--force", action="store_true", help="retrain even if a valid output exists")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=_cmd_pretrain)
+    ex = sub.add_parser("export", help="a run's adapters as a Hugging Face peft folder or merged timm weights")
+    ex.add_argument("run_dir", help="the folder of one finished run (runs/<study>/<run id>)")
+    ex.add_argument("--experience", default="last", help="index of the experience, 'last' (default) or 'all'")
+    ex.add_argument("--format", choices=["peft", "timm"], default="peft", help="peft adapter or merged timm weights")
+    ex.add_argument("--out", required=True, help="a new or empty folder to write")
+    ex.set_defaults(func=_cmd_export)
     ls = sub.add_parser("list", help="methods, scenarios and strategies")
     ls.set_defaults(func=_cmd_list)
     return p

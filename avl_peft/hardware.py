@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import warnings
 from functools import lru_cache
 from typing import Any
@@ -130,11 +131,19 @@ def bf16_native(device: torch.device) -> bool:
 def resolve_precision(requested: str, device: torch.device, *, key: str = "training.precision") -> str:
     """The precision a run uses: ``auto`` becomes bf16 where ``device`` has it natively, else fp32.
 
-    An explicit bf16 on a CPU without native support still runs, with one :class:`PrecisionWarning`
+    An explicit bf16 on a CPU or GPU without native support still runs, with one :class:`PrecisionWarning`
     saying it is emulated. Unknown names are the caller's to refuse (the config schemas list the choices).
     """
     if requested == "auto":
         return "bf16" if bf16_native(device) else "fp32"
+    if requested == "bf16" and device.type == "cuda" and torch.cuda.is_available() and not bf16_native(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        warnings.warn(
+            f"{key}: bf16 on this GPU (compute capability {major}.{minor}; native bf16 needs 8.0, Ampere or newer) "
+            "is emulated and slow; use precision: auto (fp32 here) or fp16",
+            PrecisionWarning,
+            stacklevel=2,
+        )
     if requested == "bf16" and device.type == "cpu" and not bf16_native(device):
         feats = cpu_features()
         warnings.warn(
@@ -194,3 +203,29 @@ def describe(info: dict[str, Any], *, load: bool = True) -> str:
     if isinstance(gpu, dict):
         line += f"; GPU {gpu.get('name')} (sm {gpu.get('compute_capability')})"
     return line
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new peak for :func:`peak_memory_mb`: each run of a study (runs share one process) gets its own.
+
+    CUDA: the caching allocator's peak statistics. CPU (Linux): the process's resident high-water mark,
+    reset by writing 5 to ``/proc/self/clear_refs``; elsewhere it cannot be reset and stays the process's.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "cpu":
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """The peak since :func:`reset_peak_memory` in MiB: tensors allocated on a GPU, the process's resident
+    memory on CPU (which includes freed memory the allocator keeps, see :mod:`avl_peft.threads`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

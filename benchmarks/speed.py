@@ -26,7 +26,9 @@ summarises them.
 - eval (no grad): each method unmerged and merged, relative to the plain backbone; statistics heads
   (prototype, RanPAC): update and scoring cost per batch relative to the backbone's eval forward.
 - memory: bytes saved for backward (distinct tensors, parameters excluded) plus weights, gradients and
-  AdamW state; on CUDA also ``torch.cuda.max_memory_allocated``.
+  AdamW state; on CUDA also ``torch.cuda.max_memory_allocated`` of one fp32 step (``cuda_peak_mb``, which
+  includes every resident model) and that peak less what was allocated before the step
+  (``cuda_step_extra_mb``).
 - the machine's load (``os.getloadavg``) before, during (per round) and after.
 
 The process runs under avl-peft's CPU policy (``avl_peft.threads.configure``, as the CLI): threads from
@@ -62,6 +64,7 @@ LAYOUTS = {  # name -> (timm model, image size, patch size); 32 px / patch 4 kee
     "tiny": ("vit_tiny_patch16_224", 32, 4),  # width 192, 12 blocks
     "wide": ("vit_small_patch16_224", 32, 4),  # width 384, 12 blocks
     "vitb224": ("vit_base_patch16_224", 224, 16),  # width 768, 197 tokens: the GPU study's layout
+    "toy": ("test_vit", 32, 8),  # timm's test model (width 64, 6 blocks): smoke tests of the scripts
 }
 PEFT_TARGETS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -229,9 +232,14 @@ def train_steps(models: dict, layout: str, args, x, y) -> dict:
             "weights_grads_optimizer_mb": state_bytes(m) / 2**20,
         }
         if args.device == "cuda":
+            # Every model stays resident, so the process peak also counts the others' weights: the step's
+            # own share is the peak above what was allocated before it (activations, gradients, temporaries).
+            sync(args.device)
+            before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             Stepper(m, args.device, "fp32")(x, y)
             out["memory"][n]["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            out["memory"][n]["cuda_step_extra_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
         if n != "peft_lora":
             out["params"][n] = avl_peft.parameter_counts(m)
     return out

@@ -175,3 +175,29 @@ def test_two_processes_on_one_folder_never_train_a_run_twice(tmp_path):
     for proc in resumed:
         assert f"  skipped  {RUN_IDS[0]}: already finished (--resume)" in proc.stdout
     assert main(["report", str(out)]) == 0
+
+
+def test_a_pretrain_card_is_read_under_the_lock_that_writes_it(tmp_path):
+    """read_card waits while another process holds the folder's build lock (it may be replacing the weights)."""
+    import threading
+
+    from test_hostile import weights_and_card
+
+    from avl_peft.study.pretrain import read_card
+
+    out = tmp_path / "pretrained"
+    weights_and_card(out)
+    (out / ".lock").touch()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        got: list = []
+        reader = threading.Thread(target=lambda: got.append(read_card(out)))
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive() and not got  # waiting for the build to finish
+    finally:
+        holder.kill()
+        holder.wait()
+    reader.join(10)
+    assert got and got[0]["name"] == "owner"

@@ -152,3 +152,54 @@ def test_a_cache_built_in_one_precision_is_not_reused_for_the_other(tmp_path, mo
     assert (bf16_dir / "model.safetensors").read_bytes() != (fp32_dir / "model.safetensors").read_bytes()
     _native(monkeypatch, False)
     assert find_or_build(TINY, progress=False) == fp32_dir and len(trained) == 2  # each class reuses its own
+
+
+def test_explicit_bf16_on_a_pre_ampere_gpu_warns_that_it_is_emulated(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # 7.5: by emulation
+    cuda = torch.device("cuda")
+    for capability, warns in (((7, 5), True), ((8, 0), False), ((9, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert resolve_precision("bf16", cuda) == "bf16"
+            assert resolve_precision("fp16", cuda) == "fp16"
+        assert [w.category for w in caught] == ([PrecisionWarning] if warns else [])
+        if warns:
+            assert "7.5" in str(caught[0].message) and "fp16" in str(caught[0].message)
+
+
+def test_peak_memory_restarts_per_run_on_cpu():
+    """A study's runs share one process: the peak of a run must not be an earlier run's."""
+    import mmap
+
+    size = 96 * 2**20
+    hardware.reset_peak_memory("cpu")
+    with mmap.mmap(-1, size) as block:  # unmapped on close: the resident memory really goes back
+        block[:: mmap.PAGESIZE] = b"\1" * (size // mmap.PAGESIZE)  # touch every page
+        high = hardware.peak_memory_mb("cpu")
+    assert high >= 90
+    hardware.reset_peak_memory("cpu")
+    assert hardware.peak_memory_mb("cpu") < high - 80
+
+
+def test_peak_memory_on_cuda_is_the_allocators_and_every_run_resets_it(monkeypatch):
+    from avl_peft.study import experiment
+    from avl_peft.study.grid import expand, validate_study
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append(device))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
+    hardware.reset_peak_memory("cuda")
+    assert calls == [torch.device("cuda")] and hardware.peak_memory_mb("cuda") == 3.0
+
+    resets = []
+    monkeypatch.setattr(experiment, "reset_peak_memory", resets.append)
+    data = {
+        "backbone": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 8, "depth": 1}},
+        "scenario": {"name": "synthetic", "n_experiences": 2},
+        "subspace": {"enabled": False},
+    }
+    ((_, cfg),) = expand(validate_study(data))
+    experiment.build(cfg, None)
+    assert resets == [torch.device("cpu")]

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -326,6 +327,181 @@ def planted_fifo(sb: Sandbox) -> list[str]:
     return ["run", str(sb.config(SMALL)), "--out", str(sb.out), "--dry-run", "--resume"]
 
 
+# --- pretrain configs, cards, weights and image folders: what a study names, checked by its dry-run
+
+PRE_OK = {"backbone": {"name": "vit_tiny_patch16_224", "kwargs": dict(TINY["backbone"]["kwargs"])}}
+PRE_OK["data"] = {"img_size": 16, "train_per_class": 2, "test_per_class": 1}
+PRE_OK["training"] = {"batch_size": 8}
+
+
+def pre(content, *, command: str = "run") -> Callable[[Sandbox], list[str]]:
+    """A pretrain config (dict merged into PRE_OK, or raw YAML text), named by a study's backbone.pretrain
+    and dry-run (``command="run"``), or given to ``avl-peft pretrain`` itself (nothing is trained: it fails)."""
+
+    def prepare(sb):
+        if isinstance(content, dict):
+            raw = yaml.safe_load(yaml.safe_dump(PRE_OK))
+            for key, value in content.items():
+                raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+            text = yaml.safe_dump(raw)
+        else:
+            text = content
+        path = sb.config(text, "pretrain.yaml")
+        if command == "pretrain":
+            return ["pretrain", str(path), "--out", str(sb.out), "--quiet"]
+        study = merged(backbone={**SMALL["backbone"], "pretrain": str(path)}, upstream={"head": "knn"})
+        return ["run", str(sb.config(study)), "--out", str(sb.out), "--dry-run"]
+
+    return prepare
+
+
+def pre_kwargs(**kwargs) -> Callable[[Sandbox], list[str]]:
+    return pre({"backbone": {"name": "vit_tiny_patch16_224", "kwargs": {**TINY["backbone"]["kwargs"], **kwargs}}})
+
+
+def weights_and_card(folder: Path, **card_changes) -> dict:
+    """A complete pretrain output of TINY's backbone in ``folder`` (random weights, a card that matches them)."""
+    import hashlib
+
+    import timm
+    from safetensors.torch import save
+
+    from avl_peft.cl.glyphs import CLASSES
+    from avl_peft.study.pretrain import CARD_FORMAT
+
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=len(CLASSES), **TINY["backbone"]["kwargs"])
+    blob = save({k: v.contiguous() for k, v in model.state_dict().items()})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.safetensors").write_bytes(blob)
+    card = {
+        "format": CARD_FORMAT,
+        "name": "owner",
+        "backbone": {"name": "vit_tiny_patch16_224", "kwargs": dict(TINY["backbone"]["kwargs"])},
+        "num_classes": len(CLASSES),
+        "classes": list(CLASSES),
+        "data_config": {"img_size": 16, "in_chans": 3, "mean": [0.5] * 3, "std": [0.5] * 3},
+        "config_hash": "0123456789abcdef",
+        "model_sha256": hashlib.sha256(blob).hexdigest(),
+        "test_accuracy": 0.5,
+        "wall_time_s": 1.0,
+        **card_changes,
+    }
+    (folder / "card.json").write_text(json.dumps(card))
+    return card
+
+
+def card_case(damage: Callable[[Path], None]) -> Callable[[Sandbox], list[str]]:
+    """A pretrain output folder (outside --out) damaged by ``damage``, named by backbone.checkpoint; dry-run."""
+
+    def prepare(sb):
+        folder = sb.root / "pretrained"
+        weights_and_card(folder)
+        damage(folder)
+        study = merged(backbone={**SMALL["backbone"], "checkpoint": str(folder)})
+        return ["run", str(sb.config(study)), "--out", str(sb.out), "--dry-run"]
+
+    return prepare
+
+
+def rewrite_card(**changes) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        card = json.loads((folder / "card.json").read_text())
+        card.update(changes)
+        (folder / "card.json").write_text(json.dumps({k: v for k, v in card.items() if v is not None}))
+
+    return damage
+
+
+def other_weights(folder: Path) -> None:
+    """Weights of another architecture (depth 2) behind a card whose sha256 matches them."""
+    import hashlib
+
+    import timm
+    from safetensors.torch import save
+
+    kwargs = {**TINY["backbone"]["kwargs"], "embed_dim": 32}
+    blob = save(
+        {k: v.contiguous() for k, v in timm.create_model("vit_tiny_patch16_224", **kwargs).state_dict().items()}
+    )
+    (folder / "model.safetensors").write_bytes(blob)
+    rewrite_card(model_sha256=hashlib.sha256(blob).hexdigest())(folder)
+
+
+def huge_weights_link(folder: Path) -> None:
+    """model.safetensors a link to a sparse 32 GiB file: refused from its size, never hashed (that takes minutes)."""
+    big = folder.parent / "huge.bin"
+    with open(big, "wb") as f:
+        f.truncate(32 << 30)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to(big)
+
+
+def upstream_folder(make: Callable[[Path], None], **upstream) -> Callable[[Sandbox], list[str]]:
+    """An upstream image folder (two classes of good 16x16 images, then ``make`` adds a bad one); dry-run."""
+
+    def prepare(sb):
+        root = sb.root / "upstream"
+        for name in ("a", "b"):
+            (root / name).mkdir(parents=True)
+            (root / name / "0.png").write_bytes(_png(16, 16))
+        make(root / "b")
+        study = merged(upstream={"dataset": f"imagefolder:{root}", "head": "knn", "per_class": 2, **upstream})
+        return ["run", str(sb.config(study)), "--out", str(sb.out), "--dry-run"]
+
+    return prepare
+
+
+POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n"
+
+
+def with_run(**changes) -> dict:
+    data = finished_results("bad")
+    data["run"].update(changes)
+    return data
+
+
+def report_many(sb: Sandbox) -> list[str]:
+    """`report` over a good run and runs whose text would break matplotlib or a filename, or overflow a mean."""
+    bad = {
+        "mathtext-id": with_run(id="$\\frac{x"),
+        "mathtext-method": with_run(method="$x^{"),
+        "10k-char-id": with_run(id="x" * 10_000),
+        "formula": with_run(id="=cmd|' /C calc'!A0", method="+SUM(1)", strategy="@x"),
+        "trainable": {**finished_results("t"), "params": {"trainable": 1e308}},
+    }
+    argv = report_with(None)(sb)
+    for name, data in bad.items():
+        (sb.out / name).mkdir()
+        (sb.out / name / "results.json").write_text(json.dumps(data))
+    (sb.out / "link").mkdir()
+    (sb.out / "link" / "results.json").symlink_to("/dev/zero")
+    return argv
+
+
+def pretrain_over_owner(sb: Sandbox) -> list[str]:
+    """`pretrain` of one config on an --out that holds a complete output of another: refused, owner named."""
+    weights_and_card(sb.out)
+    return pre({})(sb)[:0] or ["pretrain", str(sb.config(yaml.safe_dump(PRE_OK), "pre.yaml")), "--out", str(sb.out)]
+
+
+def pretrain_cache_entry_link(sb: Sandbox) -> list[str]:
+    """The cache entry of a config planted as a link to a folder outside the cache: refused, nothing written."""
+    from avl_peft.study.pretrain import output_dir
+
+    config = sb.config(yaml.safe_dump(PRE_OK), "pre.yaml")
+    os.environ["AVL_PEFT_CACHE"] = str(sb.out)  # the table's monkeypatch restores it
+    entry = output_dir(config)
+    entry.parent.mkdir(parents=True)
+    entry.symlink_to(sb.victim.parent, target_is_directory=True)
+    return ["pretrain", str(config), "--quiet"]
+
+
+def pretrain_lock_link(sb: Sandbox) -> list[str]:
+    sb.out.mkdir(parents=True)
+    (sb.out / ".lock").symlink_to(sb.victim)
+    return ["pretrain", str(sb.config(yaml.safe_dump(PRE_OK), "pre.yaml")), "--out", str(sb.out), "--quiet"]
+
+
 @dataclasses.dataclass
 class Case:
     id: str
@@ -459,6 +635,141 @@ CASES = [
     Case("report-nan-matrix", report_with(big_matrix(2).replace("0.5", "NaN")), 0, "| lora"),
     Case("report-only-bad", report_with("[" * 200_000, good=False), 2, "none of the 1 results.json"),
     Case("report-missing-folder", lambda sb: ["report", str(sb.out / "nope")], 2, "does not exist"),
+    # --- the pretrain config a study names (backbone.pretrain): the study path's reader and bounds
+    Case("pretrain-alias-bomb", pre(BOMB), 2, "anchors and *aliases count"),
+    Case("pretrain-deep", pre(DEEP_LIST.replace("seed", "name")), 2, "nesting deeper than 64 levels"),
+    Case("pretrain-duplicate-key", pre("training:\n  lr: 0.1\n  lr: 0.2\n"), 2, "duplicate key 'lr' on line 3"),
+    Case("pretrain-python-tag", pre("seed: !!python/object/apply:os.system [x]\n"), 2, "python/object/apply"),
+    Case(
+        "pretrain-fifo",
+        lambda sb: (
+            (os.mkfifo(sb.root / "p.yaml"), pre("")(sb))[1]
+            and [
+                "run",
+                str(sb.config(merged(backbone={**SMALL["backbone"], "pretrain": str(sb.root / "p.yaml")}))),
+                "--out",
+                str(sb.out),
+                "--dry-run",
+            ]
+        ),
+        2,
+        "is not a regular file",
+    ),
+    Case("pretrain-depth-minus-1", pre_kwargs(depth=-1), 2, "backbone.kwargs.depth: must be > 0"),
+    Case("pretrain-patch-0", pre_kwargs(patch_size=0), 2, "backbone.kwargs.patch_size: must be > 0"),
+    Case("pretrain-heads-5", pre_kwargs(num_heads=5), 2, "backbone.kwargs: timm cannot build"),
+    Case("pretrain-unknown-kwarg", pre_kwargs(foo=1), 2, "'foo' is not an argument of timm"),
+    Case(
+        "pretrain-mlp-ratio-inf",
+        pre_kwargs(mlp_ratio=float("inf")),
+        2,
+        "backbone.kwargs.mlp_ratio must be a finite number",
+    ),
+    Case("pretrain-unknown-model", pre({"backbone": {"name": "vit_nope"}}), 2, "unknown timm model"),
+    Case("pretrain-warmup-nan", pre("training: {warmup: .nan}\n"), 2, "training.warmup must be a finite number"),
+    Case("pretrain-seed-2^70", pre({"seed": 2**70}), 2, "seed must be in [0, 4294967295]"),
+    Case("pretrain-threads-1e6", pre({"training": {"threads": 10**6}}), 2, "training.threads must be in [1, 256]"),
+    Case("pretrain-epochs-1e12", pre({"training": {"epochs": 10**12}}), 2, "training.epochs must be in [1, 10000]"),
+    Case("pretrain-images-1e9", pre({"data": {"train_per_class": 10**9}}), 2, "data.train_per_class must be in"),
+    Case(
+        "pretrain-test-set-GiBs",
+        pre(
+            {
+                "data": {"test_per_class": 10_000, "img_size": 512},
+                "backbone": {"kwargs": {**TINY["backbone"]["kwargs"], "img_size": 512}},
+            }
+        ),
+        2,
+        "GiB test set",
+    ),
+    Case(
+        "pretrain-batch-over-images", pre({"training": {"batch_size": 1000}}), 2, "training.batch_size (1000) exceeds"
+    ),
+    Case("pretrain-cmd-alias-bomb", pre(BOMB, command="pretrain"), 2, "anchors and *aliases count"),
+    Case(
+        "pretrain-cmd-heads-5",
+        lambda sb: (
+            pre_kwargs(num_heads=5)(sb)
+            and ["pretrain", str(sb.root / "configs" / "pretrain.yaml"), "--out", str(sb.out)]
+        ),
+        2,
+        "timm cannot build",
+    ),
+    # --- pretrain outputs: planted links, and another config's folder (nothing is trained)
+    Case("pretrain-lock-is-link", pretrain_lock_link, 2, "is a symbolic link or not a regular file"),
+    Case("pretrain-cache-entry-is-link", pretrain_cache_entry_link, 2, "cache entry"),
+    Case(
+        "pretrain-other-config-owns-out",
+        pretrain_over_owner,
+        2,
+        "holds the weights of another pretrain config: 'owner'",
+    ),
+    # --- card.json and weights behind backbone.checkpoint: bounded, schema-checked, header before hash
+    Case("card-fields-missing", card_case(rewrite_card(classes=None)), 2, "field 'classes' is missing"),
+    Case("card-wrong-type", card_case(rewrite_card(backbone="vit")), 2, "field 'backbone' is missing or not a dict"),
+    Case(
+        "card-std-zero",
+        card_case(rewrite_card(data_config={"img_size": 16, "mean": [0.5], "std": [0]})),
+        2,
+        "positive std",
+    ),
+    Case("card-deep", card_case(lambda d: (d / "card.json").write_text("[" * 100_000)), 2, "nests deeper than 16"),
+    Case("card-2-MB", card_case(lambda d: sparse(2 << 20)(d / "card.json")), 2, "more than the 1,048,576 allowed"),
+    Case(
+        "card-fifo",
+        card_case(lambda d: ((d / "card.json").unlink(), os.mkfifo(d / "card.json"))),
+        2,
+        "is not a regular file",
+    ),
+    Case(
+        "weights-truncated",
+        card_case(lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-10])),
+        2,
+        "has a malformed entry in the header",
+    ),
+    Case(
+        "weights-fifo",
+        card_case(lambda d: ((d / "model.safetensors").unlink(), os.mkfifo(d / "model.safetensors"))),
+        2,
+        "is not a regular file",
+    ),
+    Case("weights-link-to-32-GiB", card_case(huge_weights_link), 2, "its header is not valid JSON"),
+    Case("weights-of-another-backbone", card_case(other_weights), 2, "does not hold this backbone's tensor"),
+    # --- image folders (upstream imagefolder:, listed and header-checked by the dry-run)
+    Case(
+        "image-postscript-png",
+        upstream_folder(lambda d: (d / "1.png").write_bytes(POSTSCRIPT)),
+        2,
+        "is not a BMP, GIF, JPEG, PNG, TIFF image",
+    ),
+    Case(
+        "image-bomb",
+        upstream_folder(lambda d: (d / "1.png").write_bytes(_png(20000, 20000))),
+        2,
+        "1.png' is too large to decode safely",
+    ),
+    Case(
+        "image-thin-strip",
+        upstream_folder(lambda d: (d / "1.png").write_bytes(_png(1, 1_000_000))),
+        2,
+        "once its shorter side is resized",
+    ),
+    Case("image-fifo", upstream_folder(lambda d: os.mkfifo(d / "1.png")), 2, "but is not a regular file"),
+    Case("image-garbage", upstream_folder(lambda d: (d / "1.jpg").write_bytes(b"\xff\xd8garbage")), 2, "1.jpg"),
+    Case("upstream-per-class-1e9", upstream_folder(lambda d: None, per_class=10**9), 2, "per_class: must be <="),
+    Case(
+        "upstream-glyphs-GiBs",
+        dry(merged(upstream={"dataset": "glyphs", "head": "knn", "per_class": 100_000})),
+        2,
+        "GiB in memory",
+    ),
+    # --- scenario counts and threads, checked by the dry-run instead of failing when the run starts
+    Case("experiences-do-not-divide", dry(merged(scenario={"n_experiences": 4})), 2, "does not divide the 6 classes"),
+    Case("first-exp-too-big", dry(merged(scenario={"options": {"first_exp_classes": 9}})), 2, "first_exp_classes"),
+    Case("synthetic-classes-1e9", dry(merged(scenario={"options": {"n_classes": 10**9}})), 2, "n_classes must be <="),
+    Case("synthetic-GiBs", dry(merged(scenario={"options": {"n_train_per_class": 1_000_000}})), 2, "GiB in memory"),
+    Case("threads-1000", dry(merged(training={"threads": 1000})), 2, "training.threads: must be <= 256"),
+    # --- report: hostile text is drawn and written literally
     # --- budget: --timm values through the same reader and checks
     Case("budget-python-tag", budget("--timm", "depth=!!python/object/apply:os.system [x]"), 2, "could not"),
     Case("budget-depth-minus-1", budget("--timm", "depth=-1"), 2, "--timm depth: must be > 0"),
@@ -474,13 +785,19 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_hostile_input_table(case, sandbox, capsys):
+def test_hostile_input_table(case, sandbox, capsys, monkeypatch):
+    monkeypatch.setenv("AVL_PEFT_CACHE", str(sandbox.out / "cache"))  # a case may point it elsewhere in out
     argv = case.prepare(sandbox)
     before = snapshot(sandbox.root, sandbox.out)
+    peak_before, start = _peak_rss(), time.perf_counter()
     code = call(argv)
+    seconds, grown = time.perf_counter() - start, _peak_rss() - peak_before
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert code == case.code, text[-2000:]
+    assert seconds < 10, f"{case.id} took {seconds:.1f} s"
+    # The process's peak resident memory: a row that allocated a GiB beyond the earlier peak raises it.
+    assert grown < 1 << 30, f"{case.id} raised the peak memory by {grown / 2**20:.0f} MiB"
     assert case.fragment in text, text[-2000:]
     assert "Traceback" not in text
     assert snapshot(sandbox.root, sandbox.out) == before  # nothing written, removed or changed outside out
@@ -488,8 +805,17 @@ def test_hostile_input_table(case, sandbox, capsys):
     assert not list(sandbox.root.rglob("PWNED")) and not (Path.cwd() / "PWNED").exists()
 
 
+def _peak_rss() -> int:
+    """Peak resident memory of this process so far, in bytes (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def test_the_table_is_big_enough():
-    assert len(CASES) >= 60
+    assert len(CASES) >= 140
 
 
 def test_resume_over_a_hostile_results_file_redoes_the_run(sandbox, capsys):
@@ -500,6 +826,28 @@ def test_resume_over_a_hostile_results_file_redoes_the_run(sandbox, capsys):
     assert "nests deeper than 100 levels" in captured.err and "will be run again" in captured.err
     assert "Traceback" not in captured.out + captured.err
     assert json.loads((run_dir(sandbox) / "results.json").read_text())["status"] == "finished"
+
+
+def test_report_writes_hostile_text_literally(sandbox, capsys):
+    """Mathtext, formulas and a 10,000-character id in results files: drawn and written as text, one warning
+    line per bad file, nothing outside the output folder (one report: it renders plots, about a second)."""
+    import csv
+
+    argv = report_many(sandbox)
+    before = snapshot(sandbox.root, sandbox.out)
+    assert call(argv) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    warned = [line for line in captured.err.splitlines() if "trainable" in line]
+    assert len(warned) == 1 and str(sandbox.out / "trainable" / "results.json") in warned[0]
+    assert snapshot(sandbox.root, sandbox.out) == before
+    with open(sandbox.out / "report.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    cells = [value for row in rows for value in row.values()]
+    assert "'+SUM(1)" in cells and "'@x" in cells and "+SUM(1)" not in cells
+    assert not any(cell.startswith(("=", "+", "@")) for cell in cells)
+    names = [p.name for p in (sandbox.out / "plots").iterdir()]
+    assert all(len(name) <= 255 for name in names) and len([n for n in names if n.startswith("acc_matrix_")]) == 5
 
 
 def test_heatmaps_of_huge_matrices_have_a_capped_size(sandbox, capsys):
@@ -566,9 +914,11 @@ def _png(width: int, height: int) -> bytes:
     ("bad", "message"),
     [
         (_png(20000, 20000), "is too large to decode safely"),  # a decompression bomb: 400 M pixels
-        (b"\x89PNG\r\n\x1a\nnot really", "cannot read notMNIST image"),
+        (b"\x89PNG\r\n\x1a\nnot really", "could not be read"),
+        # every notMNIST image is kept decoded: a 28x28 letter's budget bounds the memory of many large ones
+        (_png(200, 200), "200 x 200 pixels, more than the 16,384 allowed"),
     ],
-    ids=["decompression-bomb", "garbage"],
+    ids=["decompression-bomb", "garbage", "large-image-kept-decoded"],
 )
 def test_bad_image_in_notmnist_folder_is_named(sandbox, capsys, bad, message):
     data = sandbox.root / "data"

@@ -233,3 +233,24 @@ def test_compile_true_gives_eager_outputs():
     compiled, parts = outputs_after_experiences(make_cfg(compile=True), experiences=1)
     assert parts.model.backbone._compiled_call_impl is not None
     assert (compiled - eager).abs().max() <= 1e-4 * eager.abs().max()
+
+
+def test_task_incremental_model_runs_under_bf16_autocast():
+    """Avalanche's MultiTaskModule writes each task's logits into a float32 buffer: under autocast the
+    per-task heads must hand back float32 (precision: auto is bf16 on CPUs with native bf16)."""
+    from types import SimpleNamespace
+
+    from avalanche.models.utils import avalanche_model_adaptation
+
+    from avl_peft.cl.backbone import create_continual_model
+
+    model = create_continual_model("vit_tiny_patch16_224", head="multi", **KWARGS)
+    for task in (0, 1):  # what Avalanche does when each task's experience starts
+        avalanche_model_adaptation(
+            model, SimpleNamespace(classes_in_this_experience=[2 * task, 2 * task + 1], task_labels=[task])
+        )
+    x, tasks = torch.randn(4, 3, 16, 16), torch.tensor([0, 0, 1, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, tasks)
+    assert out.dtype == torch.float32 and out.shape[0] == 4
+    out.sum().backward()  # gradients flow through the cast

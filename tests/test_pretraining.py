@@ -64,7 +64,7 @@ def test_unknown_key_names_the_path_and_suggests():
 def test_types_and_ranges_are_checked():
     with pytest.raises(ConfigError, match=r"training\.batch_size must be an integer"):
         load_pretrain_config({"training": {"batch_size": "big"}})
-    with pytest.raises(ConfigError, match=r"training\.lr must be > 0"):
+    with pytest.raises(ConfigError, match=r"training\.lr must be in \(0, 10\]"):
         load_pretrain_config({"training": {"lr": -1}})
     with pytest.raises(ConfigError, match=r"training\.precision must be one of auto, bf16, fp32"):
         load_pretrain_config({"training": {"precision": "fp16"}})
@@ -155,7 +155,10 @@ def test_cache_is_reused_without_retraining(tmp_path, built, count_trainings, mo
 @pytest.mark.parametrize(
     "damage, note",
     [
-        (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]), "sha256"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+            "not a safetensors file",
+        ),
         (lambda d: (d / "card.json").unlink(), "no card.json"),
         (lambda d: (d / "card.json").write_text('{"format": "avl-peft-pre'), "unreadable"),
     ],
@@ -176,10 +179,15 @@ def test_damaged_cache_is_rebuilt_with_a_note(tmp_path, built, count_trainings, 
     assert pretraining.check_output(out, TINY) == ""
 
 
-def test_other_config_in_folder_is_rebuilt(tmp_path, built, count_trainings):
+def test_other_config_in_folder_is_refused_unless_forced(tmp_path, built, count_trainings):
     out = shutil.copytree(built, tmp_path / "out")
     assert "another config" in pretraining.check_output(out, {**TINY, "seed": 1})
-    pretrain({**TINY, "seed": 1}, out, progress=False)
+    with pytest.raises(
+        ConfigError, match=rf"holds the weights of another pretrain config: 'tiny' \(hash {config_hash(TINY)}\)"
+    ):
+        pretrain({**TINY, "seed": 1}, out, progress=False)
+    assert not count_trainings
+    pretrain({**TINY, "seed": 1}, out, force=True, progress=False)
     assert len(count_trainings) == 1
     assert json.loads((out / "card.json").read_text())["seed"] == 1
 
@@ -210,7 +218,7 @@ def test_checkpoint_folder_must_be_a_complete_output_of_this_backbone(tmp_path, 
         _study(out, depth=2)
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted copy
-    with pytest.raises(ConfigError, match=r"backbone.checkpoint: .*does not match the sha256.*--force"):
+    with pytest.raises(ConfigError, match=r"backbone.checkpoint: .*not a safetensors file.*--force"):
         _study(out)
 
 
@@ -227,3 +235,20 @@ def test_results_record_which_weights_a_run_started_from(built, tmp_path):
     assert weights_provenance({**bb, "pretrained": True}, None)["source"] == "timm_pretrained"
     plain = tmp_path / "w.pth"
     assert weights_provenance(bb, plain) == {"source": "checkpoint", "file": str(plain)}
+
+
+@pytest.mark.slow
+def test_planted_links_in_the_output_folder_are_replaced_not_written_through(tmp_path, capsys):
+    """Links planted where pretrain writes (card, weights, a probe-like name) and a pipe: the targets stay."""
+    out = tmp_path / "out"
+    out.mkdir()
+    victims = {name: tmp_path / f"victim-{name}" for name in ("card.json", "model.safetensors", ".avl-peft-x")}
+    for name, victim in victims.items():
+        victim.write_text("keep me")
+        (out / name).symlink_to(victim)
+    pretrain(TINY, out, progress=False)
+    assert all(victim.read_text() == "keep me" for victim in victims.values())
+    for name in ("card.json", "model.safetensors"):
+        assert (out / name).is_file() and not (out / name).is_symlink()
+    assert pretraining.check_output(out, TINY) == ""
+    assert not [p for p in out.iterdir() if p.name.startswith(".avl-peft-write-test-") or ".tmp" in p.name]

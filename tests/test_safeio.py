@@ -446,3 +446,101 @@ def test_write_overwrites_atomically_and_keeps_permissions_default(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ------------------------------------------------------------------------------------------------------
+# Images, safetensors headers, folder locks and the compile cache
+# ------------------------------------------------------------------------------------------------------
+
+POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n"
+
+
+def test_a_png_holding_postscript_never_reaches_ghostscript(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin, Image
+
+    from avl_peft.safeio.images import open_image
+
+    path = tmp_path / "letter.png"
+    path.write_bytes(POSTSCRIPT)
+    with Image.open(path) as img:
+        assert img.format == "EPS"  # what Pillow picks by content without an allow-list: decoding runs gs
+    started = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: started.append(a))
+    with pytest.raises(DataError, match=r"letter.png' is not a BMP, GIF, JPEG, PNG, TIFF image"):
+        open_image(path, "RGB")
+    assert not started
+
+
+def test_image_pixel_budget_before_decoding_and_resizing(tmp_path):
+    from PIL import Image
+
+    from avl_peft.safeio.images import check_image, open_image
+
+    Image.new("L", (40, 10)).save(tmp_path / "wide.png")
+    assert open_image(tmp_path / "wide.png", "RGB", max_pixels=400).size == (40, 10)
+    with pytest.raises(DataError, match=r"40 x 10 pixels, more than the 399 allowed"):
+        check_image(tmp_path / "wide.png", max_pixels=399)
+    # 40 x 10 with its shorter side resized to 10 stays 400 pixels; to 20 it becomes 80 x 20 = 1,600.
+    assert check_image(tmp_path / "wide.png", max_pixels=400, short_side=10) == (40, 10)
+    with pytest.raises(DataError, match=r"become 1,600 once its shorter side is resized to 20"):
+        check_image(tmp_path / "wide.png", max_pixels=1000, short_side=20)
+
+
+def test_image_lister_refuses_a_fifo_and_skips_other_files(tmp_path):
+    from avl_peft.safeio.images import image_files
+
+    for name in ("b.PNG", "a.jpeg", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.png").mkdir()
+    assert [p.name for p in image_files(tmp_path)] == ["a.jpeg", "b.PNG"]
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(DataError, match=r"pipe.png' has an image suffix but is not a regular file"):
+        image_files(tmp_path)
+
+
+def test_safetensors_shapes_come_from_the_checked_header(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from avl_peft.safeio import safetensors_shapes
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(2, 3), "b": torch.zeros(4, dtype=torch.bfloat16)}, str(path))
+    assert safetensors_shapes(path, what="weights", max_bytes=1 << 20) == {"a": (2, 3), "b": (4,)}
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(DataError, match=r"weights '.*w.safetensors': 1 bytes after the last tensor"):
+        safetensors_shapes(path, what="weights", max_bytes=1 << 20)
+    with pytest.raises(DataError, match=r"is not a regular file"):
+        safetensors_shapes(tmp_path, what="weights", max_bytes=1 << 20)
+
+
+def test_folder_lock_names_its_holder_and_refuses_links(tmp_path):
+    from avl_peft.safeio.locks import folder_lock, lock_holder
+
+    with folder_lock(tmp_path / "run", blocking=False) as mine:
+        assert mine and lock_holder(tmp_path / "run").startswith(f"pid {os.getpid()} on ")
+    assert lock_holder(tmp_path / "run") is None
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / ".lock").symlink_to(victim)
+    with pytest.raises(ConfigError, match=r"\.lock' \(the lock of folder .*\) is a symbolic link"):
+        with folder_lock(tmp_path / "linked", blocking=False):
+            pass
+    assert victim.read_text() == "keep me"
+
+
+def test_compile_caches_go_to_the_project_cache(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from avl_peft.cl.precision import CompilePlugin
+
+    monkeypatch.setenv("AVL_PEFT_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what Inductor sets on first use
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    CompilePlugin()._redirect_caches()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "compile" / "triton")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own choice is kept
+    CompilePlugin()._redirect_caches()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

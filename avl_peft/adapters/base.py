@@ -126,6 +126,8 @@ class Adapter(nn.Module):
     shared: ClassVar[bool] = False
     # PiSSA: a stacked branch is re-derived from the layer's effective weight W + ΣΔW (see stack.py).
     derives_from_weight: ClassVar[bool] = False
+    # Can start from a peft LoRA pair (method.init_from, see peft_init.py): implements set_lora.
+    imports_lora: ClassVar[bool] = False
 
     def __init__(self, layer: nn.Linear, opts: AdapterOptions, shared: nn.Module | None = None):
         super().__init__()
@@ -182,6 +184,10 @@ class Adapter(nn.Module):
 
     def factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L (d_out, q), R (q, d_in)) with L R = delta_weight(weight); R already confined."""
+        raise NotImplementedError
+
+    def set_lora(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Start from the update ``scale · b a`` (a peft LoRA pair); only methods with ``imports_lora``."""
         raise NotImplementedError
 
     def input_factor(self) -> torch.Tensor:

@@ -18,6 +18,7 @@ from .base import METHODS, Adapter, AdapterOptions, Frozen, kaiming_uniform_
 @METHODS.register("lora", "LoRA: ΔW = s·BA, B starts at zero (Hu et al. 2021)")
 class LoRA(Adapter):
     Options = AdapterOptions
+    imports_lora = True
 
     def __init__(self, layer: nn.Linear, opts: AdapterOptions, shared: nn.Module | None = None):
         super().__init__(layer, opts)
@@ -30,6 +31,11 @@ class LoRA(Adapter):
 
     def factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scale * self.lora_B, self.confine(self.lora_A)
+
+    def set_lora(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        # ΔW = scale · b a = s · (scale / s · b) a: the same update under this adapter's own scale s.
+        self.lora_A.copy_(a.to(self.lora_A))
+        self.lora_B.copy_((b * (scale / self.scale)).to(self.lora_B))
 
     def input_factor(self) -> torch.Tensor:
         return self.lora_A

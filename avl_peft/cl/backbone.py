@@ -18,6 +18,31 @@ from torch import nn
 from ..errors import ConfigError, DataError
 from ..registry import suggest
 
+# Structural timm arguments whose size is surely a typo beyond these (the largest ViTs have depth 48, width
+# 1,664, 16 heads, 518-pixel inputs). Checked before the meta-device model is built: timm loops over
+# `depth`, so depth: 10**9 would otherwise hang validation.
+BACKBONE_KWARG_LIMITS = {
+    "depth": 256,
+    "img_size": 8192,
+    "patch_size": 1024,
+    "embed_dim": 65_536,
+    "num_heads": 1024,
+    "mlp_ratio": 64,
+}
+
+
+def check_backbone_kwargs(kwargs: dict, where: str = "backbone.kwargs") -> None:
+    """Names must be strings; the structural sizes in BACKBONE_KWARG_LIMITS positive and below their limit."""
+    for key, value in kwargs.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: argument names must be strings, got {key!r}")
+        limit = BACKBONE_KWARG_LIMITS.get(key)
+        values = value if isinstance(value, (list, tuple)) else [value]  # img_size/patch_size may be [h, w]
+        if limit is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            if any(not 0 < v <= limit for v in values):
+                label = f"{where} {key}" if where.startswith("--") else f"{where}.{key}"  # --timm depth
+                raise ConfigError(f"{label}: must be > 0 and <= {limit:,}, got {value!r}")
+
 
 def closest_models(name: str) -> str:
     arch = name.split(".")[0]
@@ -212,7 +237,9 @@ def _multi_head_class():
             self.backbone, self.head = backbone, head
 
         def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
-            return self.head(self.backbone(x), task_label)
+            # float32: MultiTaskModule.forward writes each task's logits into a float32 buffer, which an
+            # autocast (bf16/fp16) output cannot be index-put into
+            return self.head(self.backbone(x), task_label).float()
 
     return MultiHeadViT
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from torch.utils.data import DataLoader
 from ..adapters import METHODS, begin_experience, collect_inputs, end_experience, interference_penalty, needs_inputs
 from ..adapters.base import parse_options
 from ..adapters.inject import (
+    backbone_root,
     check_injection,
     check_trainable,
     end_full_training,
@@ -66,6 +68,7 @@ from ..adapters.inject import (
     parameter_counts,
     trains_backbone_marker,
 )
+from ..adapters.peft_init import check_lora, init_from_lora, read_lora
 from ..adapters.stack import stack
 from ..errors import ConfigError
 from .checkpoints import restore_checkpoint, save_checkpoint
@@ -134,6 +137,8 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
     :param checkpoint_dir: if set, ``exp_<t>.pt`` with the adapter and head state after each experience.
     :param model: if given, targets/rank/``trainable`` are checked against it now (else at the first
         ``before_training``).
+    :param init_from: a Hugging Face peft LoRA folder the first adapter starts from (methods with the
+        ``imports_lora`` capability: lora), checked against the backbone's targets, shapes and rank.
     :param options: the method's options (``rank``, ``alpha``, ``interference``, ``lambda``, …), validated
         here.
     """
@@ -148,10 +153,20 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
         trainable: list[str] | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         model: torch.nn.Module | None = None,
+        init_from: str | os.PathLike | None = None,
         **options: Any,
     ):
         super().__init__()
         cls = METHODS.get(method)  # fail now, not at the first experience
+        self.init_from, self._init_lora, self._initialised = init_from, None, False
+        if init_from is not None:
+            if not getattr(cls, "imports_lora", False):
+                able = [m for m in METHODS.names() if getattr(METHODS.get(m), "imports_lora", False)]
+                raise ConfigError(
+                    f"method.init_from: method '{method}' cannot start from a peft LoRA; methods that can: "
+                    f"{', '.join(able)}"
+                )
+            self._init_lora = read_lora(init_from)  # read (bounded) and parsed now: a bad folder fails early
         if cls.adds_adapter:
             parse_options(cls.Options, method, options)
         elif options or targets is not None:
@@ -177,16 +192,28 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
     def check(self, model: torch.nn.Module) -> None:
         """Raise ConfigError now if the method cannot be injected into ``model`` as configured (targets that
         match no linear layer, a rank above a layer's limit, ``trainable`` naming nothing). Changes nothing."""
-        check_injection(model, self.method, targets=self.targets, trainable=self.trainable, **self.options)
+        chosen = check_injection(model, self.method, targets=self.targets, trainable=self.trainable, **self.options)
+        if self._init_lora is not None:
+            root, _ = backbone_root(model)
+            modules = dict(model.named_modules())
+            shapes = {n.removeprefix(f"{root}."): tuple(modules[n].weight.shape) for n in chosen}
+            rank = parse_options(METHODS.get(self.method).Options, self.method, self.options).rank
+            check_lora(self._init_lora, shapes, rank, str(self.init_from))
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue the lifecycle exactly (plain data)."""
-        return {"experiences_done": self.experiences_done, "restructured": self._restructured, "token": self._token}
+        return {
+            "experiences_done": self.experiences_done,
+            "restructured": self._restructured,
+            "token": self._token,
+            "initialised": self._initialised,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.experiences_done = int(state["experiences_done"])
         self._restructured = bool(state["restructured"])
         self._token = str(state["token"])  # copies of the model saved with the strategy's state carry it
+        self._initialised = bool(state.get("initialised", self.experiences_done > 0))
 
     def _adopt(self, model: torch.nn.Module) -> None:
         """Take ``model`` as the one this plugin manages; refuse a different model once one was managed."""
@@ -198,13 +225,23 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
         model.avl_peft_owner = self._token  # copies the strategy makes (GDumb) carry it too
         self._used = True
 
-    def restore(self, model: torch.nn.Module) -> int:
+    def restore(
+        self,
+        model: torch.nn.Module,
+        *,
+        through: int | None = None,
+        visit: Callable[[int, torch.nn.Module], None] | None = None,
+    ) -> int:
         """Continue in Python: load every ``exp_<t>.pt`` of ``checkpoint_dir`` into ``model`` in order.
 
         ``model`` is built as the trained one was (same backbone, seed or checkpoint). Each checkpoint is
         restored and followed by the same end-of-experience step training made (merge and re-inject, end of
         the base session, a new branch), so the model is left ready for the next experience and the
         plugin counts on from there (no ``exp_<t>.pt`` is ever overwritten). Returns that next index.
+
+        ``through=t`` stops after ``exp_<t>.pt``, *before* its end-of-experience step: the model is left as
+        experience t finished training (what an export of experience t reads). ``visit(t, model)`` is called
+        after each checkpoint is restored, before that step (e.g. to read the branches a merge will fold).
         """
         if self.checkpoint_dir is None:
             raise ConfigError("restore needs the plugin's checkpoint_dir")
@@ -215,11 +252,19 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
             raise ConfigError(
                 f"checkpoints in '{self.checkpoint_dir}' are not exp_0 … exp_N without gaps: {list(files)}"
             )
+        if through is not None and through not in files:
+            raise ConfigError(f"no exp_{through}.pt in '{self.checkpoint_dir}' (it holds exp_0 … exp_{len(files) - 1})")
         self._used = False
+        self._initialised = True  # the checkpoints hold the trained adapters: init_from applies to none of them
         self._adopt(model)
         for t, path in files.items():
             restore_checkpoint(model, path)
             self.experiences_done = t
+            if visit is not None:
+                visit(t, model)
+            if t == through:
+                self.experiences_done = t + 1
+                return t + 1  # left as experience t finished: no merge, new branch or re-injection
             self._next_structure(model)
         self.experiences_done = len(files)
         self._restructured = True
@@ -229,6 +274,9 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
 
     def _inject(self, model: torch.nn.Module) -> None:
         inject(model, self.method, targets=self.targets, trainable=self.trainable, **self.options)
+        if self._init_lora is not None and not self._initialised:
+            init_from_lora(model, self.init_from, self._init_lora)  # the first adapter only, not later ones
+            self._initialised = True
 
     def _in_base_session(self) -> bool:
         return self.pretrain and self.experiences_done == 0

@@ -17,7 +17,7 @@ before training (``a_-1``) and after every experience (``a_0, a_1, …``) with o
 
 :func:`upstream_summary` turns the accuracy list into ``retention = a_last / a_-1`` and
 ``forgetting = a_-1 − a_last``. :func:`read_imagefolder` loads an upstream set from
-``<root>/<class>/*.png|jpg|jpeg`` into tensors in the backbone's input format, and
+``<root>/<class>/<image>`` (PNG, JPEG, BMP, GIF, TIFF) into tensors in the backbone's input format, and
 :class:`UpstreamRetentionPlugin` records the accuracies during an Avalanche run.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,14 +32,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from ..errors import ConfigError, DataError
+from ..safeio.images import IMAGE_SUFFIXES, class_folders, image_files, open_image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MODES = ("checkpoint", "knn")
 
 
@@ -318,24 +316,6 @@ def upstream_summary(acc: Sequence[float]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _load_image(path: Path, mode: str) -> Image.Image:
-    # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; both mean "do not decode this file".
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path) as img:
-                return img.convert(mode)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise DataError(
-                f"image '{path}' is too large to decode safely ({e}); remove or downscale it, or raise "
-                "PIL.Image.MAX_IMAGE_PIXELS if it is trusted"
-            ) from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(
-                f"image '{path}' could not be read ({type(e).__name__}: {e}); replace or delete it"
-            ) from None
-
-
 def read_imagefolder(
     path: str | Path,
     img_size: int,
@@ -344,7 +324,7 @@ def read_imagefolder(
     channels: int = 3,
     max_per_class: int | None = None,
 ) -> tuple[Tensor, Tensor, list[str]]:
-    """Images of ``<path>/<class>/*.png|jpg|jpeg`` as ``(images, labels, class_names)``.
+    """Images of ``<path>/<class>/<image>`` (``safeio.images.IMAGE_SUFFIXES``) as ``(images, labels, class_names)``.
 
     Classes are the sub-folders in sorted name order (label i = i-th folder; hidden folders skipped), files
     in sorted name order within a class (suffix case-insensitive; other files ignored), at most
@@ -365,19 +345,18 @@ def read_imagefolder(
     if max_per_class is not None:
         max_per_class = _positive_int("max_per_class", max_per_class, "or None for every image")
     root = Path(path).expanduser()
-    if not root.is_dir():
-        raise DataError(f"upstream image folder '{root}' does not exist; give a folder of <class>/<image> files")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = class_folders(root, "upstream image folder")
     if not class_dirs:
         raise DataError(f"upstream image folder '{root}' has no class sub-folders; expected <class>/<image> files")
     mode = "RGB" if channels == 3 else "L"
     images, labels = [], []
     for label, folder in enumerate(class_dirs):
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(folder, "upstream class folder")
         if not files:
-            raise DataError(f"class folder '{folder}' has no .png/.jpg/.jpeg images; add some or remove the folder")
+            raise DataError(f"class folder '{folder}' has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add some")
         for file in files[:max_per_class]:
-            img = _load_image(file, mode)
+            # The budget is checked before decoding and for the resize below (shorter side -> img_size).
+            img = open_image(file, mode, what="upstream image", short_side=img_size)
             img = TF.resize(img, img_size, interpolation=InterpolationMode.BILINEAR, antialias=True)
             img = TF.center_crop(img, [img_size, img_size])
             images.append(TF.normalize(TF.to_tensor(img), mean, std))

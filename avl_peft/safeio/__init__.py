@@ -22,6 +22,14 @@ then a pre-scan with regular expressions (strings blanked out) bounds nesting an
 before :func:`json.loads`, whose C scanner recurses. ``NaN``/``Infinity`` stay allowed: a diverged run
 legitimately records a NaN metric.
 
+Reading safetensors (:func:`check_safetensors`, :func:`read_safetensors`, :func:`safetensors_shapes`):
+bounded size, and the header (length, dtypes, shapes, offsets that tile the data exactly) checked before any
+tensor is built or the file hashed.
+
+Images (:mod:`.images`): one lister and one opener for user image folders, with an allow-list of decoders
+and a pixel budget checked before decoding. Locks (:mod:`.locks`): one folder lock (filelock) naming its
+holder.
+
 Writing: :func:`safe_component` turns run ids and config names into one harmless path component,
 :func:`safe_write_path` refuses symlinks below an output root, and :func:`write_text_nofollow` writes
 atomically without ever following a symlink below the root.
@@ -37,7 +45,16 @@ from .limits import (
     YAML_MAX_DEPTH,
     YAML_MAX_NODES,
 )
-from .paths import default_out_dir, safe_component, safe_write_path, write_bytes_nofollow, write_text_nofollow
+from .paths import (
+    check_writable,
+    default_out_dir,
+    project_cache_dir,
+    safe_component,
+    safe_write_path,
+    write_bytes_nofollow,
+    write_text_nofollow,
+)
+from .safetensors_reader import check_safetensors, read_safetensors, safetensors_shapes
 from .yaml_reader import check_finite, load_yaml, parse_yaml
 
 __all__ = [
@@ -49,13 +66,18 @@ __all__ = [
     "YAML_MAX_DEPTH",
     "YAML_MAX_NODES",
     "check_finite",
+    "check_safetensors",
+    "check_writable",
     "default_out_dir",
     "load_json",
     "load_json_or_none",
     "load_yaml",
     "parse_yaml",
+    "project_cache_dir",
+    "read_safetensors",
     "safe_component",
     "safe_write_path",
+    "safetensors_shapes",
     "write_bytes_nofollow",
     "write_text_nofollow",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from .. import atomic
@@ -133,3 +134,25 @@ def _open_folder(path: Path, flags: int, dir_fd: int | None) -> int:
 def write_text_nofollow(path: str | Path, text: str, *, root: str | Path | None = None) -> None:
     """:func:`write_bytes_nofollow` for UTF-8 text."""
     write_bytes_nofollow(path, text.encode("utf-8"), root=root)
+
+
+def check_writable(folder: str | Path, *, fix: str = "choose another with --out") -> None:
+    """Create ``folder`` if needed and check a file can be created in it; ConfigError naming it otherwise.
+
+    The probe is a fresh, randomly named file (``O_EXCL | O_NOFOLLOW``, via :func:`tempfile.mkstemp`), so a
+    link or pipe planted under a predictable name is never opened, and it is removed at once.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".avl-peft-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"output folder '{folder}' is not writable ({e.strerror or e}); {fix}") from None
+
+
+def project_cache_dir(*parts: str) -> Path:
+    """``$AVL_PEFT_CACHE/<parts>`` if that variable is set, else ``~/.cache/avl-peft/<parts>`` (not created)."""
+    root = os.environ.get("AVL_PEFT_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "avl-peft").joinpath(*parts)

@@ -10,21 +10,10 @@ import timm
 
 from ..adapters import METHODS
 from ..adapters.budget import select_for_budget
-from ..cl.backbone import closest_models, meta_backbone
-from ..errors import ConfigError
-from .pretrain import load_pretrain_config, read_card
-
-# Structural timm arguments whose size is surely a typo beyond these (the largest ViTs have depth 48, width
-# 1,664, 16 heads, 518-pixel inputs). Checked before the meta-device model is built: timm loops over
-# `depth`, so depth: 10**9 would otherwise hang validation.
-BACKBONE_KWARG_LIMITS = {
-    "depth": 256,
-    "img_size": 8192,
-    "patch_size": 1024,
-    "embed_dim": 65_536,
-    "num_heads": 1024,
-    "mlp_ratio": 64,
-}
+from ..cl.backbone import check_backbone_kwargs, closest_models, meta_backbone
+from ..errors import ConfigError, DataError
+from ..safeio.safetensors_reader import WEIGHTS_MAX_BYTES, safetensors_shapes
+from .pretrain import WEIGHTS, load_pretrain_config, read_card
 
 
 def _check_backbone(bb: dict) -> None:
@@ -37,6 +26,8 @@ def _check_backbone(bb: dict) -> None:
         path = Path(bb["checkpoint"]).expanduser()
         if path.is_dir():
             _check_pretrain_folder(bb, path)
+        elif path.suffix == ".safetensors" and path.exists():
+            _header_shapes(path)  # a truncated or foreign file fails here, before any run starts
         if not path.exists():
             raise ConfigError(
                 f"backbone.checkpoint: '{bb['checkpoint']}' does not exist; give the path of a local .pth or "
@@ -53,6 +44,25 @@ def _check_pretrain_folder(bb: dict, path: Path) -> None:
     except ConfigError as e:
         raise ConfigError(f"backbone.checkpoint: {e}") from None
     _same_backbone(bb, (card["backbone"]["name"], dict(card["backbone"]["kwargs"])), f"folder '{path}' holds")
+    # The card matches the weights' hash, but a card can be written by anyone: the tensors must be this backbone's.
+    check_backbone_kwargs(bb["kwargs"])
+    shapes = _header_shapes(path / WEIGHTS)
+    for name, tensor in meta_model(bb).state_dict().items():
+        if name.startswith("head."):
+            continue  # the pretraining head (52 classes) is replaced by the run's own
+        if shapes.get(name) != tuple(tensor.shape):
+            raise ConfigError(
+                f"backbone.checkpoint: '{path / WEIGHTS}' does not hold this backbone's tensor '{name}' "
+                f"{tuple(tensor.shape)} (it has {shapes.get(name, 'none')}); rebuild the folder with "
+                f"`avl-peft pretrain CONFIG --out {path} --force`"
+            )
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        return safetensors_shapes(path, what="weights file", max_bytes=WEIGHTS_MAX_BYTES)
+    except DataError as e:
+        raise ConfigError(f"backbone.checkpoint: {e}; replace it or rebuild its folder") from None
 
 
 def _same_backbone(bb: dict, theirs: tuple[str, dict], what: str) -> None:
@@ -69,7 +79,7 @@ def _check_pretrain(bb: dict) -> None:
     if bb["pretrained"] or bb["checkpoint"] is not None:
         raise ConfigError("backbone: set one of pretrained, checkpoint or pretrain, not several")
     path = Path(bb["pretrain"]).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(
             f"backbone.pretrain: '{path}' does not exist; give a pretrain YAML such as configs/pretrain_glyphs.yaml"
         )
@@ -78,19 +88,6 @@ def _check_pretrain(bb: dict) -> None:
     except ConfigError as e:
         raise ConfigError(f"backbone.pretrain: {e}") from None
     _same_backbone(bb, (pre["backbone"]["name"], dict(pre["backbone"]["kwargs"])), f"pretrain config '{path}' trains")
-
-
-def check_backbone_kwargs(kwargs: dict, where: str = "backbone.kwargs") -> None:
-    """Names must be strings; the structural sizes in BACKBONE_KWARG_LIMITS positive and below their limit."""
-    for key, value in kwargs.items():
-        if not isinstance(key, str):
-            raise ConfigError(f"{where}: argument names must be strings, got {key!r}")
-        limit = BACKBONE_KWARG_LIMITS.get(key)
-        values = value if isinstance(value, (list, tuple)) else [value]  # img_size/patch_size may be [h, w]
-        if limit is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            if any(not 0 < v <= limit for v in values):
-                label = f"{where} {key}" if where.startswith("--") else f"{where}.{key}"  # --timm depth
-                raise ConfigError(f"{label}: must be > 0 and <= {limit:,}, got {value!r}")
 
 
 _META_MODELS: dict[str, Any] = {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from ..cl.strategies import STRATEGIES, StrategySpec, strategy_options
 from ..cl.strategies.state import StateContext, tag_experience
 from ..cl.training import BatchProgress, DivergenceGuard, make_optimizer, resolve_device, seed_everything
 from ..errors import ConfigError
-from ..hardware import hardware_info, resolve_precision
+from ..hardware import hardware_info, peak_memory_mb, reset_peak_memory, resolve_precision
 from ..instruments.metrics import summarize_both
 from ..instruments.tracker import SubspaceTracker
 from . import results
@@ -80,12 +79,6 @@ def versions() -> dict[str, str]:
         "timm": timm.__version__,
         "python": platform.python_version(),
     }
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; whole process
 
 
 def resolve_checkpoint(bb: dict) -> Path | None:
@@ -146,6 +139,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
     threads.for_run(training["threads"])
     seed_everything(cfg["seed"])
     device = resolve_device(training["device"])
+    reset_peak_memory(device)  # runs of a study share a process: each records its own peak
     resolved_precision = resolve_precision(training["precision"], device)  # auto: bf16 only where native
     check_precision(resolved_precision, device)
     bb = cfg["backbone"]
@@ -185,6 +179,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         pretrain=training["pretrain"],
         targets=method["targets"],
         checkpoint_dir=run_dir / "checkpoints" if run_dir is not None else None,
+        init_from=method.get("init_from"),
         **options,
     )
     spec = STRATEGIES.get(cfg["strategy"]["name"])
@@ -395,7 +390,7 @@ def run_experiment(
             "eval_s": done["eval_s"],
             "subspace_s": tracker.seconds if tracker else 0.0,
             "images_per_s": done["images"] / done["train_s"] if done["train_s"] > 0 else 0.0,
-            "peak_memory_mb": _peak_memory_mb(parts.device),
+            "peak_memory_mb": peak_memory_mb(parts.device),
             "threads": torch.get_num_threads(),
         },
     }

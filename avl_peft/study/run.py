@@ -4,19 +4,17 @@ Every executor calls :func:`run_one`; a run that crashes is recorded as ``failed
 ``error.txt``) so the report shows it and the study goes on.
 
 Two avl-peft processes on one output folder (two terminals, a retried job) never train a run twice: each run
-folder is locked while it runs, and a process that finds a run locked skips it and says which process holds
-it. A run another process finished (or redid with ``--force``) after this process planned it is skipped too:
-the runner records what each ``results.json`` looked like when it planned (:func:`.results.signature`) and
-when the process started, and :func:`run_one` compares under the lock.
+folder is locked while it runs (``safeio.locks``), and a process that finds a run locked skips it and says
+which process holds it. A run another process finished (or redid with ``--force``) after this process planned
+it is skipped too: the runner records what each ``results.json`` looked like when it planned
+(:func:`.results.signature`) and when the process started, and :func:`run_one` compares under the lock.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
-import socket
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,76 +22,23 @@ from tqdm.auto import tqdm
 
 from ..errors import AvlPeftError, ConfigError
 from ..safeio import write_text_nofollow
+from ..safeio.locks import folder_lock, lock_holder
 from . import results
 from .experiment import run_experiment
 
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path):
+def run_lock(run_dir: Path) -> Iterator[bool]:
     """An exclusive, non-blocking lock on a run folder: yields False if another process holds it.
 
-    flock is released by the kernel when its holder dies (even by SIGKILL), so a stale lock never blocks
-    a resume. The holder writes ``pid N on HOST`` into the lock file, so others can say who holds it
-    (:func:`lock_holder`). Neither the run folder nor its ``.lock`` may be a symbolic link (ConfigError): a
-    planted link would otherwise send the run's writes outside the output folder.
+    :func:`avl_peft.safeio.locks.folder_lock` (released by the kernel when its holder dies, holder named in
+    the lock file). Neither the run folder nor its ``.lock`` may be a symbolic link (ConfigError): a planted
+    link would otherwise send the run's writes outside the output folder.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        folder = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
-    except OSError as e:
-        raise ConfigError(
-            f"run folder '{run_dir}' is a symbolic link or not a folder ({e.strerror}); remove it"
-        ) from None
-    try:
-        fd = os.open(".lock", os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644, dir_fd=folder)
-    except OSError as e:
-        raise ConfigError(
-            f"'{run_dir / '.lock'}' cannot be opened ({e.strerror}); if it is a symbolic link, remove it"
-        ) from None
-    finally:
-        os.close(folder)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        try:
-            yield True
-        finally:
-            os.ftruncate(fd, 0)  # no holder any more (a SIGKILLed holder leaves its line: see lock_holder)
-    finally:
-        os.close(fd)
-
-
-def lock_holder(run_dir: Path) -> str | None:
-    """Who is running a run now, as its holder wrote it (``pid N on HOST``), or None if nobody seems to.
-
-    For messages only (the lock itself is the flock): a holder on this host whose process is gone is ignored.
-    """
-    try:
-        fd = os.open(Path(run_dir) / ".lock", os.O_RDONLY | _NOFOLLOW)
-        try:
-            text = os.read(fd, 200).decode("utf-8", "replace").strip()
-        finally:
-            os.close(fd)
-    except OSError:
-        return None
-    parts = text.split()
-    if len(parts) != 4 or parts[0] != "pid" or not parts[1].isdigit():
-        return None
-    if parts[3] == socket.gethostname():
-        try:
-            os.kill(int(parts[1]), 0)
-        except ProcessLookupError:
-            return None
-        except OSError:
-            pass  # alive, owned by someone else
-    return text
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise ConfigError(f"run folder '{run_dir}' is a symbolic link or not a folder; remove it")
+    with folder_lock(run_dir, blocking=False, what="run folder") as mine:
+        yield mine
 
 
 def _written_by_another(run_dir: Path, planned: dict) -> bool:

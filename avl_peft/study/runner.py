@@ -20,7 +20,7 @@ import yaml
 
 from ..cl import distributed
 from ..errors import ConfigError, DataError
-from ..safeio import write_text_nofollow
+from ..safeio import check_writable, write_text_nofollow
 from . import results
 from .executors import EXECUTORS
 from .grid import expand
@@ -123,19 +123,6 @@ def refuse_links(run_dir: Path) -> None:
                     f"'{path}' inside a run folder is not a regular file (a pipe, socket or device); avl-peft "
                     "never writes those. Remove it or choose another --out"
                 )
-
-
-def check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # A fresh, randomly named file (O_EXCL | O_NOFOLLOW): a link planted under a fixed name is never opened.
-        fd, probe = tempfile.mkstemp(prefix=".avl-peft-write-test-", dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(
-            f"output folder '{out_dir}' is not writable ({e.strerror}); choose another with --out"
-        ) from None
 
 
 def run_study(

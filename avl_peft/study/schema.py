@@ -19,16 +19,17 @@ import torch
 
 from ..adapters import METHODS
 from ..adapters.base import parse_options
+from ..cl.backbone import data_config
 from ..cl.heads import head_options
 from ..cl.plugin import POLICIES, check_policy
 from ..cl.precision import PRECISIONS, check_precision
-from ..cl.scenarios import SCENARIOS, check_scenario_options
+from ..cl.scenarios import SCENARIOS, check_counts, check_scenario_options
 from ..cl.strategies import STRATEGIES, strategy_options
 from ..errors import ConfigError
 from ..hardware import PrecisionWarning, resolve_precision
 from ..options import option_names
 from ..registry import suggest
-from .backbone_checks import _check_backbone, _check_budget
+from .backbone_checks import _check_backbone, _check_budget, meta_model
 from .upstream import check_upstream
 
 
@@ -126,13 +127,26 @@ SCHEMA: dict[str, Any] = {
             choices=PRECISION_NAMES,
         ),
         "compile": F(bool, False, "torch.compile the backbone, adapters included (first steps pay the compile)"),
-        "threads": F(int, None, "CPU threads (null: OMP_NUM_THREADS, else cores/workers)", minimum=1, nullable=True),
+        "threads": F(
+            int,
+            None,
+            "CPU threads (null: OMP_NUM_THREADS, else cores/workers)",
+            minimum=1,
+            maximum=256,  # beyond any machine's cores: 1,000 threads made steps 50-90x slower
+            nullable=True,
+        ),
     },
     "method": {
         "name": F(str, "lora", "a method from `avl-peft list`"),
         "policy": F(str, "continue", "adapter lifecycle across experiences", choices=POLICIES),
         "targets": F(list, None, "module-name suffixes or regexes (null: qkv, proj, fc1, fc2)", nullable=True),
         "options": F(dict, {}, "method options: rank, alpha, dropout, svd_niter, share, tt_rank, init"),
+        "init_from": F(
+            str,
+            None,
+            "a Hugging Face peft LoRA folder the adapter starts from (lora; null: the method's init)",
+            nullable=True,
+        ),
     },
     "strategy": {
         "name": F(str, "naive", "a strategy from `avl-peft list`"),
@@ -161,7 +175,9 @@ SCHEMA: dict[str, Any] = {
             choices=("checkpoint", "knn"),
         ),
         "k": F(int, 10, "neighbours of the k-NN classifier", minimum=1),
-        "per_class": F(int, 20, "images per class in the upstream query (and k-NN reference) set", minimum=1),
+        "per_class": F(
+            int, 20, "images per class in the upstream query (and k-NN reference) set", minimum=1, maximum=100_000
+        ),
         "seed": F(int, 0, "seed of the upstream data (glyphs: which fonts are held out; use the pretraining seed)"),
     },
     "subspace": {
@@ -314,12 +330,20 @@ def check_run(cfg: dict) -> None:
         check_policy(cfg["method"]["name"], cfg["method"]["policy"], cfg["method"]["options"])
     except ConfigError as e:
         raise ConfigError(f"method.policy: {e}") from None
+    if cfg["method"].get("init_from") is not None and not getattr(cls, "imports_lora", False):
+        able = ", ".join(m for m in METHODS.names() if getattr(METHODS.get(m), "imports_lora", False))
+        raise ConfigError(
+            f"method.init_from: method '{cfg['method']['name']}' cannot start from a peft LoRA ({able} can)"
+        )
     targets = cfg["method"]["targets"]
     if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
         raise ConfigError(f"method.targets: must be a non-empty list of strings, got {targets!r}")
     if cfg["backbone"]["pretrained"] and cfg["backbone"]["checkpoint"]:
         raise ConfigError("backbone: set either pretrained: true (download) or checkpoint: PATH (local), not both")
     _check_backbone(cfg["backbone"])
+    img_size = data_config(meta_model(cfg["backbone"]))["img_size"]
+    scenario = cfg["scenario"]
+    check_counts(scenario["name"], scenario["n_experiences"], scenario["options"], img_size)
     if cfg.get("budget") is not None:
         _check_budget(cfg)
     device = cfg["training"]["device"]
@@ -350,7 +374,7 @@ def check_run(cfg: dict) -> None:
         check_policy(cfg["method"]["name"], cfg["method"]["policy"], cfg["method"]["options"])
     except ConfigError as e:
         raise ConfigError(f"method: {e}") from None
-    check_upstream(cfg)
+    check_upstream(cfg, img_size)
     # cuda is checked again when the run resolves its device (bf16 support of the GPU it gets)
     resolved = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     device = torch.device(resolved.split(":")[0])

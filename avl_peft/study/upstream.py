@@ -29,30 +29,53 @@ from torch import nn
 from ..cl.backbone import create_backbone, data_config, read_state_dict
 from ..cl.glyphs import GlyphDataset
 from ..cl.scenarios import SCENARIOS, build_scenario
-from ..errors import ConfigError
+from ..cl.scenarios.base import CLASS_COUNTS
+from ..errors import ConfigError, DataError
 from ..instruments.upstream import UpstreamProbe, UpstreamRetentionPlugin, read_imagefolder
+from ..safeio.images import check_image, class_folders, image_files
 
 IMAGEFOLDER = "imagefolder:"
 HEADS = ("checkpoint", "knn")
 
 
-def check_upstream(cfg: dict) -> None:
-    """Config-load checks of the ``upstream`` section (nothing is read or built here)."""
+# The upstream images are held in memory as float32 at the backbone's input size.
+UPSTREAM_MAX_BYTES = 4 << 30
+
+
+def check_upstream(cfg: dict, img_size: int) -> None:
+    """Config-load checks of the ``upstream`` section: the dataset exists, and the images it would hold fit.
+
+    For ``imagefolder:`` the folder is listed and the header of every image the run would read is checked
+    (format, pixel budget; nothing is decoded), so a bad file fails the dry-run, not the run.
+    """
     up = cfg.get("upstream") or {}
     dataset = up.get("dataset")
     if dataset is None:
         return
+    per_class = up["per_class"] * (1 if up["head"] == "checkpoint" else 2)  # knn: a reference split as well
     if dataset.startswith(IMAGEFOLDER):
         folder = Path(dataset[len(IMAGEFOLDER) :]).expanduser()
         if not folder.is_dir():
             raise ConfigError(
                 f"upstream.dataset: image folder '{folder}' does not exist (expected <path>/<class>/*.png)"
             )
-    elif dataset != "glyphs" and dataset not in SCENARIOS:
+        n_images = _check_imagefolder(folder, 2 * up["per_class"], img_size)
+    elif dataset == "glyphs":
+        n_images = 52 * per_class
+    elif dataset in SCENARIOS:
+        n_classes = CLASS_COUNTS[dataset][0]({}, img_size) if dataset in CLASS_COUNTS else 0
+        n_images = n_classes * per_class
+    else:
         names = ["glyphs", *SCENARIOS.names()]
         raise ConfigError(
             f"upstream.dataset: unknown dataset '{dataset}'; use glyphs, a scenario ({', '.join(names[1:])}) "
             "or imagefolder:<path>"
+        )
+    size = n_images * 3 * img_size**2 * 4
+    if size > UPSTREAM_MAX_BYTES:
+        raise ConfigError(
+            f"upstream.per_class: {n_images:,} upstream images at {img_size}x{img_size} take {size / 2**30:.1f} GiB "
+            f"in memory (limit {UPSTREAM_MAX_BYTES / 2**30:.0f} GiB); lower upstream.per_class"
         )
     bb = cfg["backbone"]
     if up["head"] == "checkpoint" and bb["checkpoint"] is None and bb.get("pretrain") is None:
@@ -143,3 +166,22 @@ def build_upstream(cfg: dict, model: nn.Module, checkpoint: str | Path | None) -
     else:
         probe = UpstreamProbe(qx, qy, mode="knn", train_images=tx, train_labels=ty, k=up["k"])
     return UpstreamRetentionPlugin(probe)
+
+
+def _check_imagefolder(folder: Path, limit: int, img_size: int) -> int:
+    """The number of images :func:`read_imagefolder` would read; ConfigError for a folder it would refuse."""
+    try:
+        classes = class_folders(folder, "upstream image folder")
+        if not classes:
+            raise DataError(f"upstream image folder '{folder}' has no class sub-folders")
+        total = 0
+        for class_folder in classes:
+            files = image_files(class_folder, "upstream class folder")[:limit]
+            if not files:
+                raise DataError(f"class folder '{class_folder}' has no images")
+            for file in files:
+                check_image(file, what="upstream image", short_side=img_size)
+            total += len(files)
+    except DataError as e:
+        raise ConfigError(f"upstream.dataset: {e}") from None
+    return total

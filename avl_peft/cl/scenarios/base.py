@@ -40,8 +40,6 @@ FETCH_ERRORS = (
     pickle.UnpicklingError,
 )
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
-
 
 class Common:
     """The arguments every scenario accepts, validated once."""
@@ -107,13 +105,47 @@ def class_order_for(cfg: Common, n_classes: int, class_order: Sequence[int] | No
 
 def experiences_for(cfg: Common, n_classes: int, default: int) -> int:
     n = default if cfg.n_experiences is None else cfg.n_experiences
-    if n_classes % n:
-        divisors = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
-        raise ConfigError(
-            f"n_experiences={n} does not divide the {n_classes} classes of '{cfg.name}' evenly; "
-            f"allowed: {', '.join(map(str, divisors))}"
-        )
+    check_split(cfg.name, n_classes, n)
     return n
+
+
+def check_split(name: str, n_classes: int, n: int, first: int | None = None) -> None:
+    """ConfigError unless ``n`` experiences split ``n_classes`` evenly (after a first one of ``first`` classes)."""
+    if first is None:
+        if n_classes % n:
+            divisors = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
+            raise ConfigError(
+                f"n_experiences={n} does not divide the {n_classes} classes of '{name}' evenly; "
+                f"allowed: {', '.join(map(str, divisors))}"
+            )
+        return
+    first = check_int("first_exp_classes", first, minimum=1, maximum=n_classes - 1)
+    rest = n_classes - first
+    if n < 2 or rest % (n - 1):
+        raise ConfigError(
+            f"first_exp_classes={first} leaves {rest} classes of '{name}', which n_experiences={n} "
+            f"cannot split evenly over the {n - 1} later experiences; choose n_experiences - 1 dividing {rest}"
+        )
+
+
+# What a dry-run can check of a scenario without building or downloading it: its number of classes from its
+# options and the image side (the function also checks counts the builder would refuse), and its default
+# number of experiences. Scenarios whose classes are only known from their data are not listed.
+CLASS_COUNTS: dict[str, tuple[Callable[[dict[str, Any], int], int], int]] = {}
+
+
+def check_counts(name: str, n_experiences: int | None, options: dict[str, Any], img_size: int) -> None:
+    """The dry-run's check of a scenario's counts: sizes within bounds and experiences splitting the classes."""
+    if name not in CLASS_COUNTS:
+        return
+    count, default = CLASS_COUNTS[name]
+    n_classes = count(options, img_size)
+    try:
+        check_split(
+            name, n_classes, default if n_experiences is None else n_experiences, options.get("first_exp_classes")
+        )
+    except ConfigError as e:
+        raise ConfigError(f"scenario: {e}") from None
 
 
 def scenario_options(name: str) -> list[str]:

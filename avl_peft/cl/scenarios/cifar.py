@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from avalanche.benchmarks.classic import SplitCIFAR100
 
 from ...validate import check_bool
-from .base import SCENARIOS, Built, Common, class_order_for, experiences_for, fetch, image_transform
+from .base import CLASS_COUNTS, SCENARIOS, Built, Common, class_order_for, experiences_for, fetch, image_transform
 
 
 @SCENARIOS.register("split_cifar100", "CIFAR-100 split into equal class groups (Avalanche SplitCIFAR100); 10 exps")
@@ -33,3 +33,6 @@ def _split_cifar100(cfg: Common, *, augment: bool = True, class_order: Sequence[
             dataset_root=folder,
         ),
     )
+
+
+CLASS_COUNTS["split_cifar100"] = (lambda options, img_size: 100, 10)

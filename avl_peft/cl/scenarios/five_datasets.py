@@ -4,7 +4,6 @@ one dataset per experience, 10 classes each (experience k owns classes 10k..10k+
 from __future__ import annotations
 
 import bisect
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,13 @@ from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, MNIST, SVHN, FashionMNIST
 
 from ...errors import ConfigError, DataError
+from ...safeio.images import class_folders, image_files, open_image
 from ...validate import check_number
-from .base import IMAGE_SUFFIXES, SCENARIOS, Built, Common, fetch, image_transform
+from .base import SCENARIOS, Built, Common, fetch, image_transform
+
+# notMNIST letters are 28x28: 128x128 leaves room for a rescaled copy, and bounds the memory of the whole set
+# (every image is kept decoded) at 16 KB per file.
+NOTMNIST_MAX_PIXELS = 128 * 128
 
 _NOTMNIST_URL = "http://yaroslavvb.com/upload/notMNIST/"
 
@@ -125,17 +129,14 @@ def _notmnist_files(folder: Path, test_fraction: float) -> tuple[list[tuple[Path
     if not folder.is_dir():
         raise DataError(f"notMNIST folder '{folder}' does not exist. {how_to}")
 
-    def classes(d: Path) -> list[Path]:
-        return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
-
     def images(d: Path) -> list[Path]:
-        found = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        found = image_files(d, "notMNIST class folder")
         if not found:
             raise DataError(f"notMNIST class folder '{d}' holds no images (.png/.jpg). {how_to}")
         return found
 
     def check_ten(d: Path) -> list[Path]:
-        dirs = classes(d)
+        dirs = class_folders(d, "notMNIST folder")
         if len(dirs) != 10:
             raise DataError(
                 f"notMNIST folder '{d}' must hold 10 class sub-folders (A..J), found {len(dirs)}"
@@ -173,22 +174,16 @@ def _read_grey(files: list[tuple[Path, int]]) -> _PILImages:
     """Decode every image now, so a bad file (notMNIST_small has two) fails here, named, not mid-training."""
     arrays, targets = [], []
     for path, label in files:
-        # Pillow warns above Image.MAX_IMAGE_PIXELS and raises above twice that; a notMNIST letter is 28x28,
-        # so either means a decompression bomb or a wrong file: refuse it before it is decoded.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                with Image.open(path) as img:
-                    arrays.append(np.asarray(img.convert("L"), dtype=np.uint8).copy())
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-                raise DataError(
-                    f"notMNIST image '{path}' is too large to decode safely ({exc}); notMNIST letters are 28x28, "
-                    "so delete or replace the file"
-                ) from None
-            except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for broken files
-                raise DataError(
-                    f"cannot read notMNIST image '{path}' ({type(exc).__name__}: {exc}); delete or replace the file"
-                ) from None
+        # A notMNIST letter is 28x28; anything much larger is a wrong file or a bomb, and every image is kept
+        # decoded, so the per-image budget (times the file count) bounds the memory of the whole set.
+        img = open_image(
+            path,
+            "L",
+            what="notMNIST image",
+            max_pixels=NOTMNIST_MAX_PIXELS,
+            fix="notMNIST letters are 28x28, so delete or replace the file",
+        )
+        arrays.append(np.asarray(img, dtype=np.uint8).copy())
         targets.append(label)
     return _PILImages(arrays, targets)
 

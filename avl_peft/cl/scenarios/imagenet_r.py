@@ -22,8 +22,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ...errors import DataError
+from ...safeio.images import class_folders as _class_folders
+from ...safeio.images import image_files, open_image
 from ...validate import check_bool, check_int, check_number
-from .base import IMAGE_SUFFIXES, SCENARIOS, Built, Common, class_order_for, experiences_for, image_transform
+from .base import CLASS_COUNTS, SCENARIOS, Built, Common, class_order_for, experiences_for, image_transform
 
 N_CLASSES = 200
 URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
@@ -41,13 +43,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.files[index]
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB"), label
-        except Image.DecompressionBombError as exc:
-            raise DataError(f"image '{path}' is too large to decode safely ({exc}); remove or shrink it") from None
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for broken files
-            raise DataError(f"cannot read image '{path}' ({type(exc).__name__}: {exc}); remove the file") from None
+        return open_image(path, "RGB", what="ImageNet-R image"), label
 
 
 def class_folders(folder: Path) -> list[Path]:
@@ -57,7 +53,7 @@ def class_folders(folder: Path) -> list[Path]:
             f"ImageNet-R is not in '{folder}'. It cannot be downloaded automatically: get {URL}, extract it so "
             f"that '{folder}/<wnid>/*.jpg' exists, or set `root:` to the folder holding 'imagenet-r/'."
         )
-    classes = sorted(p for p in folder.iterdir() if p.is_dir())
+    classes = _class_folders(folder, "ImageNet-R folder")
     if len(classes) != N_CLASSES:
         raise DataError(
             f"'{folder}' has {len(classes)} class folders; the ImageNet-R release has {N_CLASSES}. Is the archive "
@@ -71,7 +67,7 @@ def split_files(classes: list[Path], test_fraction: float, seed: int) -> tuple[l
     rng = np.random.default_rng(seed)
     train, test = [], []
     for label, folder in enumerate(classes):
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(folder, "ImageNet-R class folder")
         if len(files) < 2:
             raise DataError(f"ImageNet-R class folder '{folder}' has {len(files)} image(s); it needs at least 2")
         order = rng.permutation(len(files))
@@ -108,3 +104,6 @@ def _imagenet_r(
     )
     derived: dict[str, Any] = {"n_train": len(train), "n_test": len(test)}
     return benchmark, derived
+
+
+CLASS_COUNTS["imagenet_r"] = (lambda options, img_size: N_CLASSES, 10)

@@ -12,8 +12,7 @@ from avalanche.benchmarks.scenarios.generic_scenario import CLScenario
 from torch.utils.data import TensorDataset
 
 from ...errors import ConfigError
-from ...validate import check_int
-from .base import Common, class_order_for, experiences_for
+from .base import Common, check_split, class_order_for, experiences_for
 
 
 def prepare_images(images: torch.Tensor, cfg: Common) -> torch.Tensor:
@@ -77,14 +76,9 @@ def in_memory_benchmark(
         n_exp = experiences_for(cfg, n_classes, default_n_experiences)
     else:
         # A larger first experience: the base session of the B-N protocol (more to learn, more to forget).
-        first = check_int("first_exp_classes", first_exp_classes, minimum=1, maximum=n_classes - 1)
         n_exp = default_n_experiences if cfg.n_experiences is None else cfg.n_experiences
-        rest = n_classes - first
-        if n_exp < 2 or rest % (n_exp - 1):
-            raise ConfigError(
-                f"first_exp_classes={first} leaves {rest} classes of '{cfg.name}', which n_experiences={n_exp} "
-                f"cannot split evenly over the {n_exp - 1} later experiences; choose n_experiences - 1 dividing {rest}"
-            )
+        check_split(cfg.name, n_classes, n_exp, first_exp_classes)
+        first = int(first_exp_classes)
         per_exp = {0: first}
     order = class_order_for(cfg, n_classes, class_order)
     # Split the small raw images, then resize each part: indexing the resized tensor would copy it.

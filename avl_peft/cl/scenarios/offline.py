@@ -8,8 +8,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from ...errors import ConfigError
 from ...validate import check_int, check_number
-from .base import SCENARIOS, Built, Common
+from .base import CLASS_COUNTS, SCENARIOS, Built, Common
 from .in_memory import in_memory_benchmark, stratified_split
 
 
@@ -67,9 +68,10 @@ def _synthetic(
     class_order: Sequence[int] | None = None,
     first_exp_classes: int | None = None,
 ) -> Built:
-    n_classes = check_int("n_classes", n_classes, minimum=1)
-    n_train = check_int("n_train_per_class", n_train_per_class, minimum=1)
-    n_test = check_int("n_test_per_class", n_test_per_class, minimum=1)
+    n_classes, n_train, n_test = _synthetic_counts(
+        {"n_classes": n_classes, "n_train_per_class": n_train_per_class, "n_test_per_class": n_test_per_class},
+        cfg.img_size,
+    )
     noise = check_number("noise", noise, low=0.0)
     data_seed = check_int("data_seed", data_seed)
 
@@ -89,3 +91,29 @@ def _synthetic(
 # --------------------------------------------------------------------------------------------------
 # Downloadable datasets
 # --------------------------------------------------------------------------------------------------
+
+
+# The synthetic set is held in memory resized to the backbone's input: float32, 3 channels.
+SYNTHETIC_MAX_BYTES = 4 << 30
+
+
+def _synthetic_counts(options: dict, img_size: int) -> tuple[int, int, int]:
+    """(n_classes, n_train_per_class, n_test_per_class), checked, and small enough to hold in memory."""
+    n_classes = check_int("n_classes", options.get("n_classes", 6), minimum=1, maximum=100_000)
+    n_train = check_int("n_train_per_class", options.get("n_train_per_class", 20), minimum=1, maximum=1_000_000)
+    n_test = check_int("n_test_per_class", options.get("n_test_per_class", 10), minimum=1, maximum=1_000_000)
+    size = n_classes * (n_train + n_test) * 3 * img_size**2 * 4
+    if size > SYNTHETIC_MAX_BYTES:
+        raise ConfigError(
+            f"synthetic: {n_classes} classes x {n_train + n_test} images at {img_size}x{img_size} take "
+            f"{size / 2**30:.1f} GiB in memory (limit {SYNTHETIC_MAX_BYTES / 2**30:.0f} GiB); lower n_classes or "
+            "the per-class counts"
+        )
+    return n_classes, n_train, n_test
+
+
+CLASS_COUNTS.update(
+    digits=(lambda options, img_size: 10, 5),
+    mnist5k=(lambda options, img_size: 10, 5),
+    synthetic=(lambda options, img_size: _synthetic_counts(options, img_size)[0], 3),
+)

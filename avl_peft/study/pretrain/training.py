@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...cl.glyphs import CLASSES, GlyphDataset
-from ...errors import ConfigError, DataError
+from ...errors import DataError
 from ...hardware import resolve_precision
 
 
@@ -105,12 +105,7 @@ def _train(cfg: Mapping[str, Any], progress: bool) -> tuple[nn.Module, dict[str,
     train_set = GlyphDataset("train", data["train_per_class"], jitter=data["jitter"], **common)
     test_set = GlyphDataset("test", data["test_per_class"], jitter=data["jitter"], **common)
 
-    steps_per_epoch = len(train_set) // tr["batch_size"]
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"training.batch_size ({tr['batch_size']}) exceeds the {len(train_set)} training images "
-            "(52 x data.train_per_class); lower it or raise data.train_per_class"
-        )
+    steps_per_epoch = len(train_set) // tr["batch_size"]  # >= 1: the config checks batch_size
     total = steps_per_epoch * tr["epochs"]
     warmup_steps = max(1, round(tr["warmup"] * total))
     opt = torch.optim.AdamW(_param_groups(model, tr["weight_decay"]), lr=tr["lr"], betas=(0.9, 0.99))

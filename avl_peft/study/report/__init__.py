@@ -17,8 +17,11 @@ Writes never follow a symbolic link below the output folder (a planted ``report.
 linked ``plots/`` refused); heatmaps of huge matrices are drawn at a capped figure size.
 
 Failed runs get a row of their own (status ``failed`` plus the error) and are left out of the averages.
-A ``results.json`` that cannot be read or does not follow the schema is skipped with a warning, so one
-broken run does not hide the others. Metric definitions are in :mod:`avl_peft.instruments.metrics`.
+A ``results.json`` that cannot be read or does not follow the schema is skipped with a one-line warning
+naming it, so one broken run does not hide the others. Text from results files is written literally:
+``report.csv`` cells that a spreadsheet would run as a formula (a leading ``=``, ``+``, ``-``, ``@``, tab
+or carriage return) get a leading apostrophe, and plots draw ``$`` as a dollar sign, not as mathtext.
+Metric definitions are in :mod:`avl_peft.instruments.metrics`.
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ def build_report(run_dir_root: str | Path, out_dir: str | Path | None = None) ->
             runs.append(load_run(path))
         except CorruptResults as exc:
             warnings.warn(f"skipping {path}: {exc}", stacklevel=2)
+        except Exception as exc:  # a results file of any shape: one bad run must not hide the others
+            warnings.warn(
+                f"skipping {path}: it does not follow the results schema ({type(exc).__name__})", stacklevel=2
+            )
     if not runs:
         raise DataError(
             f"none of the {len(paths)} {results.FILENAME} files under '{root}' could be read "

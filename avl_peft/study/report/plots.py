@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import numpy as np
 
 from ...errors import AvlPeftError
 from ...instruments.metrics import MATRIX_KINDS, validate_matrix
-from ...safeio import write_bytes_nofollow
+from ...safeio import safe_component, write_bytes_nofollow
 from .runs import Run
 
 
@@ -22,9 +21,22 @@ def write_plots(
     """Write every plot the data allow and return their paths (summary plots first).
 
     Each figure is rendered in memory and written with safeio's no-follow write below ``root`` (default: the
-    parent of ``plots_dir``), so a planted symbolic link is never written through.
+    parent of ``plots_dir``), so a planted symbolic link is never written through. Text from the results
+    files (run ids, method names, options) is drawn literally: mathtext is off (a ``$`` in a run id would
+    otherwise be parsed, and an unbalanced one raise), and long labels are shortened.
     """
-    root = Path(plots_dir).parent if root is None else root
+    import matplotlib
+
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+        return _write_plots(runs, rows, plots_dir, root=Path(plots_dir).parent if root is None else root)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """A label of at most ``limit`` characters: a 10,000-character run id would widen a figure without end."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _write_plots(runs: list[Run], rows: list[dict[str, Any]], plots_dir: Path, *, root: Path) -> list[Path]:
     written: list[Path] = []
     finished_rows = [row for row in rows if row["status"] == "finished"]
     params = ("trainable_params", "trainable parameters (log scale)", True)
@@ -55,14 +67,10 @@ def write_plots(
                 warnings.warn(f"no heatmap for {kind} of {run.path}: {exc}", stacklevel=3)
         if not matrices:
             continue
-        path = plots_dir / f"acc_matrix_{_unique_name(_safe_filename(run.run_id), used_names)}.png"
+        path = plots_dir / f"acc_matrix_{_unique_name(safe_component(run.run_id), used_names)}.png"
         _plot_accuracy_matrices(matrices, run.run_id, path, root)
         written.append(path)
     return written
-
-
-def _safe_filename(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "run"
 
 
 def _unique_name(name: str, used: set[str]) -> str:
@@ -124,7 +132,7 @@ def _plot_accuracy_matrices(matrices: dict[str, np.ndarray], run_id: str, path: 
         ax.set_xticks(list(ticks))
         ax.set_yticks(list(ticks))
     figure.colorbar(image, ax=list(axes), label="accuracy (%)", shrink=0.8)
-    figure.suptitle(f"Accuracy matrix: {run_id}")
+    figure.suptitle(f"Accuracy matrix: {_short(run_id)}")
     _save(figure, path, root)
 
 
@@ -167,12 +175,12 @@ def _plot_scatter(
             fmt="o",
             capsize=3,
             color=cmap(all_methods.index(method) % cmap.N),
-            label=method,
+            label=_short(method),
         )
         for row in mine:
             label = ", ".join(part for part in (row["options"], row["strategy"]) if part)
             ax.annotate(
-                label,
+                _short(label),
                 (row[x_key], row[f"{y_key}_mean"] * scale),
                 textcoords="offset points",
                 xytext=(4, 4),
@@ -221,7 +229,7 @@ def _plot_upstream(runs: list[Run], path: Path, root: Path) -> bool:
             values,
             marker="os^Dv<>ph*"[i % 10],
             color=cmap(i % cmap.N),
-            label=f"{label} [{', '.join(sorted(heads[key]))}] (n={len(curves)})",
+            label=_short(f"{label} [{', '.join(sorted(heads[key]))}] (n={len(curves)})", 100),
         )
     ax.set_xlabel("experience (−1: before training)")
     ax.set_ylabel("upstream accuracy (%)")

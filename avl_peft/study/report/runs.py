@@ -112,6 +112,8 @@ def load_run(path: Path) -> Run:
 
     params = _section(data, "params")
     trainable = _number(params.get("trainable"), "params.trainable")
+    if trainable is not None and not 0 <= trainable <= 1e15:  # no model has more; the mean must stay finite
+        raise CorruptResults(f"'params.trainable' is {trainable!r}, expected a count between 0 and 10^15")
     result.trainable = round(trainable) if trainable is not None else None
     result.train_s = _number(_section(data, "timing").get("train_s"), "timing.train_s")
     _read_subspace(data.get("subspace"), result)

@@ -163,8 +163,21 @@ def write_csv(rows: list[dict[str, Any]], path: Path, *, root: Path | None = Non
     writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
+        writer.writerow({k: _cell(row.get(k)) for k in CSV_COLUMNS})
     write_text_nofollow(path, handle.getvalue(), root=root)
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection); text from results
+# files (method names, options, errors) gets a leading apostrophe, which spreadsheets show as plain text.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def markdown_report(rows: list[dict[str, Any]], runs: list[Run], root: Path, out: Path, plot_files: list[Path]) -> str:
