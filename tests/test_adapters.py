@@ -32,6 +32,8 @@ TABLE = {
     "loretta": ({"rank": R, "tt_rank": 3}, 2 * sum(tt_count(R * i, 3) + tt_count(o * R, 3) for o, i in LAYERS) + HEAD),
     "inflora": ({"rank": R}, 2 * sum(R * o for o, i in LAYERS) + HEAD),  # A is a designed, frozen buffer: only B trains
     "sdlora": ({"rank": R}, 2 * sum(R * (o + i) + 1 for o, i in LAYERS) + HEAD),  # LoRA factors + one magnitude
+    # depth 2: block 0 task-shared (A, B), block 1 task-specific (A, B, one block weight per q/k/v chunk of qkv, 1 else)
+    "cl_lora": ({"rank": R}, 2 * sum(R * (o + i) for o, i in LAYERS) + 3 + 1 + 1 + 1 + HEAD),
     "full": ({}, None),  # every parameter
     "head": ({}, HEAD),
 }

@@ -153,7 +153,7 @@ def test_bad_options_and_targets_are_config_errors(model):
 def test_budget_table_has_every_adapter_method(model):
     rows = budget_table(model, 20_000)
     # every shipped adapter method has a row (the list is written out: a method dropped from the registry fails)
-    assert {r["method"] for r in rows} == {"lora", "pissa", "wegeft", "loretta", "inflora", "sdlora"}
+    assert {r["method"] for r in rows} == {"lora", "pissa", "wegeft", "loretta", "inflora", "sdlora", "cl_lora"}
     for row in rows:
         assert row["error"] is None
         assert row["adapter_params"] <= 20_000

@@ -3,7 +3,7 @@
 Interference control and ``policy: stack`` (model-level, torch only): :mod:`.stack` and :mod:`.interference`.
 """
 
-from . import baselines, inflora, lora, loretta, pissa, sdlora, wegeft  # noqa: F401  (registration side effects)
+from . import baselines, cl_lora, inflora, lora, loretta, pissa, sdlora, wegeft  # noqa: F401  (registration side effects)
 from .base import INTERFERENCE, METHODS, OPTION_ALIASES, AdaptedLinear, Adapter, AdapterOptions
 from .interference import (
     begin_experience,

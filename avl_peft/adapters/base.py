@@ -123,6 +123,8 @@ class Adapter(nn.Module):
     budget_knobs: ClassVar[tuple[str, ...]] = ("rank",)  # options an equal-budget comparison chooses
     budget_monotone: ClassVar[bool] = True  # adapter size grows with every knob: binary search is exact
     requires_stack: ClassVar[bool] = False  # one branch per experience by design (needs policy: stack)
+    # buffers whose size grows with the stream (resized to the saved shape when a state is restored)
+    variable_buffers: ClassVar[tuple[str, ...]] = ()
     # Adapters of one type that share parameters across layers (WeGeFT) fill this per injection.
     shared: ClassVar[bool] = False
     # PiSSA: a stacked branch is re-derived from the layer's effective weight W + ΣΔW (see stack.py).
@@ -137,6 +139,7 @@ class Adapter(nn.Module):
         self.drop = nn.Dropout(opts.dropout) if opts.dropout > 0 else nn.Identity()
         w = layer.weight
         self.register_buffer("basis", torch.empty(w.shape[1], 0, dtype=w.dtype, device=w.device))
+        self.layer_role = ""  # set by place()
 
     @staticmethod
     def max_rank(d_out: int, d_in: int) -> int:
@@ -200,6 +203,24 @@ class Adapter(nn.Module):
 
     def shared_module(self) -> nn.Module | None:
         """The parameters this branch shares with other layers' branches, or None."""
+        return None
+
+    @classmethod
+    def role(cls, name: str, names: list[str], opts: AdapterOptions) -> str:
+        """The part layer ``name`` plays for this method among every adapted layer ``names`` ("" for all but
+        methods whose branches differ by position, e.g. CL-LoRA's task-shared and task-specific blocks)."""
+        return ""
+
+    def place(self, role: str, previous: Adapter | None) -> None:
+        """Called right after construction with the layer's :meth:`role`: by ``inject`` (``previous`` None),
+        by ``stack`` (the branch this one follows) and by the budget count. Methods override to change their
+        parameters by role; they must call this base version, which records the role."""
+        self.layer_role = role
+
+    @classmethod
+    def model_loss(cls, model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """A loss term of the whole adapted model on the training batch ``x``, added to the strategy's loss
+        (CL-LoRA's distillation); None for methods without one."""
         return None
 
     def begin(self, inputs: torch.Tensor | None, memory: torch.Tensor) -> None:

@@ -35,11 +35,11 @@ def adapter_methods() -> list[str]:
     return [m for m in METHODS.names() if METHODS.get(m).budget_knobs]
 
 
-def _target_layers(model: nn.Module, targets: list[str] | None) -> list[tuple[str, int, int]]:
-    """(target, d_out, d_in) of every layer ``inject`` would wrap, in module order."""
+def _target_layers(model: nn.Module, targets: list[str] | None) -> list[tuple[str, str, int, int]]:
+    """(target, module name, d_out, d_in) of every layer ``inject`` would wrap, in module order."""
     chosen = find_targets(model, targets)
     modules = dict(model.named_modules())
-    return [(target, *modules[name].weight.shape) for name, target in chosen.items()]
+    return [(target, name, *modules[name].weight.shape) for name, target in chosen.items()]
 
 
 def _freeze(options: dict[str, Any]) -> tuple:
@@ -48,7 +48,7 @@ def _freeze(options: dict[str, Any]) -> tuple:
 
 @lru_cache(maxsize=8192)
 def _own_params(
-    method: str, d_out: int, d_in: int, frozen_opts: tuple, shared: bool, fast: bool = True
+    method: str, d_out: int, d_in: int, frozen_opts: tuple, shared: bool, fast: bool = True, role: str = ""
 ) -> tuple[int, int]:
     """(parameters of one adapter not in a shared generator, parameters of one shared generator)."""
     cls = METHODS.get(method)
@@ -59,6 +59,7 @@ def _own_params(
     layer = nn.Linear(d_in, d_out, device="meta")
     gen = cls.new_shared(layer, opts) if shared else None
     adapter = cls(layer, opts, gen)
+    adapter.place(role, None)  # as inject does: a method may size its branch by the layer's role
     gen_ids = {id(p) for p in gen.parameters()} if gen is not None else set()
     own = {id(p): p for p in adapter.parameters() if id(p) not in gen_ids}
     return sum(p.numel() for p in own.values()), sum(p.numel() for p in gen.parameters()) if gen is not None else 0
@@ -72,12 +73,12 @@ def count_adapter_params(
     return _count(method, _target_layers(backbone_model, targets), options)
 
 
-def _count(method: str, layers: list[tuple[str, int, int]], options: dict[str, Any], fast: bool = True) -> int:
+def _count(method: str, layers: list[tuple[str, str, int, int]], options: dict[str, Any], fast: bool = True) -> int:
     cls = METHODS.get(method)
     if not cls.budget_knobs:
         raise ConfigError(f"method '{method}' adds no adapter; parameter budgets apply to adapter methods only")
     opts = parse_options(cls.Options, method, options)  # validates names and values
-    for _, d_out, d_in in layers:
+    for _, _, d_out, d_in in layers:
         limit = cls.max_rank(d_out, d_in)
         if opts.rank > limit:
             raise ConfigError(
@@ -86,8 +87,9 @@ def _count(method: str, layers: list[tuple[str, int, int]], options: dict[str, A
     frozen = _freeze(dataclasses.asdict(opts))
     share = bool(cls.shared and getattr(opts, "share", False))
     total, groups = 0, set()
-    for target, d_out, d_in in layers:
-        own, gen = _own_params(method, d_out, d_in, frozen, share, fast)
+    names = [name for _, name, _, _ in layers]
+    for target, name, d_out, d_in in layers:
+        own, gen = _own_params(method, d_out, d_in, frozen, share, fast, cls.role(name, names, opts))
         total += own
         if share and (target, d_in) not in groups:  # inject shares one generator per (target, d_in)
             groups.add((target, d_in))
@@ -95,9 +97,9 @@ def _count(method: str, layers: list[tuple[str, int, int]], options: dict[str, A
     return total
 
 
-def _candidates(method: str, layers: list[tuple[str, int, int]], fixed: dict[str, Any]) -> list[dict[str, int]]:
+def _candidates(method: str, layers: list[tuple[str, str, int, int]], fixed: dict[str, Any]) -> list[dict[str, int]]:
     cls = METHODS.get(method)
-    max_rank = min(cls.max_rank(d_out, d_in) for _, d_out, d_in in layers)
+    max_rank = min(cls.max_rank(d_out, d_in) for _, _, d_out, d_in in layers)
     return cls.budget_candidates(max_rank, fixed)
 
 

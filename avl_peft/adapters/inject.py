@@ -260,6 +260,7 @@ def inject(
                 shared[key] = cls.new_shared(base, opts)
             gen = shared[key]
         adapter: Adapter = cls(base, opts, gen)
+        adapter.place(cls.role(name, list(chosen), opts), None)
         _set_module(model, name, AdaptedLinear(base, adapter))
     model.avl_peft_injection = {
         "method": method,
@@ -293,6 +294,18 @@ def end_full_training(model: nn.Module) -> None:
     if trains_backbone_marker(model):
         model.avl_peft_injection = None
         _bump_lineage(model)
+
+
+def freeze_adapters(model: nn.Module) -> int:
+    """Stop every branch of every adapted layer from training (``policy: first``); outputs do not change.
+    Returns the number of parameters frozen."""
+    frozen = 0
+    for layer in adapted_layers(model).values():
+        for p in layer.parameters():
+            if p.requires_grad and p is not layer.base.weight and p is not layer.base.bias:
+                p.requires_grad_(False)
+                frozen += p.numel()
+    return frozen
 
 
 def delta_weights(model: nn.Module) -> dict[str, torch.Tensor]:

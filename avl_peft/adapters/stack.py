@@ -68,6 +68,7 @@ def stack(model: nn.Module) -> int:
                     fresh[id(prev)] = cls.new_shared(layer.base, old.opts)
                 gen = fresh[id(prev)]
             new = cls(ref, old.opts, gen)
+            new.place(old.layer_role, old)
             if new.opts.interference == "project":
                 new.basis = layer.memory.clone()
             old.freeze()
@@ -129,7 +130,7 @@ def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> n
         owner, _, leaf = key.rpartition(".")
         if isinstance(modules.get(owner), FoldedBranches):
             modules[owner].resize(leaf, value.shape)
-        elif leaf in _VARIABLE and owner in modules:
+        elif owner in modules and leaf in (*_VARIABLE, *getattr(modules[owner], "variable_buffers", ())):
             mod = modules[owner]
             current = mod._buffers.get(leaf)
             if current is not None and current.shape != value.shape:

@@ -19,7 +19,10 @@ Lifecycle (docs/design.md). The model always holds the structure the *next* expe
   copy) take their snapshot of what the next experience trains:
   ``policy="continue"`` keeps one adapter set (and its optimizer state); ``policy="merge"`` folds ΔW into
   W and injects a fresh adapter (PiSSA re-derives its factors from the merged weights); ``policy="stack"``
-  freezes the branch and starts a new one (required by ``inflora``/``sdlora`` and ``interference``). A
+  freezes the branch and starts a new one (required by ``inflora``/``sdlora`` and ``interference``);
+  ``policy="first"`` (first-session adaptation, APER/ADAM, Zhou et al. 2023) trains the adapter on the first
+  experience the method trains only, then freezes it: from then on only the classifier learns, and a
+  statistics head (``training.head: prototype | ranpac``) classifies on the frozen adapted backbone. A
   fresh adapter/branch leaves the model's function unchanged, so evaluation sees the trained model.
 - ``pretrain=True``: the first experience is a base session trained with full fine-tuning; the method
   applies from the second experience on (the "B-N" protocol).
@@ -58,6 +61,7 @@ from ..adapters.inject import (
     check_injection,
     check_trainable,
     end_full_training,
+    freeze_adapters,
     inject,
     injection,
     merge,
@@ -70,7 +74,7 @@ from ..errors import ConfigError
 from .checkpoints import restore_checkpoint, save_checkpoint
 from .composition import check_composition
 
-POLICIES = ("continue", "merge", "stack")
+POLICIES = ("continue", "merge", "stack", "first")
 INPUT_SAMPLES = 1024  # layer-input rows kept per layer and experience for the subspace bookkeeping
 
 
@@ -89,6 +93,11 @@ def check_policy(method: str, policy: str, options: dict[str, Any]) -> None:
     if policy not in POLICIES:
         raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     cls = METHODS.get(method)
+    if policy == "first" and not cls.adds_adapter:
+        raise ConfigError(
+            f"policy: first adapts on the first experience and then freezes the adapter; method '{method}' adds "
+            "none (for full fine-tuning of the first experience only use training.pretrain: true with method: head)"
+        )
     if policy == "stack" and not cls.adds_adapter:
         raise ConfigError(f"policy: stack keeps one adapter branch per experience; method '{method}' adds none")
     if cls.requires_stack and policy != "stack":
@@ -120,7 +129,7 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
     """Inject ``method``'s adapters into ``strategy.model`` and manage them across experiences.
 
     :param method: a name from ``avl_peft.methods()`` (adapters and the ``full``/``head`` baselines).
-    :param policy: ``continue``, ``merge`` or ``stack`` (see module docstring).
+    :param policy: ``continue``, ``merge``, ``stack`` or ``first`` (see module docstring).
     :param pretrain: train the first experience with full fine-tuning (base session).
     :param targets: module-name suffixes or regexes (default: every linear layer in the blocks).
     :param trainable: modules inside the backbone that must keep training (suffixes or regexes), e.g. a
@@ -303,6 +312,11 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
         if self._in_base_session():
             end_full_training(model)  # the base session's weights are now the frozen backbone
             self._inject(model)
+        elif self.policy == "first":
+            if self.experiences_done == (1 if self.pretrain else 0):
+                freeze_adapters(model)  # the adapted backbone is final; only the classifier trains from here
+            else:
+                return
         elif self.policy == "merge":
             merge(model)
             self._inject(model)
@@ -365,6 +379,11 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self.options.get("interference") == "orthogonal":
             strategy.loss = strategy.loss + interference_penalty(strategy.model)
+        model_loss = getattr(METHODS.get(self.method), "model_loss", None)
+        if model_loss is not None and not self._in_base_session():
+            extra = model_loss(strategy.model, strategy.mb_x)  # e.g. CL-LoRA's distillation
+            if extra is not None:
+                strategy.loss = strategy.loss + extra
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         model = strategy.model

@@ -30,7 +30,7 @@ from ..cl import distributed
 from ..cl.backbone import create_continual_model, data_config
 from ..cl.checkpoints import rebuild_model
 from ..cl.evaluation import AccuracyMatrixPlugin, make_evaluator
-from ..cl.heads import StatisticsHeadPlugin, build_head
+from ..cl.heads import StatisticsHeadPlugin, build_head, head_options
 from ..cl.loss import TrainMaskLoss
 from ..cl.plugin import PEFTPlugin
 from ..cl.precision import CompilePlugin, InferenceModeEval, PrecisionPlugin, check_precision, loader_options
@@ -199,10 +199,19 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
     stateful: dict[str, Any] = {"peft": peft, "criterion": criterion}
     linear_matrix = None
     head = build_head(training["head"], model.backbone.num_features, seed=cfg["seed"], **training["head_options"])
+    head_opts = head_options(training["head"], **training["head_options"])
+    if head is not None or head_opts.uses_moments:  # class statistics and/or alignment of the linear head
+        stateful["classifier"] = StatisticsHeadPlugin(
+            head,
+            feature_fn=spec.features,
+            options=head_opts,
+            feature_dim=model.backbone.num_features,
+            seed=cfg["seed"],
+        )
+        plugins.append(stateful["classifier"])
     if head is not None:  # a statistics head replaces the linear one for evaluation; both are recorded
-        stateful["classifier"] = StatisticsHeadPlugin(head, feature_fn=spec.features)
         linear_matrix = AccuracyMatrixPlugin(n_exp, output="linear_output")
-        plugins += [stateful["classifier"], linear_matrix]
+        plugins.append(linear_matrix)
     # A strategy that owns its model (L2P) keeps the backbone frozen and has no `backbone` to probe: skipped.
     upstream = None if spec.owns_model else build_upstream(cfg, model, checkpoint)
     if upstream is not None:
@@ -284,8 +293,11 @@ def heads_block(cfg: dict, parts: RunParts) -> dict[str, Any]:
     """Which classifier produced ``accuracy_matrix`` and, for a statistics head, the linear head's numbers."""
     name = cfg["training"]["head"]
     block: dict[str, Any] = {"class_incremental": name}
-    if "classifier" in parts.stateful:
-        block["summary"] = parts.stateful["classifier"].head.summary()
+    classifier = parts.stateful.get("classifier")
+    if classifier is not None and classifier.moments is not None:
+        block["moments"] = {"classes": len(classifier.moments.seen_classes), "bytes": classifier.moments.nbytes()}
+    if "linear_matrix" in parts.stateful:
+        block["summary"] = classifier.head.summary()
         linear = parts.stateful["linear_matrix"].matrices
         block["linear"] = {"accuracy_matrix": linear, "metrics": summarize_both(linear)}
     return block

@@ -106,7 +106,12 @@ SCHEMA: dict[str, Any] = {
             "backbone's features without class-incremental bias",
             choices=("linear", "prototype", "ranpac", *LEGACY_HEADS),
         ),
-        "head_options": F(dict, {}, "options of the statistics head (ranpac: dim, lambdas, val_fraction)"),
+        "head_options": F(
+            dict,
+            {},
+            "options of the head (ranpac: dim, lambdas, val_fraction; every head: align, drift, covariance, "
+            "covariance_rank)",
+        ),
         "task_incremental": F(bool, False, "one head per task (Avalanche MultiHeadClassifier) with task labels"),
         "pretrain": F(bool, False, "base session: train experience 0 with full fine-tuning"),
         "pretrain_epochs": F(
@@ -352,9 +357,14 @@ def check_run(cfg: dict) -> None:
             "class-incremental classifier: linear, prototype or ranpac)"
         )
     try:
-        head_options(training["head"], **training["head_options"])
+        head_opts = head_options(training["head"], **training["head_options"])
     except ConfigError as e:
         raise ConfigError(f"training.head_options: {e}") from None
+    if head_opts.align is not None and STRATEGIES.get(cfg["strategy"]["name"]).owns_model:
+        raise ConfigError(
+            f"training.head_options.align re-trains the run model's linear head, which strategy "
+            f"'{cfg['strategy']['name']}' does not use (it builds its own model); drop align"
+        )
     if training["head"] != "linear" and training["task_incremental"]:
         raise ConfigError(
             f"training.head: {training['head']} removes class-incremental bias; a task-incremental run "

@@ -60,17 +60,28 @@ All heads score a batch ``features`` (N, D) as a (N, K) tensor where K is the nu
 behaves like Avalanche's masked incremental head. ``state_dict()`` holds plain tensors and numbers
 (``torch.load(weights_only=True)`` reads it back) for resuming.
 
+Every head also takes the moment options (:mod:`.moments`): ``align`` (SLCA classifier alignment of the
+linear head on Gaussian pseudo-features), ``drift`` (SDC: stored means follow the measured feature drift)
+and the covariance storage; with either on, the statistics heads are refitted from the same stored
+moments after each experience.
+
 :class:`StatisticsHeadPlugin` embeds each training experience after it is trained and replaces the class-
 incremental evaluation output by the head's scores; training (the linear head, its loss mask) is untouched.
 """
 
+from .moments import AlignOptions, ClassMoments, DriftOptions, MomentOptions, align_linear
 from .plugin import StatisticsHeadPlugin, backbone_features, prompted_vit_features, update_from_dataset
 from .ranpac import RanpacHead, RanpacHeadOptions
 from .registry import HEADS, HeadSpec, build_head, head_options
 from .statistics import DEFAULT_LAMBDAS, PrototypeHead, StatisticsHead, default_ranpac_dim
 
 __all__ = [
+    "AlignOptions",
+    "ClassMoments",
     "DEFAULT_LAMBDAS",
+    "DriftOptions",
+    "MomentOptions",
+    "align_linear",
     "RanpacHeadOptions",
     "HEADS",
     "HeadSpec",

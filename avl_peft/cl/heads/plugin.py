@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ...errors import ConfigError
+from .moments import AlignOptions, ClassMoments, MomentOptions, align_linear
 from .statistics import StatisticsHead, _positive_int
 
 FeatureFn = Callable[[Any, Tensor], Tensor]
@@ -40,9 +41,26 @@ def _restore_modes(modes: dict[nn.Module, bool]) -> None:
         module.training = training
 
 
+class _Collector:
+    """Stands in for a head in :func:`update_from_dataset`: keeps the features and labels it is given."""
+
+    def __init__(self) -> None:
+        self.features: list[Tensor] = []
+        self.labels: list[Tensor] = []
+
+    def update(self, features: Tensor, labels: Tensor) -> None:
+        self.features.append(features.detach().float().cpu())
+        self.labels.append(torch.as_tensor(labels).reshape(-1).long().cpu())
+
+    def result(self, dim: int) -> tuple[Tensor, Tensor]:
+        if not self.features:
+            return torch.zeros(0, dim), torch.zeros(0, dtype=torch.int64)
+        return torch.cat(self.features), torch.cat(self.labels)
+
+
 @torch.no_grad()
 def update_from_dataset(
-    head: StatisticsHead,
+    head: StatisticsHead | _Collector,
     features: Callable[[Tensor], Tensor],
     dataset: Any,
     *,
@@ -101,23 +119,48 @@ class StatisticsHeadPlugin(SupervisedPlugin, supports_distributed=True):
     - Evaluations inside an experience (``eval_every``) use the statistics of the experiences finished so far.
     - Under torchrun every process embeds the whole experience (identical heads, redundant work).
 
-    ``state_dict``/``load_state_dict`` (the head's) resume it.
+    With ``options`` asking for ``align`` or ``drift`` (:class:`~.moments.MomentOptions`) the plugin keeps
+    per-class moments (:class:`~.moments.ClassMoments`) and, after each experience: moves the stored means
+    by the drift SDC measures on this experience's data (embedded once more in ``before_training_exp``,
+    before it trains), adds the experience's classes, refits the statistics head from the moments
+    (``head.fit_moments``) and, with ``align``, re-trains the model's linear head (``model.head``) on
+    Gaussian pseudo-features (SLCA). ``head`` may then be None: the aligned linear head is the classifier.
+    Pseudo-features come from a generator seeded by (``seed``, experience index).
+
+    ``state_dict``/``load_state_dict`` (head, moments, experience count) resume it exactly.
     """
 
     def __init__(
         self,
-        head: StatisticsHead,
+        head: StatisticsHead | None,
         *,
         feature_fn: FeatureFn | None = None,
         batch_size: int | None = None,
         num_workers: int = 0,
+        options: MomentOptions | None = None,
+        feature_dim: int | None = None,
+        seed: int = 0,
     ):
         super().__init__()
-        if not isinstance(head, StatisticsHead):
+        options = options if options is not None else MomentOptions()
+        if head is None and options.align is None:
+            raise ConfigError(
+                "StatisticsHeadPlugin needs a statistics head (build_head('prototype'|'ranpac', ...)) or "
+                "align options (training.head_options.align) for the linear head; for a plain 'linear' head "
+                "add no plugin"
+            )
+        if head is not None and not isinstance(head, StatisticsHead):
             raise ConfigError(
                 f"StatisticsHeadPlugin needs a statistics head (build_head('prototype'|'ranpac', ...)), got "
                 f"{type(head).__name__}; for 'linear' add no plugin"
             )
+        dim = head.feature_dim if head is not None else feature_dim
+        if options.uses_moments and dim is None:
+            raise ConfigError("StatisticsHeadPlugin: pass feature_dim (the backbone's feature width) with align")
+        self.options, self.seed = options, int(seed)
+        self.moments = ClassMoments(dim, options.covariance, options.covariance_rank) if options.uses_moments else None
+        self.experiences = 0  # experiences this plugin has finished: seeds the pseudo-feature draws
+        self._before: Tensor | None = None  # this experience's features before it trained (drift only)
         if batch_size is not None:
             _positive_int("batch_size", batch_size, "or None for the strategy's eval_mb_size")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -151,13 +194,9 @@ class StatisticsHeadPlugin(SupervisedPlugin, supports_distributed=True):
                 "features from; pass feature_fn (e.g. prompted_vit_features for l2p)"
             )
 
-    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        if self._multi_task(strategy):
-            return
-        self._check_model(strategy)
-        self.head.to(strategy.device)
+    def _embed(self, strategy: Any, target: StatisticsHead | _Collector) -> None:
         update_from_dataset(
-            self.head,
+            target,
             lambda x: self._features(strategy, x),
             strategy.experience.dataset,
             batch_size=self.batch_size or strategy.eval_mb_size,
@@ -166,9 +205,56 @@ class StatisticsHeadPlugin(SupervisedPlugin, supports_distributed=True):
             model=strategy.model,
         )
 
+    def _embedded(self, strategy: Any) -> tuple[Tensor, Tensor]:
+        collector = _Collector()
+        self._embed(strategy, collector)
+        return collector.result(self.moments.feature_dim)
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self._before = None
+        if self.moments is None or self.options.drift is None or not self.moments.seen_classes:
+            return
+        if self._multi_task(strategy):
+            return
+        self._check_model(strategy)
+        self._before = self._embedded(strategy)[0]  # the same samples, in the same order, as after training
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if self._multi_task(strategy):
+            return
+        self._check_model(strategy)
+        if self.head is not None:
+            self.head.to(strategy.device)
+        if self.moments is None:
+            self._embed(strategy, self.head)
+        else:
+            self._update_moments(strategy)
+        self.experiences += 1
+
+    def _update_moments(self, strategy: Any) -> None:
+        opts, moments = self.options, self.moments
+        features, labels = self._embedded(strategy)
+        if opts.drift is not None and self._before is not None:
+            moments.compensate(self._before, features, opts.drift.sigma)
+        self._before = None
+        moments.update(features, labels)
+        sampling = opts.align or AlignOptions()  # how a head built from moments draws its pseudo-features
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.experiences)
+        if self.head is not None:
+            self.head.fit_moments(moments, sampling.samples_per_class, sampling.shrink, generator)
+        if opts.align is not None:
+            head = getattr(strategy.model, "head", None)
+            if not isinstance(head, nn.Module):
+                raise ConfigError(
+                    f"align re-trains the model's linear head (model.head), which {type(strategy.model).__name__} "
+                    "lacks; use align with the avl-peft ViT models (not l2p)"
+                )
+            align_linear(head, moments, opts.align, generator, strategy.device)
+
     def before_eval(self, strategy: Any, **kwargs: Any) -> None:
         self._remove_hook()
-        self._active = bool(self.head.seen_classes) and not self._multi_task(strategy)
+        seen = self.head is not None and bool(self.head.seen_classes)
+        self._active = seen and not self._multi_task(strategy)
         if self._active:
             self._check_model(strategy)
         if self._active and self.feature_fn is None:
@@ -211,7 +297,17 @@ class StatisticsHeadPlugin(SupervisedPlugin, supports_distributed=True):
         self._captured = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"head": self.head.state_dict()}
+        return {
+            "head": self.head.state_dict() if self.head is not None else None,
+            "moments": self.moments.state_dict() if self.moments is not None else None,
+            "experiences": self.experiences,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.head.load_state_dict(state["head"])
+        if self.head is not None:
+            self.head.load_state_dict(state["head"])
+        if self.moments is not None:
+            if state.get("moments") is None:
+                raise ConfigError("saved classifier state has no class moments; resume with the saved run's options")
+            self.moments.load_state_dict(state["moments"])
+        self.experiences = int(state.get("experiences", 0))

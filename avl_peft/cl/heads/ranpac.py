@@ -13,19 +13,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import ConfigError
+from .moments import MomentOptions
 from .statistics import DEFAULT_LAMBDAS, MAX_RANPAC_DIM, StatisticsHead, _positive_int, default_ranpac_dim
 
 
 @dataclass(frozen=True)
-class RanpacHeadOptions:
+class RanpacHeadOptions(MomentOptions):
     """``dim``: projection size M (None → ``min(5000, 10·D)``); ``lambdas``: the ridge grid (one value →
-    fixed λ); ``val_fraction``: share of samples in the validation fold that picks λ."""
+    fixed λ); ``val_fraction``: share of samples in the validation fold that picks λ; plus the moment
+    options every head has (``align``, ``drift``, ``covariance``: :class:`~.moments.MomentOptions`)."""
 
     dim: int | None = None
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     val_fraction: float = 0.2
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.dim is not None:
             _positive_int(
                 "ranpac option 'dim'", self.dim, "use e.g. 5000, or leave it out for min(5000, 10·D)", MAX_RANPAC_DIM

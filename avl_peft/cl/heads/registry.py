@@ -8,18 +8,19 @@ from typing import Any
 
 from ...options import parse_options
 from ...registry import Registry
+from .moments import MomentOptions
 from .ranpac import RanpacHead, RanpacHeadOptions
 from .statistics import PrototypeHead, StatisticsHead
 
 
 @dataclass(frozen=True)
-class LinearHeadOptions:
-    """The trained linear head takes no options."""
+class LinearHeadOptions(MomentOptions):
+    """The trained linear head: only the moment options (``align`` re-trains it on class Gaussians)."""
 
 
 @dataclass(frozen=True)
-class PrototypeHeadOptions:
-    """Cosine nearest-class-mean takes no options."""
+class PrototypeHeadOptions(MomentOptions):
+    """Cosine nearest-class-mean: only the moment options (``drift`` moves its prototypes)."""
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,14 @@ class StatisticsHead(ABC):
                 setattr(self, key, value.to(self.device))
         return self
 
+    def fit_moments(self, moments: Any, per_class: int, shrink: float, generator: torch.Generator) -> None:
+        """Replace the statistics by ones computed from stored class moments (:class:`~.moments.ClassMoments`):
+        ``per_class`` features drawn from every seen class's Gaussian. The prototype head overrides this
+        with its exact form (its statistics are the means)."""
+        self.reset()
+        feats, labels = moments.pseudo_features(per_class, shrink, generator)
+        self.update(feats, labels)
+
     @abstractmethod
     def reset(self, classes: Sequence[int] | None = None) -> None:
         """Forget the statistics of ``classes`` (all when None), e.g. to recompute them with new features."""
@@ -191,6 +199,15 @@ class PrototypeHead(StatisticsHead):
     def _accumulate(self, features: Tensor, labels: Tensor) -> None:
         self.sums = self.sums.to(self.device)
         self.sums.index_add_(0, labels, features.double())
+
+    def fit_moments(self, moments: Any, per_class: int, shrink: float, generator: torch.Generator) -> None:
+        """Prototypes are the stored (drift-compensated) means, exactly: sums = μ_c · n_c."""
+        self._grow(moments.n_classes)
+        k = moments.n_classes
+        self.counts = self.counts.to(self.device)
+        self.counts[:k] = moments.counts.to(self.device)
+        self.sums = self.sums.to(self.device)
+        self.sums[:k] = moments.means.to(self.device) * moments.counts.to(self.device, torch.float64)[:, None]
 
     def means(self) -> Tensor:
         """(K, D) float64 class means; rows of unseen classes are zero."""
