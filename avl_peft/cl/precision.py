@@ -26,8 +26,8 @@ optimizer are untouched. Dynamo's guards recompile by themselves when the module
 also drops the old graphs (``torch._dynamo.reset``) when the structure differs from the one it compiled,
 whenever a third structure appears (a merge policy alternates between two; a stack policy changes it once,
 when the first frozen branch is folded), so a long run never hits Dynamo's recompile limit and silently
-falls back to eager. A ``deepcopy`` of a compiled module (LwF's previous model) is a plain eager module (``nn.Module.__getstate__``
-drops the compiled call).
+falls back to eager. A ``deepcopy`` of a compiled module (LwF's previous model) is a plain eager module
+(``nn.Module.__getstate__`` drops the compiled call).
 """
 
 from __future__ import annotations
