@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import resource
 import warnings
 from functools import lru_cache
@@ -96,6 +97,14 @@ def cpu_features() -> dict[str, Any]:
         "bf16_native": bool(native),
         "isa_caps": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)},
     }
+
+
+def isa_key() -> str:
+    """A folder-safe name of the ISA this process may use: torch's CPU capability and any cap (``avx512``,
+    ``avx2-avx2``). Caches of compiled CPU code are kept per key: code built for one must not load in another."""
+    feats = cpu_features()
+    key = "-".join([feats["cpu_capability"], *feats["isa_caps"].values()]).lower()
+    return re.sub(r"[^a-z0-9_.-]", "_", key) or "default"
 
 
 def _arm_bf16() -> bool:

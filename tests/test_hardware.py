@@ -203,3 +203,17 @@ def test_peak_memory_on_cuda_is_the_allocators_and_every_run_resets_it(monkeypat
     ((_, cfg),) = expand(validate_study(data))
     experiment.build(cfg, None)
     assert resets == [torch.device("cpu")]
+
+
+def test_compile_caches_are_kept_per_isa(cpu_is, monkeypatch, tmp_path):
+    """Inductor kernels built under an AVX2 cap aborted an uncapped process that loaded them: one folder per ISA."""
+    from avl_peft.cl.precision import CompilePlugin
+
+    monkeypatch.setenv("AVL_PEFT_CACHE", str(tmp_path))
+    cpu_is(capability="AVX512")
+    native = CompilePlugin().cache_dir
+    cpu_is(capability="AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = CompilePlugin().cache_dir
+    assert native != capped and native.parent == capped.parent == tmp_path / "compile"
+    assert (native.name, capped.name) == ("avx512", "avx2-avx2")

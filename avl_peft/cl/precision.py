@@ -41,6 +41,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from ..errors import ConfigError
+from ..hardware import isa_key
 from ..safeio import project_cache_dir
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -200,16 +201,17 @@ class CompilePlugin(SupervisedPlugin, supports_distributed=True):
 
     Place it after :class:`~avl_peft.cl.plugin.PEFTPlugin` in the plugin list. ``options`` go to
     ``torch.compile`` (e.g. ``mode="max-autotune"``). Inductor's and Triton's caches (~150 MB for a ViT)
-    go to ``cache_dir`` (default: the project cache, ``$AVL_PEFT_CACHE/compile`` or
-    ``~/.cache/avl-peft/compile``) instead of the system temp folder, unless TORCHINDUCTOR_CACHE_DIR or
-    TRITON_CACHE_DIR already name another place.
+    go to ``cache_dir`` (default: the project cache, ``$AVL_PEFT_CACHE/compile/<ISA>`` or
+    ``~/.cache/avl-peft/compile/<ISA>``) instead of the system temp folder, unless TORCHINDUCTOR_CACHE_DIR or
+    TRITON_CACHE_DIR already name another place. ``<ISA>`` is torch's CPU capability plus any ISA cap of the
+    process: kernels compiled under an AVX2 cap and loaded uncapped (or the reverse) aborted the process.
     """
 
     KEEP = 2  # structures whose graphs stay cached together (adapted and merged, or train and eval)
 
     def __init__(self, cache_dir: str | os.PathLike | None = None, **options: Any):
         super().__init__()
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else project_cache_dir("compile")
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else project_cache_dir("compile") / isa_key()
         self.options = options
         self.structures: list[tuple] = []  # structures compiled since the last reset
         self.resets = 0  # times the old graphs were dropped
