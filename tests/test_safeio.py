@@ -534,13 +534,15 @@ def test_compile_caches_go_to_the_project_cache(tmp_path, monkeypatch):
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     from avl_peft.cl.precision import CompilePlugin
+    from avl_peft.hardware import isa_key
 
     monkeypatch.setenv("AVL_PEFT_CACHE", str(tmp_path))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what Inductor sets on first use
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     CompilePlugin()._redirect_caches()
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile" / "inductor")
-    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "compile" / "triton")
+    isa = tmp_path / "compile" / isa_key()  # one folder per ISA (tests/test_hardware.py)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(isa / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(isa / "triton")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own choice is kept
     CompilePlugin()._redirect_caches()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
