@@ -8,12 +8,10 @@ runs then adapt.
 Design:
 
 * **Classes.** Ids 0-25 are ``A``-``Z`` and 26-51 are ``a``-``z`` (:data:`CLASSES`, the head order).
-* **Fonts.** Only fonts whose character map sends every one of the 52 letters to its own glyph *named*
-  after that letter are used. Checking the names, not just the code points, drops symbol fonts that
-  reuse the ASCII code points for other shapes (``cmex10``, ``cmsy10``) and the Last Resort font, which
-  maps every code point to one placeholder.
-* **Train/test split by font.** :func:`split_fonts` holds out whole fonts (seeded), so test accuracy
-  measures generalisation to unseen type designs, not to new jitter of known glyphs.
+* **Fonts** (:mod:`avl_peft.cl.glyph_fonts`): matplotlib's bundled fonts (the default pool, offline
+  everywhere) or also the system's (``fonts="system"``, via fontconfig); only fonts with all 52 letters.
+* **Train/test split by font family.** :func:`split_fonts` holds out whole families (seeded): no cut of a
+  held-out design (its bold, its italic) is trained on, so test accuracy measures unseen type designs.
 * **Image format** (MNIST-like). ``(1, H, W)`` float in ``[0, 1]``, white glyph on black. Each font is
   scaled so that its *letter box* (top of the tallest letter to the bottom of the deepest descender,
   or the widest letter if wider) spans about 26 px of 32; each glyph is centred horizontally on its own
@@ -25,6 +23,11 @@ Design:
   generator ``numpy.random.default_rng((seed, split_id, index))``, so any item is reproducible on its
   own: ``dataset[i]``, a DataLoader with workers and :meth:`GlyphDataset.as_tensors` give the same
   pixels.
+* **Two layout conventions.** Other letter datasets scale *each glyph* so that its ink box fills the
+  canvas (a lowercase ``x`` as large as an ``X``). With ``fill_share > 0`` that share of the samples is
+  laid out so: the glyph's ink box, centred, spans a random 72-100 % of the canvas (longer side), shifted
+  within the margin left. A model trained on both conventions does not depend on which one a user
+  renders with; :func:`render_filled` renders the other convention independently (for evaluation).
 * **Speed.** Each font's 52 letters are rasterised once (FreeType via Pillow) at twice the output
   resolution, together with eroded and dilated copies for the stroke change, and kept in memory. A
   batch of samples is then a blend of two stroke levels, one ``grid_sample`` at 2x resolution, a 2x2
@@ -35,9 +38,7 @@ Design:
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import string
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
@@ -49,78 +50,25 @@ from torch.utils.data import Dataset
 
 from avl_peft.errors import ConfigError, DataError
 
-CLASSES: tuple[str, ...] = tuple(string.ascii_uppercase + string.ascii_lowercase)
+from .glyph_fonts import CLASSES, FONT_POOLS, check_seed, font_dir, glyph_fonts, split_fonts
+
+__all__ = [
+    "CLASSES",
+    "FONT_POOLS",
+    "GlyphDataset",
+    "font_dir",
+    "font_rasters",
+    "glyph_fonts",
+    "render_filled",
+    "split_fonts",
+]
 SPLITS: dict[str, int] = {"train": 0, "test": 1}  # split name -> id mixed into each sample's seed
 
 BOX_FRACTION = 26 / 32  # a font's letter box spans this fraction of the image side
 SUPERSAMPLE = 2  # glyph rasters and the warp run at this multiple of the output resolution
-_SPLIT_STREAM = 0x5EED_F047  # separates the font-split generator from the per-sample generators
 _RENDER_CHUNK = 1024  # samples warped at once by as_tensors (bounds peak memory, ~30 MB at 32 px)
 _TENSOR_CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _TENSOR_CACHE_SIZE = 4
-
-
-def font_dir() -> Path:
-    """matplotlib's bundled TrueType folder, found without importing matplotlib (which is slow)."""
-    spec = importlib.util.find_spec("matplotlib")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the glyphs dataset draws letters from matplotlib's bundled fonts: pip install matplotlib")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "mpl-data" / "fonts" / "ttf"
-    if not folder.is_dir():
-        raise DataError(f"matplotlib's font folder '{folder}' is missing; reinstall matplotlib")
-    return folder
-
-
-def _has_all_letters(path: Path) -> bool:
-    from fontTools.ttLib import TTFont
-
-    try:
-        cmap = TTFont(path, lazy=True).getBestCmap() or {}
-    except Exception:  # unreadable or non-TrueType file: simply not a usable font
-        return False
-    names = [cmap.get(ord(c)) for c in CLASSES]
-    # Adobe glyph names of the ASCII letters are the letters themselves; a symbol font reusing the
-    # code points (cmex10's 'A' is 'parenrightbt') or a catch-all font fails this check.
-    return names == list(CLASSES)
-
-
-@lru_cache(maxsize=1)
-def _scan_fonts(folder: str) -> tuple[Path, ...]:
-    return tuple(p for p in sorted(Path(folder).glob("*.ttf")) if _has_all_letters(p))
-
-
-def glyph_fonts() -> list[Path]:
-    """The bundled fonts that contain all 52 Latin letters, sorted by file name."""
-    fonts = list(_scan_fonts(str(font_dir())))
-    if len(fonts) < 2:
-        raise DataError(
-            f"only {len(fonts)} font(s) with all 52 letters in '{font_dir()}'; the glyphs dataset needs at least "
-            "two (one to train on, one held out). Reinstall matplotlib."
-        )
-    return fonts
-
-
-def _check_seed(seed: object, key: str = "seed") -> int:
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ConfigError(f"{key} must be a non-negative integer, got {seed!r}")
-    return int(seed)
-
-
-def split_fonts(seed: int, test_fraction: float = 0.25) -> tuple[list[Path], list[Path]]:
-    """Hold out whole fonts: ``(train_fonts, test_fonts)``, disjoint, each sorted by name.
-
-    A seeded permutation picks ``round(test_fraction * n_fonts)`` test fonts (at least one, and at
-    least one font is left to train on). The same seed always gives the same split.
-    """
-    seed = _check_seed(seed)
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-        raise ConfigError(f"test_fraction must be a number strictly between 0 and 1, got {test_fraction!r}")
-    fonts = glyph_fonts()
-    n_test = min(max(1, round(test_fraction * len(fonts))), len(fonts) - 1)
-    order = np.random.default_rng((seed, _SPLIT_STREAM)).permutation(len(fonts))
-    test = sorted(fonts[i] for i in order[:n_test])
-    train = sorted(fonts[i] for i in order[n_test:])
-    return train, test
 
 
 def _ink_box(img: np.ndarray) -> tuple[int, int, int, int]:
@@ -195,36 +143,60 @@ def _raster_bank(fonts: tuple[str, ...], res: int) -> torch.Tensor:
     return torch.cat([_stroke_bank(font_rasters(f, res)) for f in fonts]).reshape(-1, 1, res, res)
 
 
+@lru_cache(maxsize=4)
+def _glyph_boxes(fonts: tuple[str, ...], res: int) -> np.ndarray:
+    """Ink box of each letter of ``fonts`` as drawn: ``(len(fonts) * 52, 4)`` rows ``(x0, x1, y0, y1)``,
+    edges in the normalised coordinates of ``grid_sample`` (the raster spans -1..1)."""
+    boxes = []
+    for f in fonts:
+        for glyph in font_rasters(f, res).numpy():
+            top, bottom, left, right = _ink_box(glyph > 0.1)  # faint anti-aliasing is not the box
+            boxes.append([2 * left / res - 1, 2 * right / res - 1, 2 * top / res - 1, 2 * bottom / res - 1])
+    return np.array(boxes, dtype=np.float64)
+
+
 N_PARAMS = 15  # theta (6), stroke level and blend (2), blur taps (5), ink, noise std
+FILL_MIN = 0.72  # a filled glyph's longer side spans FILL_MIN..1 of the canvas
 
 
-def _sample_params(rng: np.random.Generator, jitter: float, img_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _sample_params(
+    rng: np.random.Generator, jitter: float, img_size: int, box: np.ndarray, fill_share: float
+) -> tuple[np.ndarray, np.ndarray]:
     """One sample's warp and degradation parameters and its noise field.
 
-    The draw order is fixed, and everything derived from the draws is computed here in float64 scalar
-    Python (no vectorised transcendental functions whose rounding could depend on batch size), so the
-    batched renderer only ever does exactly rounded element-wise arithmetic on these numbers.
+    ``box`` is the glyph's ink box in the raster, ``(x0, x1, y0, y1)`` in normalised coordinates; it places
+    the glyph when the sample is drawn in the fill convention (probability ``fill_share``). The draw order
+    is fixed, and everything derived from the draws is computed here in float64 scalar Python (no
+    vectorised transcendental functions whose rounding could depend on batch size), so the batched
+    renderer only ever does exactly rounded element-wise arithmetic on these numbers.
     """
-    u = rng.random(10) * 2 - 1  # ten uniforms in [-1, 1)
+    u = rng.random(12) * 2 - 1  # twelve uniforms in [-1, 1)
     j = jitter
     rot = math.radians(12) * j * u[0]
-    scale = math.exp(0.10 * j * u[1]) * (1 - 0.04 * j)  # centred a bit below 1 so jitter rarely clips
     aspect = math.exp(0.10 * j * u[2])  # width / height
     shear = 0.22 * j * u[3]  # horizontal
-    tx, ty = (1.5 * j * u[4]) * 2 / img_size, (1.5 * j * u[5]) * 2 / img_size  # +-1.5 px, normalised units
+    if (u[10] + 1) / 2 < fill_share:  # fill convention: the glyph's own ink box spans `fill` of the canvas
+        fill = FILL_MIN + (1 - FILL_MIN) * (u[11] + 1) / 2
+        scale = 2 * fill / max(box[1] - box[0], box[3] - box[2])
+        cx, cy = (box[0] + box[1]) / 2, (box[2] + box[3]) / 2
+        tx, ty = (1 - fill) * u[4], (1 - fill) * u[5]  # anywhere in the margin left (normalised units)
+    else:  # typographic: the font's letter box at ~26/32, the glyph at its size within it
+        scale = math.exp(0.18 * j * u[1]) * (1 - 0.06 * j)  # centred a bit below 1 so jitter rarely clips
+        cx = cy = 0.0
+        tx, ty = (2.5 * j * u[4]) * 2 / img_size, (2.5 * j * u[5]) * 2 / img_size  # +-2.5 px, normalised units
     stroke = j * (0.55 + 1.05 * u[6])  # [-0.5, 1.6] x jitter: thinner .. bolder, in 3x3 steps at 2x res
     sigma = max(0.45 * j * (1 + u[7]), 1e-3)  # blur, output pixels, [0, 0.9]
     ink = 1 - 0.15 * j * (1 + u[8])  # glyph brightness, [0.7, 1]
     noise_std = 0.03 * j * (1 + u[9])  # [0, 0.06]
 
-    # Forward map raster -> image, A = Rotation @ Shear @ diag(sx, sy), in normalised coordinates;
-    # the sampler needs the inverse (image -> raster) and the shift moved through it.
+    # Forward map raster -> image: y = A (x - c) + t, A = Rotation @ Shear @ diag(sx, sy), in normalised
+    # coordinates; the sampler needs the inverse x = c + A^-1 (y - t).
     sx, sy = scale * math.sqrt(aspect), scale / math.sqrt(aspect)
     c, s = math.cos(rot), math.sin(rot)
     a00, a01, a10, a11 = c * sx, (c * shear - s) * sy, s * sx, (s * shear + c) * sy
     det = a00 * a11 - a01 * a10
     i00, i01, i10, i11 = a11 / det, -a01 / det, -a10 / det, a00 / det
-    theta = [i00, i01, -(i00 * tx + i01 * ty), i10, i11, -(i10 * tx + i11 * ty)]
+    theta = [i00, i01, cx - (i00 * tx + i01 * ty), i10, i11, cy - (i10 * tx + i11 * ty)]
 
     level = min(max(stroke + 1, 0.0), _LEVELS - 1.0)
     lo = min(math.floor(level), _LEVELS - 2)
@@ -283,8 +255,9 @@ class GlyphDataset(Dataset):
 
     Item ``i`` uses font ``fonts[(i // 52) % len(fonts)]`` (fonts cycle, so each is equally used) and
     its own generator ``default_rng((seed, split_id, i))``. ``jitter`` scales every random
-    perturbation (0 gives clean centred glyphs). ``seed`` also picks the held-out fonts
-    (:func:`split_fonts`), so the train and test sets of one seed never share a font.
+    perturbation (0 gives clean centred glyphs). ``seed`` also picks the held-out font families
+    (:func:`split_fonts`, from the font pool ``fonts``), so the train and test sets of one seed never share
+    a family. ``fill_share`` is the share of samples laid out in the fill convention (module docstring).
     """
 
     def __init__(
@@ -296,6 +269,8 @@ class GlyphDataset(Dataset):
         *,
         test_fraction: float = 0.25,
         jitter: float = 1.0,
+        fill_share: float = 0.0,
+        fonts: str = "matplotlib",
     ):
         if split not in SPLITS:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -305,9 +280,12 @@ class GlyphDataset(Dataset):
             raise ConfigError(f"img_size must be an integer from 8 to 512, got {img_size!r}")
         if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter <= 2:
             raise ConfigError(f"jitter must be a number from 0 (none) to 2 (double), got {jitter!r}")
-        self.split, self.n_per_class, self.seed, self.img_size = split, n_per_class, _check_seed(seed), img_size
-        self.test_fraction, self.jitter = float(test_fraction), float(jitter)
-        train, test = split_fonts(self.seed, test_fraction)
+        if isinstance(fill_share, bool) or not isinstance(fill_share, (int, float)) or not 0 <= fill_share <= 1:
+            raise ConfigError(f"fill_share must be a number from 0 to 1, got {fill_share!r}")
+        self.split, self.n_per_class, self.seed, self.img_size = split, n_per_class, check_seed(seed), img_size
+        self.test_fraction, self.jitter, self.fill_share = float(test_fraction), float(jitter), float(fill_share)
+        self.font_pool = fonts
+        train, test = split_fonts(self.seed, test_fraction, fonts)
         self.fonts: list[Path] = train if split == "train" else test
         self.classes: list[str] = list(CLASSES)
         self._split_id = SPLITS[split]
@@ -338,9 +316,16 @@ class GlyphDataset(Dataset):
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"glyph item index out of range 0..{len(self) - 1}")
         rows, labels = self._item_rows(idx)
+        boxes = _glyph_boxes(tuple(str(f) for f in self.fonts), SUPERSAMPLE * self.img_size)
         drawn = [
-            _sample_params(np.random.default_rng((self.seed, self._split_id, int(i))), self.jitter, self.img_size)
-            for i in idx
+            _sample_params(
+                np.random.default_rng((self.seed, self._split_id, int(i))),
+                self.jitter,
+                self.img_size,
+                boxes[row],
+                self.fill_share,
+            )
+            for i, row in zip(idx, rows)
         ]
         if not drawn:
             return torch.zeros(0, 1, self.img_size, self.img_size), torch.zeros(0, dtype=torch.int64)
@@ -354,7 +339,16 @@ class GlyphDataset(Dataset):
         return images[0], int(labels[0])
 
     def _key(self) -> tuple:
-        return (self.split, self.n_per_class, self.seed, self.img_size, self.test_fraction, self.jitter)
+        return (
+            self.split,
+            self.n_per_class,
+            self.seed,
+            self.img_size,
+            self.test_fraction,
+            self.jitter,
+            self.fill_share,
+            self.font_pool,
+        )
 
     def as_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole split as ``(images (N, 1, H, W), labels (N,))``, rendered in batches.
@@ -374,3 +368,28 @@ class GlyphDataset(Dataset):
         while len(_TENSOR_CACHE) > _TENSOR_CACHE_SIZE:
             _TENSOR_CACHE.popitem(last=False)
         return out
+
+
+def render_filled(fonts: list[Path], img_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 52 letters of each font in the *fill* convention, clean: ``(len(fonts) * 52, 1, H, W)`` images
+    (font-major, class order :data:`CLASSES`) and their labels.
+
+    Each glyph is drawn large, cropped to its ink box and resized (area filter, aspect kept) so that its
+    longer side spans the whole canvas, then centred: how many other letter datasets lay glyphs out, and
+    independent of this module's warp, so it tests whether a model depends on the typographic layout.
+    """
+    from PIL import Image
+
+    big = 8 * img_size
+    images = []
+    for path in fonts:
+        for arr in _draw_letters(Path(path), big, canvas=3 * big):
+            top, bottom, left, right = _ink_box(arr)
+            crop = Image.fromarray(arr[top:bottom, left:right])
+            k = img_size / max(bottom - top, right - left)
+            w, h = max(1, round((right - left) * k)), max(1, round((bottom - top) * k))
+            out = Image.new("L", (img_size, img_size), 0)
+            out.paste(crop.resize((w, h), Image.Resampling.BOX), ((img_size - w) // 2, (img_size - h) // 2))
+            images.append(np.asarray(out, dtype=np.float32) / 255.0)
+    labels = torch.arange(len(CLASSES)).repeat(len(fonts))
+    return torch.from_numpy(np.stack(images)).unsqueeze(1), labels

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ...cl.backbone import check_backbone_kwargs, meta_backbone
+from ...cl.glyph_fonts import FONT_POOLS, font_manifest
 from ...errors import ConfigError
 from ...hardware import bf16_native
 from ...registry import suggest
@@ -25,7 +26,7 @@ WEIGHTS = "model.safetensors"
 CARD_FORMAT = "avl-peft-pretrain/1"
 # Part of the config hash: bump when the recipe or the glyph renderer changes what a config produces,
 # so caches built by older code are not mistaken for current ones.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: held-out font families, fill-convention samples, wider scale and shift jitter
 # More threads than any machine has cores only slows training (1,000 threads: steps 50-90x slower).
 MAX_THREADS = 256
 # The held-out test set is rendered whole: 52 x test_per_class x img_size^2 float32 values at most this size.
@@ -71,8 +72,12 @@ SCHEMA: dict[str, Any] = {
         "train_per_class": _Field("int", 320, _between(1, 100_000), "training images per letter and epoch"),
         "test_per_class": _Field("int", 40, _between(1, 10_000), "held-out-font test images per letter"),
         "img_size": _Field("int", 32, _between(8, 512), "image side in pixels; must match the backbone"),
-        "test_fraction": _Field("float", 0.25, _between(0, 1, True, True), "share of fonts held out"),
+        "test_fraction": _Field("float", 0.25, _between(0, 1, True, True), "share of font families held out"),
         "jitter": _Field("float", 0.7, _between(0, 2), "augmentation strength (0: clean glyphs)"),
+        "fill_share": _Field(
+            "float", 0.5, _between(0, 1), "share of training glyphs scaled to fill the canvas (other convention)"
+        ),
+        "fonts": _Field("str", "matplotlib", _one_of(*FONT_POOLS), "font pool: matplotlib's, or also the system's"),
     },
     "training": {
         "epochs": _Field("int", 1, _between(1, 10_000), "passes over the training images"),
@@ -232,10 +237,12 @@ def config_hash(cfg: Mapping[str, Any]) -> str:
     Every key counts, ``training.threads`` included: a thread count may change float rounding. The
     precision counts as resolved (:func:`resolved_precision`): bf16 and fp32 builds are different weights,
     so one machine's cache is not taken for the other's, and ``auto`` shares the cache of what it resolves to.
+    The font list of ``data.fonts`` counts too (file, family, style, size): other fonts, other weights.
     """
     cfg = load_pretrain_config(cfg)
     cfg["training"]["precision"] = resolved_precision(cfg)
-    blob = json.dumps({"recipe": RECIPE_VERSION, "config": cfg}, sort_keys=True, separators=(",", ":"))
+    fonts = font_manifest(cfg["data"]["fonts"])
+    blob = json.dumps({"recipe": RECIPE_VERSION, "config": cfg, "fonts": fonts}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

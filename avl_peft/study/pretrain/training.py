@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...cl.glyphs import CLASSES, GlyphDataset
+from ...cl.glyph_fonts import font_family
+from ...cl.glyphs import CLASSES, GlyphDataset, render_filled
 from ...errors import DataError
 from ...hardware import resolve_precision
 
@@ -101,9 +102,16 @@ def _train(cfg: Mapping[str, Any], progress: bool) -> tuple[nn.Module, dict[str,
         with torch.no_grad():
             pos_embed.normal_(0.0, tr["pos_embed_std"])
     dcfg = data_config(model, data["img_size"])
-    common = {"seed": seed, "img_size": data["img_size"], "test_fraction": data["test_fraction"]}
-    train_set = GlyphDataset("train", data["train_per_class"], jitter=data["jitter"], **common)
-    test_set = GlyphDataset("test", data["test_per_class"], jitter=data["jitter"], **common)
+    common = {
+        "seed": seed,
+        "img_size": data["img_size"],
+        "test_fraction": data["test_fraction"],
+        "fonts": data["fonts"],
+    }
+    train_set = GlyphDataset(
+        "train", data["train_per_class"], jitter=data["jitter"], fill_share=data["fill_share"], **common
+    )
+    test_set = GlyphDataset("test", data["test_per_class"], jitter=data["jitter"], **common)  # typographic
 
     steps_per_epoch = len(train_set) // tr["batch_size"]  # >= 1: the config checks batch_size
     total = steps_per_epoch * tr["epochs"]
@@ -145,15 +153,23 @@ def _train(cfg: Mapping[str, Any], progress: bool) -> tuple[nn.Module, dict[str,
     bar.close()
     model.eval()
     test_images, test_labels = test_set.as_tensors()
+    # Both layout conventions, clean, on the held-out families: does the result depend on how one renders?
+    clean = GlyphDataset("test", len(test_set.fonts), jitter=0.0, **common).as_tensors()
+    filled = render_filled(test_set.fonts, data["img_size"])
     facts = {
-        "test_accuracy": accuracy(model, test_images, test_labels, dcfg),
+        "test_accuracy": accuracy(model, test_images, test_labels, dcfg),  # held-out families, jittered
+        "test_accuracy_typographic": accuracy(model, *clean, dcfg),
+        "test_accuracy_filled": accuracy(model, *filled, dcfg),
         "train_accuracy_running_last_epoch": correct / max(1, seen),  # while training: patch drop on, weights moving
         "final_loss": loss_value,
         "steps": total,
         "samples_seen": total * tr["batch_size"],
         "test_images": len(test_labels),
+        "font_pool": data["fonts"],
         "train_fonts": [f.name for f in train_set.fonts],
         "test_fonts": [f.name for f in test_set.fonts],
+        "train_families": sorted({font_family(f)[0] for f in train_set.fonts}),
+        "test_families": sorted({font_family(f)[0] for f in test_set.fonts}),
         "data_config": dcfg,
     }
     return model, facts
