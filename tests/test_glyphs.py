@@ -1,4 +1,4 @@
-"""The offline glyphs dataset: class order, image format, font split, reproducibility."""
+"""The offline glyphs dataset: class order, image format, font-family split, layout conventions, reproducibility."""
 
 import string
 
@@ -7,8 +7,10 @@ import pytest
 import torch
 from fontTools.ttLib import TTFont
 
+from avl_peft.cl import glyph_fonts as fonts_module
 from avl_peft.cl import glyphs
-from avl_peft.cl.glyphs import CLASSES, GlyphDataset, glyph_fonts, split_fonts
+from avl_peft.cl.glyph_fonts import font_families, font_family
+from avl_peft.cl.glyphs import CLASSES, GlyphDataset, glyph_fonts, render_filled, split_fonts
 from avl_peft.errors import ConfigError
 
 
@@ -65,10 +67,68 @@ def test_fonts_hold_all_letters_and_split_is_disjoint():
     train, test = split_fonts(0)
     assert not set(train) & set(test)
     assert sorted(train + test) == fonts
-    assert len(test) == round(0.25 * len(fonts))
     assert split_fonts(0) == (train, test)
     assert any(split_fonts(s)[1] != test for s in range(1, 5))
     assert GlyphDataset("train", 1, seed=0).fonts == train and GlyphDataset("test", 1, seed=0).fonts == test
+
+
+def test_split_holds_out_whole_families():
+    fonts = glyph_fonts()
+    families = font_families(fonts)
+    # the name table groups the cuts of a design: DejaVu Sans Bold is DejaVu Sans
+    assert font_family(fonts_module.font_dir() / "DejaVuSans-Bold.ttf")[0] == "DejaVu Sans"
+    assert len(families["DejaVu Sans"]) == 4 and len(families["cmr10"]) == 4  # cmb10, cmmi10, cmti10: one design
+    for seed in range(6):
+        train, test = split_fonts(seed)
+        train_families = {font_family(f)[0] for f in train}
+        test_families = {font_family(f)[0] for f in test}
+        assert not train_families & test_families, seed
+        assert len(test_families) == round(0.25 * len(families))
+        assert all(set(families[f]) <= set(test) for f in test_families)  # every cut of a held-out family
+
+
+def test_system_pool_needs_fc_list(monkeypatch):
+    monkeypatch.setattr(fonts_module.shutil, "which", lambda name: None)
+    fonts_module._scan_fonts.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="fc-list"):
+            glyph_fonts("system")
+    finally:
+        fonts_module._scan_fonts.cache_clear()
+    with pytest.raises(ConfigError, match="fonts must be one of matplotlib, system"):
+        glyph_fonts("google")
+
+
+def _ink_extent(images: torch.Tensor, level: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Height and width in pixels of each image's ink box (pixels > level), gaps included (the dot of an i)."""
+    ink = images[:, 0] > level
+    idx = torch.arange(ink.shape[-1])
+
+    def span(mask: torch.Tensor) -> torch.Tensor:  # (n, L) bool -> last - first + 1
+        last = torch.where(mask, idx, -1).amax(1)
+        first = torch.where(mask, idx, ink.shape[-1]).amin(1)
+        return (last - first + 1).clamp(min=0)
+
+    return span(ink.any(2)), span(ink.any(1))
+
+
+def test_both_conventions_render_and_fill_fills_the_canvas():
+    test = split_fonts(0)[1][:2]
+    filled, labels = render_filled(test)
+    assert filled.shape == (104, 1, 32, 32) and torch.equal(labels, torch.arange(52).repeat(2))
+    h, w = _ink_extent(filled, level=0)
+    assert (torch.maximum(h, w) == 32).all()  # every glyph's longer side spans the canvas
+    typo, typo_labels = GlyphDataset("test", 2, seed=0, jitter=0).as_tensors()
+    assert torch.equal(typo_labels, labels)
+    th, tw = _ink_extent(typo)
+    x_low, x_up = CLASSES.index("x"), CLASSES.index("X")
+    assert th[x_low] < 0.85 * th[x_up]  # ours: lowercase small
+    assert h[x_low] >= 0.9 * h[x_up]  # filled: as tall as the capital
+    # the training renderer's fill convention: the longer side spans 72-100 % of the canvas
+    ds = GlyphDataset("test", 2, seed=0, jitter=0, fill_share=1.0)
+    fh, fw = _ink_extent(ds.render(np.arange(len(ds)))[0])
+    assert (torch.maximum(fh, fw) >= 0.72 * 32 - 2).all() and (torch.maximum(fh, fw) <= 32).all()
+    assert (torch.maximum(fh, fw) >= 30).any() and (torch.maximum(fh, fw) <= 26).any()
 
 
 def test_same_seed_same_data_other_seed_differs():
@@ -114,6 +174,8 @@ def test_bad_arguments_raise_config_error():
         GlyphDataset("train", 1, seed=-1)
     with pytest.raises(ConfigError, match="test_fraction"):
         split_fonts(0, test_fraction=1.0)
+    with pytest.raises(ConfigError, match="fill_share"):
+        GlyphDataset("train", 1, fill_share=1.5)
     with pytest.raises(IndexError):
         GlyphDataset("train", 1)[52]
 

@@ -95,6 +95,13 @@ def test_config_hash_is_stable_and_sensitive():
     assert output_dir(TINY, "/c") == Path("/c") / f"tiny-{config_hash(TINY)}"
 
 
+def test_config_hash_includes_the_font_list(monkeypatch):
+    before = config_hash(TINY)
+    real = pretraining.config.font_manifest
+    monkeypatch.setattr(pretraining.config, "font_manifest", lambda pool: [*real(pool), ["Extra.ttf", "Extra", "", 1]])
+    assert config_hash(TINY) != before  # another machine's fonts: another cache entry
+
+
 def test_tiny_pretrain_is_bit_identical(tmp_path, built):
     a, b = built, pretrain(TINY, tmp_path / "b", progress=False)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
@@ -115,6 +122,10 @@ def test_card_describes_the_weights(built):
     assert card["data_config"]["img_size"] == 32 and len(card["data_config"]["mean"]) == 3
     assert set(card["versions"]) >= {"torch", "timm", "avl_peft"} and card["wall_time_s"] > 0
     assert 0 <= card["test_accuracy"] <= 1
+    # held-out families, in both layout conventions
+    assert 0 <= card["test_accuracy_typographic"] <= 1 and 0 <= card["test_accuracy_filled"] <= 1
+    assert card["font_pool"] == "matplotlib" and card["test_families"]
+    assert not set(card["train_families"]) & set(card["test_families"])
 
 
 def test_output_loads_back_with_the_recorded_accuracy(built):
