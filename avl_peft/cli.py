@@ -95,8 +95,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         out = find_or_build(cfg, force=args.force, progress=not args.quiet)
     card = read_card(out)  # bounded, schema-checked, and the weights verified against it under the lock
     precision = card.get("precision", "?")
+    filled = card.get("test_accuracy_filled")  # cards of recipe 1 have no fill-convention figure
+    also = "" if filled is None else f", {filled:.3f} on them scaled to fill the canvas"
     print(
-        f"{out}: held-out-font accuracy {card['test_accuracy']:.3f} ({card['wall_time_s']:.0f} s to train, {precision})"
+        f"{out}: held-out-family accuracy {card['test_accuracy']:.3f}{also} "
+        f"({card['wall_time_s']:.0f} s to train, {precision})"
     )
     print(f"use it with  backbone.checkpoint: {out}   (or backbone.pretrain: {args.config})")
     return 0

@@ -157,6 +157,8 @@ def _glyph_boxes(fonts: tuple[str, ...], res: int) -> np.ndarray:
 
 N_PARAMS = 15  # theta (6), stroke level and blend (2), blur taps (5), ink, noise std
 FILL_MIN = 0.72  # a filled glyph's longer side spans FILL_MIN..1 of the canvas
+SCALE_JITTER = 0.10  # typographic layout: log-scale range per unit jitter (the fill layout adds the wide scales)
+SHIFT_PX = 1.5  # typographic layout: shift range in output pixels per unit jitter
 
 
 def _sample_params(
@@ -181,9 +183,9 @@ def _sample_params(
         cx, cy = (box[0] + box[1]) / 2, (box[2] + box[3]) / 2
         tx, ty = (1 - fill) * u[4], (1 - fill) * u[5]  # anywhere in the margin left (normalised units)
     else:  # typographic: the font's letter box at ~26/32, the glyph at its size within it
-        scale = math.exp(0.18 * j * u[1]) * (1 - 0.06 * j)  # centred a bit below 1 so jitter rarely clips
+        scale = math.exp(SCALE_JITTER * j * u[1]) * (1 - 0.06 * j)  # centred a bit below 1 so jitter rarely clips
         cx = cy = 0.0
-        tx, ty = (2.5 * j * u[4]) * 2 / img_size, (2.5 * j * u[5]) * 2 / img_size  # +-2.5 px, normalised units
+        tx, ty = (SHIFT_PX * j * u[4]) * 2 / img_size, (SHIFT_PX * j * u[5]) * 2 / img_size  # normalised units
     stroke = j * (0.55 + 1.05 * u[6])  # [-0.5, 1.6] x jitter: thinner .. bolder, in 3x3 steps at 2x res
     sigma = max(0.45 * j * (1 + u[7]), 1e-3)  # blur, output pixels, [0, 0.9]
     ink = 1 - 0.15 * j * (1 + u[8])  # glyph brightness, [0.7, 1]

@@ -7,7 +7,8 @@ backbone that already knows something. This module trains one on 52-class letter
 * ``model.safetensors``: the timm state dict, 52-class head included, loadable with
   ``avl_peft.create_backbone(name, checkpoint=..., num_classes=52, **kwargs)``;
 * ``card.json``: what the weights are (timm name and kwargs, class order, input normalisation),
-  how good (accuracy on held-out fonts), how made (config and its hash, seed, fonts, versions, wall
+  how good (accuracy on held-out font families: jittered, and clean in both layout conventions, typographic
+  and scaled to fill the canvas), how made (config and its hash, seed, fonts and families, versions, wall
   time) and the sha256 of ``model.safetensors``.
 
 Both are written atomically, weights first and card last, so a card whose config hash and sha256
@@ -17,7 +18,7 @@ name and hash, so a second run reuses the weights instead of training again.
 
 Training recipe (tuned for about three minutes on two CPU cores): AdamW with linear warm-up and
 cosine decay, label smoothing, jittered samples rendered as each batch is needed (the dataset is
-effectively unlimited), position embeddings initialised at the scale of the patch embeddings (see
+effectively unlimited; half of them laid out scaled to fill the canvas, ``data.fill_share``), position embeddings initialised at the scale of the patch embeddings (see
 ``_train``: the largest single gain), bf16 autocast where the CPU runs it natively
 (``precision: auto``; fp32 elsewhere, where bf16 is emulated and about 10x slower) and
 timm's patch dropout, which drops a fraction of the patch tokens during training only: the model and

@@ -70,7 +70,7 @@ SCHEMA: dict[str, Any] = {
     "data": {
         "dataset": _Field("str", "glyphs", _one_of("glyphs"), "upstream dataset"),
         "train_per_class": _Field("int", 320, _between(1, 100_000), "training images per letter and epoch"),
-        "test_per_class": _Field("int", 40, _between(1, 10_000), "held-out-font test images per letter"),
+        "test_per_class": _Field("int", 40, _between(1, 10_000), "held-out-family test images per letter"),
         "img_size": _Field("int", 32, _between(8, 512), "image side in pixels; must match the backbone"),
         "test_fraction": _Field("float", 0.25, _between(0, 1, True, True), "share of font families held out"),
         "jitter": _Field("float", 0.7, _between(0, 2), "augmentation strength (0: clean glyphs)"),
