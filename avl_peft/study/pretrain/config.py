@@ -69,20 +69,20 @@ SCHEMA: dict[str, Any] = {
     },
     "data": {
         "dataset": _Field("str", "glyphs", _one_of("glyphs"), "upstream dataset"),
-        "train_per_class": _Field("int", 320, _between(1, 100_000), "training images per letter and epoch"),
+        "train_per_class": _Field("int", 448, _between(1, 100_000), "training images per letter and epoch"),
         "test_per_class": _Field("int", 40, _between(1, 10_000), "held-out-family test images per letter"),
         "img_size": _Field("int", 32, _between(8, 512), "image side in pixels; must match the backbone"),
         "test_fraction": _Field("float", 0.25, _between(0, 1, True, True), "share of font families held out"),
         "jitter": _Field("float", 0.7, _between(0, 2), "augmentation strength (0: clean glyphs)"),
         "fill_share": _Field(
-            "float", 0.5, _between(0, 1), "share of training glyphs scaled to fill the canvas (other convention)"
+            "float", 0.4, _between(0, 1), "share of training glyphs scaled to fill the canvas (other convention)"
         ),
         "fonts": _Field("str", "matplotlib", _one_of(*FONT_POOLS), "font pool: matplotlib's, or also the system's"),
     },
     "training": {
         "epochs": _Field("int", 1, _between(1, 10_000), "passes over the training images"),
         "batch_size": _Field("int", 32, _between(1, 65_536), "images per step"),
-        "lr": _Field("float", 7e-4, _between(0, 10, lo_open=True), "peak AdamW learning rate"),
+        "lr": _Field("float", 1e-3, _between(0, 10, lo_open=True), "peak AdamW learning rate"),
         "weight_decay": _Field("float", 0.05, _between(0, 1), "AdamW decay (not on biases, norms, tokens)"),
         "warmup": _Field("float", 0.1, _between(0, 1, False, True), "share of steps with linear warm-up"),
         "label_smoothing": _Field("float", 0.1, _between(0, 1, False, True), "cross-entropy smoothing"),
