@@ -15,7 +15,7 @@ from .errors import AvlPeftError
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .safeio import default_out_dir
-    from .study.grid import expand, load_study
+    from .study.config import expand, load_study
     from .study.runner import plan, run_study
 
     study = load_study(args.config, args.set)

@@ -6,7 +6,7 @@ import pytest
 
 from avl_peft.cli import main
 from avl_peft.errors import ConfigError
-from avl_peft.study.grid import apply_set, expand, validate_study
+from avl_peft.study.config import apply_set, expand, validate_study
 
 REPO = Path(__file__).parent.parent
 ALL_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -42,7 +42,7 @@ def test_every_shipped_pretrain_config_validates(path):
 
 
 def test_quickstart_compares_all_methods():
-    from avl_peft.study.grid import load_study
+    from avl_peft.study.config import load_study
 
     runs = expand(load_study(Path(__file__).parent.parent / "configs" / "quickstart.yaml"))
     assert {cfg["method"]["name"] for _, cfg in runs} == {"lora", "pissa", "wegeft", "loretta", "full", "head"}

@@ -14,8 +14,8 @@ from avl_peft.adapters.inject import delta_weights
 from avl_peft.cl.precision import CompilePlugin, PrecisionPlugin, loader_options
 from avl_peft.cli import main
 from avl_peft.errors import ConfigError
+from avl_peft.study.config import expand, validate_study
 from avl_peft.study.experiment import build
-from avl_peft.study.grid import expand, validate_study
 
 KWARGS = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 64, "num_heads": 2}
 

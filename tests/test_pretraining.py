@@ -200,7 +200,7 @@ def test_unwritable_output_folder_is_a_config_error(tmp_path):
 
 
 def _study(checkpoint, depth=1):
-    from avl_peft.study.grid import validate_study
+    from avl_peft.study.config import validate_study
 
     kwargs = {**TINY["backbone"]["kwargs"], "depth": depth}
     return validate_study(

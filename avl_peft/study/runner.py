@@ -23,7 +23,7 @@ from ..errors import ConfigError, DataError
 from ..safeio import check_writable, write_text_nofollow
 from . import results
 from .executors import EXECUTORS
-from .grid import expand
+from .config import expand
 from .run import lock_holder, run_one
 
 

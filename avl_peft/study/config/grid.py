@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from ..adapters import METHODS
-from ..cl.training import resolve_device
-from ..errors import ConfigError
-from ..safeio import load_yaml, parse_yaml, safe_component
+from ...adapters import METHODS
+from ...cl.training import resolve_device
+from ...errors import ConfigError
+from ...safeio import load_yaml, parse_yaml, safe_component
 from .schema import (
     SCHEMA,
     STUDY_ONLY,

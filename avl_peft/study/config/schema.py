@@ -17,20 +17,20 @@ from typing import Any
 
 import torch
 
-from ..adapters import METHODS
-from ..adapters.base import parse_options
-from ..cl.backbone import data_config
-from ..cl.heads import head_options
-from ..cl.plugin import POLICIES, check_policy
-from ..cl.precision import PRECISIONS, check_precision
-from ..cl.scenarios import SCENARIOS, check_counts, check_scenario_options
-from ..cl.strategies import STRATEGIES, strategy_options
-from ..errors import ConfigError
-from ..hardware import PrecisionWarning, resolve_precision
-from ..options import option_names
-from ..registry import suggest
+from ...adapters import METHODS
+from ...adapters.base import parse_options
+from ...cl.backbone import data_config
+from ...cl.heads import head_options
+from ...cl.plugin import POLICIES, check_policy
+from ...cl.precision import PRECISIONS, check_precision
+from ...cl.scenarios import SCENARIOS, check_counts, check_scenario_options
+from ...cl.strategies import STRATEGIES, strategy_options
+from ...errors import ConfigError
+from ...hardware import PrecisionWarning, resolve_precision
+from ...options import option_names
+from ...registry import suggest
+from ..upstream import check_upstream
 from .backbone_checks import _check_backbone, _check_budget, meta_model
-from .upstream import check_upstream
 
 
 @dataclasses.dataclass(frozen=True)
