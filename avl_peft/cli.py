@@ -138,7 +138,8 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     from .adapters.budget import budget_table
     from .cl.backbone import check_backbone_kwargs, meta_backbone
     from .errors import ConfigError
-    from .safeio import check_finite, parse_yaml
+    from .safeio import parse_yaml
+    from .validate import check_finite
 
     kwargs = {}
     for item in args.timm:

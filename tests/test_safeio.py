@@ -16,13 +16,13 @@ import pytest
 import yaml
 
 from avl_peft.errors import ConfigError, DataError
+from avl_peft.validate import check_finite
 from avl_peft.safeio import (
     JSON_MAX_BYTES,
     JSON_MAX_DEPTH,
     MAX_COMPONENT_CHARS,
     YAML_MAX_BYTES,
     YAML_MAX_DEPTH,
-    check_finite,
     default_out_dir,
     load_json,
     load_json_or_none,

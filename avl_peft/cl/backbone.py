@@ -107,6 +107,17 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def check_weights_source(*, pretrained: bool, checkpoint: Any, pretrain: Any = None) -> None:
+    """The one rule on where a backbone's weights come from: at most one of timm's download, a local
+    checkpoint, or a pretrain config (the study's ``backbone.pretrain``)."""
+    given = [name for name, v in (("pretrained", pretrained), ("checkpoint", checkpoint), ("pretrain", pretrain)) if v]
+    if len(given) > 1:
+        raise ConfigError(
+            "backbone: set either pretrained: true (download) or checkpoint: PATH (local file) or pretrain: CONFIG "
+            f"(built offline), not several; got {', '.join(given)}"
+        )
+
+
 def create_backbone(
     name: str,
     *,
@@ -122,8 +133,7 @@ def create_backbone(
     """
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if pretrained and checkpoint is not None:
-        raise ConfigError("give either pretrained=True (download) or checkpoint=PATH (local file), not both")
+    check_weights_source(pretrained=pretrained, checkpoint=checkpoint)
     if not timm.is_model(name.split(".")[0]):
         raise ConfigError(f"unknown backbone '{name}'.{closest_models(name)}")
     try:

@@ -20,15 +20,16 @@ from ...cl.training import resolve_device
 from ...errors import ConfigError
 from ...safeio import load_yaml, parse_yaml, safe_component
 from .schema import (
-    SCHEMA,
     STUDY_ONLY,
     accepts,
-    check_run,
+    as_config,
+    default,
     field_at,
     get_dotted,
     known_options,
+    parse_run,
+    parse_study,
     set_dotted,
-    validate_section,
 )
 
 
@@ -88,17 +89,17 @@ def expand(study: dict) -> list[tuple[str, dict]]:
             )
             options = (cfg.get("method") or {}).get("options")
             if lenient and isinstance(options, dict):
-                method = cfg["method"].get("name", SCHEMA["method"]["name"].default)
+                method = cfg["method"].get("name", default("method.name"))
                 cfg["method"]["options"] = {
                     k: v
                     for k, v in options.items()
                     if f"method.options.{k}" in explicit or accepts(method, k) or k not in known_options()
                 }
-            cfg = validate_section("", {k: v for k, v in SCHEMA.items() if k not in STUDY_ONLY}, cfg)
+            cfg = as_config(parse_run(cfg))
             if cfg["budget"] is not None:  # the budget chooses the method's budget knobs; drop configured ones
                 knobs = METHODS.get(cfg["method"]["name"]).budget_knobs if cfg["method"]["name"] in METHODS else ()
                 cfg["method"]["options"] = {k: v for k, v in cfg["method"]["options"].items() if k not in knobs}
-            check_run(cfg)
+            parse_run(cfg).check()
             rid = run_id(cfg, axes)
             key = yaml.safe_dump(cfg, sort_keys=True)
             if key in seen:
@@ -114,7 +115,7 @@ def expand(study: dict) -> list[tuple[str, dict]]:
 
 def validate_study(data: Any) -> dict:
     """Validate a whole study (top-level mapping from YAML) and every run it expands to."""
-    study = validate_section("", SCHEMA, data if data is not None else {})
+    study = as_config(parse_study(data))
     _check_overrides("grid", study["grid"], lists=True)
     for i, variant in enumerate(study["variants"]):
         _check_overrides(f"variants[{i}]", variant, lists=False)
