@@ -137,7 +137,7 @@ def parse_options(cls: type[T], owner: str, options: Any, *, noun: str = "option
             hint = f"Allowed: {', '.join(allowed) or '(none)'}.{suggest(str(key), allowed)}"
             if noun == "option":
                 raise ConfigError(f"{owner} has no option '{key}'. {hint}")
-            where = f"in '{owner}'" if owner else "at the top level"
+            where = f"in '{owner}' ({owner}.{key})" if owner else "at the top level"
             raise ConfigError(f"unknown key '{key}' {where}. {hint}")
         name = inverse.get(key, key)
         if name in kwargs:

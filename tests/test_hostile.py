@@ -666,11 +666,11 @@ CASES = [
         "backbone.kwargs.mlp_ratio must be a finite number",
     ),
     Case("pretrain-unknown-model", pre({"backbone": {"name": "vit_nope"}}), 2, "unknown timm model"),
-    Case("pretrain-warmup-nan", pre("training: {warmup: .nan}\n"), 2, "training.warmup must be a finite number"),
-    Case("pretrain-seed-2^70", pre({"seed": 2**70}), 2, "seed must be in [0, 4294967295]"),
-    Case("pretrain-threads-1e6", pre({"training": {"threads": 10**6}}), 2, "training.threads must be in [1, 256]"),
-    Case("pretrain-epochs-1e12", pre({"training": {"epochs": 10**12}}), 2, "training.epochs must be in [1, 10000]"),
-    Case("pretrain-images-1e9", pre({"data": {"train_per_class": 10**9}}), 2, "data.train_per_class must be in"),
+    Case("pretrain-warmup-nan", pre("training: {warmup: .nan}\n"), 2, "training.warmup: must be a finite number"),
+    Case("pretrain-seed-2^70", pre({"seed": 2**70}), 2, "seed: must be <= 4294967295"),
+    Case("pretrain-threads-1e6", pre({"training": {"threads": 10**6}}), 2, "training.threads: must be <= 256"),
+    Case("pretrain-epochs-1e12", pre({"training": {"epochs": 10**12}}), 2, "training.epochs: must be <= 10000"),
+    Case("pretrain-images-1e9", pre({"data": {"train_per_class": 10**9}}), 2, "data.train_per_class: must be <="),
     Case(
         "pretrain-test-set-GiBs",
         pre(

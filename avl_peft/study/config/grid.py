@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +114,12 @@ def expand(study: dict) -> list[tuple[str, dict]]:
     return runs
 
 
-def validate_study(data: Any) -> dict:
-    """Validate a whole study (top-level mapping from YAML) and every run it expands to."""
+def validate_study(data: Any, *, dry_run: bool = False) -> dict:
+    """Validate a whole study (top-level mapping from YAML) and every run it expands to.
+
+    ``dry_run``: a device this machine lacks (a study written for a GPU, checked on a laptop) is a warning,
+    not an error; everything else about the runs is checked as for a real run.
+    """
     study = as_config(parse_study(data))
     _check_overrides("grid", study["grid"], lists=True)
     for i, variant in enumerate(study["variants"]):
@@ -123,7 +128,12 @@ def validate_study(data: Any) -> dict:
     executor = study["executor"]
     if not (executor["name"] == "ray" and executor["ray_address"]):  # a remote cluster has its own devices
         for device in sorted({cfg["training"]["device"] for _, cfg in runs}):
-            resolve_device(device)  # cuda/mps that torch does not see here: refused now, not at run time
+            try:
+                resolve_device(device)  # cuda/mps that torch does not see here: refused now, not at run time
+            except ConfigError as e:
+                if not dry_run:
+                    raise
+                warnings.warn(f"{e} (the runs are valid; train them where {device} is, or override it)", stacklevel=2)
     return study
 
 
@@ -163,7 +173,7 @@ def _anchor_paths(data: Any, folder: Path) -> None:
             backbone["pretrain"] = str(candidate)
 
 
-def load_study(path: str | Path, assignments: list[str] | None = None) -> dict:
+def load_study(path: str | Path, assignments: list[str] | None = None, *, dry_run: bool = False) -> dict:
     data = load_yaml(path, what="config")
     _anchor_paths(data, Path(path).parent)
     if data is None or data == {}:
@@ -172,4 +182,10 @@ def load_study(path: str | Path, assignments: list[str] | None = None) -> dict:
             f"config file '{path}' is empty; write the settings that differ from the defaults (at least "
             "method.name), see configs/ for examples"
         )
-    return validate_study(apply_set(data, assignments or []))
+    if isinstance(data, dict) and "data" in data and not {"scenario", "method", "strategy"} & set(data):
+        # `data:` is the pretrain config's own section; a study has none.
+        raise ConfigError(
+            f"'{path}' is a pretrain config (it has a data: section), not a study; build the backbone with "
+            f"`avl-peft pretrain {path}`, or name it in a study as backbone.pretrain: {path}"
+        )
+    return validate_study(apply_set(data, assignments or []), dry_run=dry_run)

@@ -95,6 +95,10 @@ def load_pretrain_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[
         raw = {} if raw is None else raw
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where} must be a mapping of keys (name, seed, backbone, data, training)")
+    if not isinstance(source, Mapping) and {"scenario", "method", "strategy"} & set(raw):
+        raise ConfigError(
+            f"{where} is a study config (it has scenario/method/strategy); run it with `avl-peft run {path}`"
+        )
     try:
         return _validated(raw)
     except ConfigError as e:
