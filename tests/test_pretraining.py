@@ -64,7 +64,7 @@ def test_unknown_key_names_the_path_and_suggests():
 def test_types_and_ranges_are_checked():
     with pytest.raises(ConfigError, match=r"training\.batch_size: must be an integer"):
         load_pretrain_config({"training": {"batch_size": "big"}})
-    with pytest.raises(ConfigError, match=r"training\.lr: must be in \(0\.0, 10\.0\]"):
+    with pytest.raises(ConfigError, match=r"training\.lr: must be in \(0, 10\]"):
         load_pretrain_config({"training": {"lr": -1}})
     with pytest.raises(ConfigError, match=r"training\.precision: must be one of auto, bf16, fp32"):
         load_pretrain_config({"training": {"precision": "fp16"}})
