@@ -42,6 +42,15 @@ def check_int(key: str, value: Any, *, minimum: int | None = None, maximum: int 
     return value
 
 
+def check_positive_int(key: str, value: Any, fix: str, maximum: int | None = None) -> int:
+    """An integer >= 1 (and <= ``maximum``), for library arguments: the message ends with ``fix``."""
+    if not is_int(value) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}; {fix}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{key} must be at most {maximum}, got {value!r}; {fix}")
+    return int(value)
+
+
 def check_number(
     key: str,
     value: Any,

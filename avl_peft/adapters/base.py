@@ -33,6 +33,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..options import parse_options as parse_dataclass
 from ..registry import Registry, suggest
+from ..validate import is_finite, is_int, is_number
 
 METHODS: Registry[type] = Registry("method")
 
@@ -42,10 +43,6 @@ INTERFERENCE = ("none", "orthogonal", "project")
 Frozen = tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None
 # Option names that are not Python identifiers: the user-facing key -> the dataclass field.
 OPTION_ALIASES = {"lambda": "orth_lambda"}
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclasses.dataclass
@@ -64,20 +61,20 @@ class AdapterOptions:
     ALIASES: ClassVar[dict[str, str]] = {"orth_lambda": "lambda"}  # field -> the key users write
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+        if not is_int(self.rank) or self.rank <= 0:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
-        if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or self.alpha <= 0):
+        if self.alpha is not None and (not is_number(self.alpha) or self.alpha <= 0):
             raise ConfigError(f"alpha must be a positive number (or null for alpha = rank), got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.interference not in INTERFERENCE:
             raise ConfigError(
                 f"interference must be one of {', '.join(INTERFERENCE)}, got {self.interference!r}"
                 f"{suggest(str(self.interference), list(INTERFERENCE))}"
             )
-        if not _is_number(self.orth_lambda) or self.orth_lambda < 0:
+        if not is_finite(self.orth_lambda) or self.orth_lambda < 0:
             raise ConfigError(f"lambda (the orthogonal penalty weight) must be a number >= 0, got {self.orth_lambda!r}")
-        if not _is_number(self.gpm_threshold) or not 0.0 < self.gpm_threshold <= 1.0:
+        if not is_finite(self.gpm_threshold) or not 0.0 < self.gpm_threshold <= 1.0:
             raise ConfigError(f"gpm_threshold must be a number in (0, 1], got {self.gpm_threshold!r}")
 
     @property

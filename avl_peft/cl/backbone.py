@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from ..registry import suggest
+from ..validate import is_int, is_number
 
 # Structural timm arguments whose size is surely a typo beyond these (the largest ViTs have depth 48, width
 # 1,664, 16 heads, 518-pixel inputs). Checked before the meta-device model is built: timm loops over
@@ -38,7 +39,7 @@ def check_backbone_kwargs(kwargs: dict, where: str = "backbone.kwargs") -> None:
             raise ConfigError(f"{where}: argument names must be strings, got {key!r}")
         limit = BACKBONE_KWARG_LIMITS.get(key)
         values = value if isinstance(value, (list, tuple)) else [value]  # img_size/patch_size may be [h, w]
-        if limit is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        if limit is not None and all(is_number(v) for v in values):
             if any(not 0 < v <= limit for v in values):
                 label = f"{where} {key}" if where.startswith("--") else f"{where}.{key}"  # --timm depth
                 raise ConfigError(f"{label}: must be > 0 and <= {limit:,}, got {value!r}")
@@ -131,7 +132,7 @@ def create_backbone(
     ``pretrained`` downloads timm's weights (needs network); ``checkpoint`` loads a local state dict
     instead, so offline use works. ``timm_kwargs`` go to ``timm.create_model`` (``img_size``, ``depth``…).
     """
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
     check_weights_source(pretrained=pretrained, checkpoint=checkpoint)
     if not timm.is_model(name.split(".")[0]):
