@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..options import parse_options as parse_dataclass
+from ..options import parse_options
 from ..registry import Registry, suggest
 from ..validate import is_finite, is_int, is_number
 
@@ -41,8 +41,6 @@ INTERFERENCE = ("none", "orthogonal", "project")
 # A layer's earlier (frozen) branches as one term of its weight: a low-rank pair (L₀ (d_out, q₀), R₀ (q₀, d_in)),
 # or the dense sum (d_out, d_in) once that is smaller (see fold.py).
 Frozen = tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None
-# Option names that are not Python identifiers: the user-facing key -> the dataclass field.
-OPTION_ALIASES = {"lambda": "orth_lambda"}
 
 
 @dataclasses.dataclass
@@ -82,12 +80,12 @@ class AdapterOptions:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
 
-def parse_options(cls: type, method: str, options: dict[str, Any]) -> Any:
+def parse_method_options(cls: type, method: str, options: dict[str, Any]) -> Any:
     """Build a method's options dataclass, turning unknown keys into an actionable ConfigError.
 
     ``lambda`` is accepted for ``orth_lambda`` (the dataclass' ``ALIASES``); giving both is an error.
     """
-    return parse_dataclass(cls, f"method '{method}'", options)
+    return parse_options(cls, f"method '{method}'", options)
 
 
 class WeightView:

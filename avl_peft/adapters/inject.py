@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import METHODS, AdaptedLinear, Adapter, parse_options
+from .base import METHODS, AdaptedLinear, Adapter, parse_method_options
 from .stack import adapted_layers, load_adapter_state
 
 # Every linear layer in a ViT block. Dotted suffixes: a bare "proj" would also name the patch
@@ -80,7 +80,7 @@ def check_method(method: str, options: dict[str, Any], targets: Any = None, init
             given = sorted(options) + (["targets"] if targets is not None else [])
             raise ConfigError(f"method '{method}' takes no options, got {', '.join(given)}")
         return None
-    return parse_options(cls.Options, method, options)
+    return parse_method_options(cls.Options, method, options)
 
 
 def find_targets(model: nn.Module, targets: list[str] | tuple[str, ...] | None = None) -> dict[str, str]:
@@ -269,7 +269,7 @@ def inject(
         model.avl_peft_injection = {"method": method, "targets": None, "options": {}, "trainable": trainable}
         return model
 
-    opts = parse_options(cls.Options, method, options)
+    opts = parse_method_options(cls.Options, method, options)
     modules = dict(model.named_modules())
     _freeze_backbone(model, False, trainable, chosen)
     shared: dict[tuple[str, int], nn.Module] = {}

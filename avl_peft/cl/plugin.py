@@ -55,7 +55,7 @@ from avalanche.core import SupervisedPlugin
 from torch.utils.data import DataLoader
 
 from ..adapters import METHODS, begin_experience, collect_inputs, end_experience, interference_penalty, needs_inputs
-from ..adapters.base import parse_options
+from ..adapters.base import parse_method_options
 from ..adapters.inject import (
     backbone_root,
     check_injection,
@@ -185,7 +185,7 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
             root, _ = backbone_root(model)
             modules = dict(model.named_modules())
             shapes = {n.removeprefix(f"{root}."): tuple(modules[n].weight.shape) for n in chosen}
-            rank = parse_options(METHODS.get(self.method).Options, self.method, self.options).rank
+            rank = parse_method_options(METHODS.get(self.method).Options, self.method, self.options).rank
             check_lora(self._init_lora, shapes, rank, str(self.init_from))
 
     def state_dict(self) -> dict[str, Any]:
