@@ -52,7 +52,7 @@ def train_first(cfg):
     [
         ({"precision": "bf32"}, r"training\.precision.*fp32, bf16, fp16.*Did you mean"),
         ({"precision": "fp16"}, r"fp16 needs a CUDA device.*use bf16"),
-        ({"compile": "yes"}, r"training\.compile: must be true/false"),
+        ({"compile": "yes"}, r"training\.compile: must be true or false"),
         ({"threads": 0}, r"training\.threads: must be >= 1"),
         ({"threads": 1.5}, r"training\.threads: must be an integer"),
     ],
