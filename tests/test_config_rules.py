@@ -45,7 +45,7 @@ def test_policy_is_checked_once_per_run(monkeypatch):
 
 
 def test_method_options_targets_and_init_from_are_one_check(monkeypatch):
-    from avl_peft.adapters.inject import check_method
+    from avl_peft.adapters.base import check_method
     from avl_peft.cl.plugin import PEFTPlugin
 
     calls = _counting(monkeypatch, schema, "check_method")
@@ -63,7 +63,8 @@ def test_method_options_targets_and_init_from_are_one_check(monkeypatch):
 
 
 def test_targets_are_checked_by_their_owner():
-    from avl_peft.adapters.inject import check_targets, find_targets
+    from avl_peft.adapters.base import check_targets
+    from avl_peft.adapters.inject import find_targets
     from avl_peft.cl.plugin import PEFTPlugin
 
     owner = _message(check_targets, [])

@@ -88,6 +88,34 @@ def parse_method_options(cls: type, method: str, options: dict[str, Any]) -> Any
     return parse_options(cls, f"method '{method}'", options)
 
 
+def check_targets(targets: Any) -> Any:
+    """The one check of ``targets`` (None: the defaults): a non-empty list of non-empty strings."""
+    if targets is not None and (
+        not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets)
+    ):
+        raise ConfigError(f"targets must be a non-empty list of module-name suffixes or regexes, got {targets!r}")
+    return targets
+
+
+def check_method(method: str, options: dict[str, Any], targets: Any = None, init_from: Any = None) -> Any:
+    """The method-level rules, checked once here for the config, the plugin and ``inject``: the method
+    exists, takes these options (baselines take none, nor targets), targets are well-formed, and it can
+    start from a peft LoRA when ``init_from`` is given. Returns the parsed options (None for baselines)."""
+    cls = METHODS.get(method)
+    if init_from is not None and not getattr(cls, "imports_lora", False):
+        able = [m for m in METHODS.names() if getattr(METHODS.get(m), "imports_lora", False)]
+        raise ConfigError(
+            f"method.init_from: method '{method}' cannot start from a peft LoRA; methods that can: {', '.join(able)}"
+        )
+    check_targets(targets)
+    if not cls.adds_adapter:
+        if options or targets is not None:
+            given = sorted(options) + (["targets"] if targets is not None else [])
+            raise ConfigError(f"method '{method}' takes no options, got {', '.join(given)}")
+        return None
+    return parse_method_options(cls.Options, method, options)
+
+
 class WeightView:
     """Stands in for an ``nn.Linear`` where a constructor only reads ``.weight`` (shape, dtype, device, values).
 

@@ -55,11 +55,10 @@ from avalanche.core import SupervisedPlugin
 from torch.utils.data import DataLoader
 
 from ..adapters import METHODS, begin_experience, collect_inputs, end_experience, interference_penalty, needs_inputs
-from ..adapters.base import parse_method_options
+from ..adapters.base import check_method, parse_method_options
 from ..adapters.inject import (
     backbone_root,
     check_injection,
-    check_method,
     check_trainable,
     end_full_training,
     freeze_adapters,

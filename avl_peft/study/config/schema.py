@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ...adapters import METHODS
-from ...adapters.inject import check_method, check_targets
+from ...adapters.base import check_method, check_targets
 from ...cl.backbone import check_weights_source, data_config
 from ...cl.heads import HEADS, head_options
 from ...cl.loss import TRAIN_MASKS
