@@ -31,18 +31,6 @@ from ..registry import Registry
 from .run import record_failure, run_one
 
 EXECUTORS: Registry[Callable[..., list[dict[str, Any]]]] = Registry("executor")
-NAMES = ("sequential", "local", "ray")  # the executors registered below, in the order `avl-peft run --help` shows
-
-
-@dataclasses.dataclass(frozen=True)
-class ExecutorOptions:
-    """The study's ``executor`` section; each executor reads the settings it uses and ignores the rest."""
-
-    name: str = knob("sequential", "where runs execute", choices=NAMES)
-    workers: int = knob(2, "processes of the local executor", minimum=1, maximum=1024)
-    ray_address: str | None = knob(None, "Ray cluster address (null: start Ray locally)")
-    num_cpus: int | float = knob(1, "CPUs Ray reserves per run", minimum=0, maximum=1024)
-    num_gpus: int | float = knob(0, "GPUs Ray reserves per run (fractions share a GPU)", minimum=0, maximum=1024)
 
 
 @EXECUTORS.register("sequential", "one run after another in this process")
@@ -158,3 +146,15 @@ def ray_executor(
             out.append(_collect(lambda r=ready[0]: ray.get(r), rid, cfg, out_dir))
             bar.update(1)
     return out
+
+
+# After the registrations: the executor names are the registry's.
+@dataclasses.dataclass(frozen=True)
+class ExecutorOptions:
+    """The study's ``executor`` section; each executor reads the settings it uses and ignores the rest."""
+
+    name: str = knob("sequential", "where runs execute", choices=tuple(EXECUTORS.names()))
+    workers: int = knob(2, "processes of the local executor", minimum=1, maximum=1024)
+    ray_address: str | None = knob(None, "Ray cluster address (null: start Ray locally)")
+    num_cpus: int | float = knob(1, "CPUs Ray reserves per run", minimum=0, maximum=1024)
+    num_gpus: int | float = knob(0, "GPUs Ray reserves per run (fractions share a GPU)", minimum=0, maximum=1024)
