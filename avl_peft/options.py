@@ -60,6 +60,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+@functools.cache
 def _split_optional(hint: Any) -> tuple[Any, bool]:
     """``X | None`` -> (X, True); anything else -> (hint, False)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -128,12 +129,10 @@ def parse_options(cls: type[T], owner: str, options: Any, *, noun: str = "option
         if noun == "option":
             raise ConfigError(f"{owner}: options must be a mapping of names to values, got {type(options).__name__}")
         raise ConfigError(f"{owner or 'config'}: must be a mapping of keys to values, got {type(options).__name__}")
-    allowed = option_names(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    inverse = {v: k for k, v in getattr(cls, "ALIASES", {}).items()}
+    allowed, inverse, checked = _spec(cls)
     kwargs = {}
     for key, value in options.items():
-        if not isinstance(key, str) or (key not in allowed and key not in fields):
+        if not isinstance(key, str) or (key not in allowed and key not in inverse.values()):
             hint = f"Allowed: {', '.join(allowed) or '(none)'}.{suggest(str(key), allowed)}"
             if noun == "option":
                 raise ConfigError(f"{owner} has no option '{key}'. {hint}")
@@ -143,15 +142,29 @@ def parse_options(cls: type[T], owner: str, options: Any, *, noun: str = "option
         if name in kwargs:
             raise ConfigError(f"{owner}: give '{key}' or '{name}', not both")
         kwargs[name] = value
-    hints = _hints(cls)
-    for name, field in fields.items():
-        path = f"{owner}.{name}" if owner else name
-        kind, _ = _split_optional(hints[name])
-        if dataclasses.is_dataclass(kind):
-            kwargs[name] = parse_options(kind, path, kwargs.get(name), noun=noun)
-        elif name in kwargs and "doc" in field.metadata:
-            kwargs[name] = _check_knob(path, kwargs[name], hints[name], field.metadata)
+    prefix = f"{owner}." if owner else ""
+    for name, section, hint, meta in checked:  # in field order, so the first bad key is the one reported
+        if section is not None:
+            kwargs[name] = parse_options(section, prefix + name, kwargs.get(name), noun=noun)
+        elif name in kwargs:
+            kwargs[name] = _check_knob(prefix + name, kwargs[name], hint, meta)
     return cls(**kwargs)
+
+
+@functools.cache
+def _spec(cls: type) -> tuple[list[str], dict[str, str], list[tuple[str, Any, Any, Any]]]:
+    """What :func:`parse_options` needs of ``cls``, worked out once: the keys users write, alias -> field,
+    and the fields it checks: (name, nested dataclass or None, annotation, knob metadata)."""
+    hints = _hints(cls)
+    checked = []
+    for f in dataclasses.fields(cls):
+        kind, _ = _split_optional(hints[f.name])
+        if dataclasses.is_dataclass(kind):
+            checked.append((f.name, kind, None, None))
+        elif "doc" in f.metadata:
+            checked.append((f.name, None, hints[f.name], f.metadata))
+    inverse = {v: k for k, v in getattr(cls, "ALIASES", {}).items()}
+    return option_names(cls), inverse, checked
 
 
 def as_dict(options: Any) -> dict[str, Any]:

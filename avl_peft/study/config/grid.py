@@ -8,6 +8,7 @@ and every run it expands to, so a typo anywhere fails before anything trains.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import re
 import warnings
@@ -96,11 +97,13 @@ def expand(study: dict) -> list[tuple[str, dict]]:
                     for k, v in options.items()
                     if f"method.options.{k}" in explicit or accepts(method, k) or k not in known_options()
                 }
-            cfg = as_config(parse_run(cfg))
-            if cfg["budget"] is not None:  # the budget chooses the method's budget knobs; drop configured ones
-                knobs = METHODS.get(cfg["method"]["name"]).budget_knobs if cfg["method"]["name"] in METHODS else ()
-                cfg["method"]["options"] = {k: v for k, v in cfg["method"]["options"].items() if k not in knobs}
-            parse_run(cfg).check()
+            run = parse_run(cfg)
+            if run.budget is not None:  # the budget chooses the method's budget knobs; drop configured ones
+                knobs = METHODS.get(run.method.name).budget_knobs if run.method.name in METHODS else ()
+                options = {k: v for k, v in run.method.options.items() if k not in knobs}
+                run = dataclasses.replace(run, method=dataclasses.replace(run.method, options=options))
+            run.check()
+            cfg = run.mapping
             rid = run_id(cfg, axes)
             key = yaml.safe_dump(cfg, sort_keys=True)
             if key in seen:

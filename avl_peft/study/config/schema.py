@@ -10,6 +10,7 @@ a method, strategy, scenario or device live with their owner and are called from
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any
 
@@ -196,9 +197,14 @@ class RunConfig:
     upstream: Upstream = _section(Upstream)
     subspace: Subspace = _section(Subspace)
 
+    @functools.cached_property
+    def mapping(self) -> dict[str, Any]:
+        """The run as the plain mapping runs, results.json and study.yaml carry."""
+        return dataclasses.asdict(self)
+
     def check(self) -> None:
         """Every section's own rules, then the cross-section ones, each once."""
-        cfg = as_config(self)
+        cfg = self.mapping
         check_finite_tree(cfg)
         for section in (self.scenario, self.strategy, self.method, self.backbone):
             section.check()
