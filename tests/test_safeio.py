@@ -16,7 +16,6 @@ import pytest
 import yaml
 
 from avl_peft.errors import ConfigError, DataError
-from avl_peft.validate import check_finite
 from avl_peft.safeio import (
     JSON_MAX_BYTES,
     JSON_MAX_DEPTH,
@@ -32,6 +31,7 @@ from avl_peft.safeio import (
     safe_write_path,
     write_text_nofollow,
 )
+from avl_peft.validate import check_finite
 
 REPO = Path(__file__).resolve().parents[1]
 
