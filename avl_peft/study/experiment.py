@@ -1,6 +1,6 @@
 """One continual-learning run, end to end: model, scenario, strategy + plugins, train/eval, results.
 
-``run_experiment(cfg, run_dir)`` takes one resolved run config (:mod:`.schema`) and writes ``run_dir/``:
+``run_experiment(cfg, run_dir)`` takes one resolved run config (:mod:`.config.schema`) and writes ``run_dir/``:
 ``config.yaml``, ``results.json`` (:mod:`.results`), TensorBoard events in ``tb/`` and adapter/head
 checkpoints per experience in ``checkpoints/``. :func:`build` wires the parts and returns them as a
 :class:`RunParts` for tests and custom loops.
