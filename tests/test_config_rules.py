@@ -130,3 +130,27 @@ def test_adding_a_key_is_one_knob_line():
     zero = _message(parse_options, _Study, "", {"search": {"trials": 0}}, noun="key")
     assert zero == "search.trials: must be >= 1, got 0"
     assert "Did you mean 'trials'" in _message(parse_options, _Study, "", {"search": {"trails": 3}}, noun="key")
+
+
+def test_state_dict_mismatches_are_listed_in_one_format():
+    """Saved adapter states, run checkpoints and backbone checkpoints that do not fit name their keys through
+    errors.key_summary; buffers sized by the stream are resized by adapters.stack.resize_buffer."""
+    import torch
+    from torch import nn
+
+    from avl_peft.adapters.inject import inject
+    from avl_peft.adapters.stack import adapter_state_dict, load_adapter_state, resize_buffer
+    from avl_peft.errors import key_summary
+
+    keys = [f"k{i}" for i in range(6)]
+    assert key_summary([("missing", keys), ("unexpected", [])]) == "missing: k0, k1, k2, k3 …"
+    model = inject(nn.Sequential(nn.Linear(8, 8)), "lora", targets=["0"], rank=2)
+    state = {k: torch.zeros(3, *v.shape[1:]) for k, v in adapter_state_dict(model).items() if "lora_" in k}
+    with pytest.raises(ConfigError) as info:
+        load_adapter_state(inject(nn.Sequential(nn.Linear(8, 8)), "lora", targets=["0"], rank=2), state)
+    detail = key_summary([("shape mismatch", list(state))])
+    assert str(info.value) == f"saved adapter state does not fit this model ({detail})"
+    holder = nn.Module()
+    holder.register_buffer("basis", torch.zeros(8, 0))
+    resize_buffer(holder, "basis", torch.Size([8, 3]))
+    assert holder.basis.shape == (8, 3)

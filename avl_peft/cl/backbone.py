@@ -15,7 +15,7 @@ from avalanche.models import BaseModel, IncrementalClassifier, MultiHeadClassifi
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, key_summary
 from ..registry import suggest
 from ..validate import is_int, is_number
 
@@ -95,11 +95,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     missing = [k for k in own if k not in sd and not any(k.startswith(h + ".") for h in heads)]
     unexpected = [k for k in sd if k not in own]
     if bad or missing or unexpected:
-        detail = "; ".join(
-            f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
-            for label, keys in (("shape mismatch", bad), ("missing", missing), ("unexpected", unexpected))
-            if keys
-        )
+        detail = key_summary([("shape mismatch", bad), ("missing", missing), ("unexpected", unexpected)])
         raise DataError(
             f"checkpoint '{path}' is for another architecture than {type(model).__name__} ({detail}). "
             "Pick the backbone name the checkpoint was trained with."
