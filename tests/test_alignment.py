@@ -21,7 +21,7 @@ from avl_peft.cl.heads import (
 from avl_peft.cl.plugin import PEFTPlugin
 from avl_peft.errors import ConfigError
 from avl_peft.study import experiment as study_mod
-from avl_peft.study.grid import validate_study
+from avl_peft.study.config import validate_study
 from avl_peft.study.runner import run_study
 
 D, K = 4, 3
@@ -250,7 +250,7 @@ def test_first_session_run_keeps_the_adapted_backbone_bit_identical(tmp_path):
 def test_paper_scale_configs_validate(name):
     import yaml
 
-    from avl_peft.study.grid import expand
+    from avl_peft.study.config import expand
 
     data = yaml.safe_load((Path(__file__).parents[1] / "configs" / f"{name}.yaml").read_text())
     data["training"]["device"] = "cpu"  # the dry run of a GPU config on a CPU machine

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from avl_peft.study.grid import validate_study
+from avl_peft.study.config import validate_study
 from avl_peft.study.runner import run_study
 
 # Full-batch steps (batch = an experience's 40 images, 20 per process) and test sets that split evenly:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from avl_peft.errors import ConfigError
-from avl_peft.study.grid import validate_study
+from avl_peft.study.config import validate_study
 from avl_peft.study.runner import run_study
 
 GRID = {

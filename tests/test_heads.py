@@ -422,7 +422,7 @@ def test_prompted_vit_features_calls_l2p_models():
 
 
 def _run_cfg(head, **head_options):
-    from avl_peft.study.grid import expand, validate_study
+    from avl_peft.study.config import expand, validate_study
 
     data = {
         "backbone": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 4, "depth": 1}},
@@ -461,7 +461,7 @@ def test_run_with_statistics_head_records_both_heads(head, tmp_path):
     ],
 )
 def test_bad_head_config_is_refused(training, fragment):
-    from avl_peft.study.grid import validate_study
+    from avl_peft.study.config import validate_study
 
     with pytest.raises(ConfigError, match=f"(?i){fragment}"):
         validate_study({"scenario": {"name": "synthetic"}, "training": training})
@@ -469,8 +469,8 @@ def test_bad_head_config_is_refused(training, fragment):
 
 @pytest.mark.parametrize("method, strategy", [("wegeft", "replay"), ("inflora", "naive"), ("loretta", "replay")])
 def test_statistics_heads_compose_with_strategies_and_methods(method, strategy, tmp_path):
+    from avl_peft.study.config import expand, validate_study
     from avl_peft.study.experiment import run_experiment
-    from avl_peft.study.grid import expand, validate_study
 
     data = {
         "backbone": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 4, "depth": 1}},

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from avl_peft.study import experiment as study_mod
-from avl_peft.study.grid import expand, validate_study
+from avl_peft.study.config import expand, validate_study
 from avl_peft.study.run import run_lock
 from avl_peft.study.runner import run_study
 

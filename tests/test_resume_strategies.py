@@ -16,7 +16,7 @@ from avl_peft.cl.strategies import STRATEGIES
 from avl_peft.errors import ConfigError
 from avl_peft.study import experiment as study
 from avl_peft.study.compat_rows import TINY_OPTIONS
-from avl_peft.study.grid import expand, validate_study
+from avl_peft.study.config import expand, validate_study
 
 
 def make_cfg(method, strategy, *, policy=None, pretrain=False):

@@ -22,7 +22,6 @@ from avl_peft.safeio import (
     MAX_COMPONENT_CHARS,
     YAML_MAX_BYTES,
     YAML_MAX_DEPTH,
-    check_finite,
     default_out_dir,
     load_json,
     load_json_or_none,
@@ -32,6 +31,7 @@ from avl_peft.safeio import (
     safe_write_path,
     write_text_nofollow,
 )
+from avl_peft.validate import check_finite
 
 REPO = Path(__file__).resolve().parents[1]
 

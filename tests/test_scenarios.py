@@ -211,7 +211,7 @@ def test_bad_values_name_the_option(kwargs, pattern):
 
 
 def test_core50_options_checked_before_any_download(tmp_path):
-    with pytest.raises(ConfigError, match=r"protocol.*'nc', 'ni'.*Did you mean 'ni'"):
+    with pytest.raises(ConfigError, match=r"protocol.*nc, ni.*Did you mean 'ni'"):
         build_scenario("core50", protocol="nii", root=tmp_path)
     with pytest.raises(ConfigError, match=r"fixed 9 experiences"):
         build_scenario("core50", n_experiences=5, root=tmp_path)

@@ -8,8 +8,8 @@ import avl_peft
 from avl_peft.adapters import METHODS, Adapter, AdapterOptions
 from avl_peft.adapters.budget import select_for_budget
 from avl_peft.cli import main
+from avl_peft.study.config import expand, validate_study
 from avl_peft.study.experiment import run_experiment
-from avl_peft.study.grid import expand, validate_study
 from avl_peft.study.report import build_report
 
 

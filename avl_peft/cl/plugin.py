@@ -55,7 +55,7 @@ from avalanche.core import SupervisedPlugin
 from torch.utils.data import DataLoader
 
 from ..adapters import METHODS, begin_experience, collect_inputs, end_experience, interference_penalty, needs_inputs
-from ..adapters.base import parse_options
+from ..adapters.base import check_method, parse_method_options
 from ..adapters.inject import (
     backbone_root,
     check_injection,
@@ -157,24 +157,11 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
         **options: Any,
     ):
         super().__init__()
-        cls = METHODS.get(method)  # fail now, not at the first experience
+        check_method(method, options, targets, init_from)  # fail now, not at the first experience
         self.init_from, self._init_lora, self._initialised = init_from, None, False
         if init_from is not None:
-            if not getattr(cls, "imports_lora", False):
-                able = [m for m in METHODS.names() if getattr(METHODS.get(m), "imports_lora", False)]
-                raise ConfigError(
-                    f"method.init_from: method '{method}' cannot start from a peft LoRA; methods that can: "
-                    f"{', '.join(able)}"
-                )
             self._init_lora = read_lora(init_from)  # read (bounded) and parsed now: a bad folder fails early
-        if cls.adds_adapter:
-            parse_options(cls.Options, method, options)
-        elif options or targets is not None:
-            given = sorted(options) + (["targets"] if targets is not None else [])
-            raise ConfigError(f"method '{method}' takes no options, got {', '.join(given)}")
         check_policy(method, policy, options)
-        if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
-            raise ConfigError(f"targets must be a non-empty list of module-name suffixes or regexes, got {targets!r}")
         self.method, self.policy, self.pretrain = method, policy, bool(pretrain)
         self.targets, self.options = targets, options
         self.trainable = check_trainable(trainable)
@@ -197,7 +184,7 @@ class PEFTPlugin(SupervisedPlugin, supports_distributed=True):
             root, _ = backbone_root(model)
             modules = dict(model.named_modules())
             shapes = {n.removeprefix(f"{root}."): tuple(modules[n].weight.shape) for n in chosen}
-            rank = parse_options(METHODS.get(self.method).Options, self.method, self.options).rank
+            rank = parse_method_options(METHODS.get(self.method).Options, self.method, self.options).rank
             check_lora(self._init_lora, shapes, rank, str(self.init_from))
 
     def state_dict(self) -> dict[str, Any]:

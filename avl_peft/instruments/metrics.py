@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from numbers import Real
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..validate import is_number
 
 METRIC_NAMES: tuple[str, ...] = ("acc", "avg_incremental_acc", "bwt", "forgetting", "max_forgetting")
 """Keys of the dict returned by :func:`summarize`, in a stable order."""
@@ -153,7 +153,7 @@ def validate_matrix(accuracy_matrix: Sequence[Sequence[Any]] | np.ndarray, name:
         # loops that skip future experiences, so it is not validated.
         for i in range(t + 1):
             value = row[i]
-            if isinstance(value, bool) or not isinstance(value, (Real, np.number)):
+            if not is_number(value):
                 raise ConfigError(f"{name}[{t}][{i}] must be a number, got {value!r}")
             value = float(value)
             if math.isnan(value):

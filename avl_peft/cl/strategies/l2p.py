@@ -20,7 +20,7 @@ from torch import nn
 
 from ...adapters import METHODS
 from ...errors import ConfigError
-from ...validate import check_int, check_number
+from ...validate import check_int, check_number, is_int
 from ..checkpoints import CheckpointPlugin
 from ..heads import prompted_vit_features
 from ..plugin import PEFTPlugin
@@ -118,7 +118,7 @@ def build_prompted_vits(
     trained yet), as for every other method here, so ``num_classes`` is only an optional initial size.
     """
     for key, value, low in (("pool_size", pool_size, 1), ("prompt_length", prompt_length, 1), ("top_k", top_k, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_int(value) or value < low:
             raise ConfigError(f"strategy.options.{key}: must be an integer >= {low}, got {value!r}")
     if top_k > pool_size:
         raise ConfigError(f"strategy.options.top_k ({top_k}) cannot exceed pool_size ({pool_size})")

@@ -25,7 +25,7 @@ its state dict are the same, and evaluation sees every token. Same config and se
 bit-identical weights on the same machine and thread count.
 """
 
-from .config import CARD, CARD_FORMAT, RECIPE_VERSION, SCHEMA, WEIGHTS, config_hash, load_pretrain_config
+from .config import CARD, CARD_FORMAT, RECIPE_VERSION, WEIGHTS, PretrainConfig, config_hash, load_pretrain_config
 from .outputs import (
     check_output,
     default_cache_dir,
@@ -41,7 +41,7 @@ __all__ = [
     "CARD",
     "CARD_FORMAT",
     "RECIPE_VERSION",
-    "SCHEMA",
+    "PretrainConfig",
     "WEIGHTS",
     "accuracy",
     "check_output",

@@ -30,6 +30,7 @@ from ...safeio import (
 )
 from ...safeio.locks import LOCK_NAME, folder_lock
 from ...safeio.safetensors_reader import WEIGHTS_MAX_BYTES, safetensors_shapes
+from ...validate import is_number
 from .config import CARD, CARD_FORMAT, WEIGHTS, config_hash, load_pretrain_config, resolved_precision
 from .training import _create_model, _threads, _train
 
@@ -75,7 +76,7 @@ def _card_problem(card: Any) -> str:
     if card["num_classes"] != len(card["classes"]) or not all(isinstance(c, str) for c in card["classes"]):
         return f"{CARD} fields 'classes' and 'num_classes' disagree"
     stats = [dc.get("mean"), dc.get("std")]
-    if not all(isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v) for v in stats):
+    if not all(isinstance(v, list) and v and all(is_number(x) for x in v) for v in stats):
         return f"{CARD} field 'data_config' must hold mean and std lists of numbers"
     if not isinstance(dc.get("img_size"), int) or not all(x > 0 for x in dc["std"]):
         return f"{CARD} field 'data_config' must hold an integer img_size and positive std values"
