@@ -130,7 +130,8 @@ def create_backbone(
     """A timm model by its full tag (e.g. ``vit_base_patch16_224.augreg_in21k``).
 
     ``pretrained`` downloads timm's weights (needs network); ``checkpoint`` loads a local state dict (a
-    ``.pth``/``.safetensors`` file or an ``avl-peft pretrain`` output folder) instead, so offline use works. ``timm_kwargs`` go to ``timm.create_model`` (``img_size``, ``depth``…).
+    ``.pth``/``.safetensors`` file or an ``avl-peft pretrain`` output folder) instead, so offline use works.
+    ``timm_kwargs`` go to ``timm.create_model`` (``img_size``, ``depth``…).
     """
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
