@@ -15,7 +15,7 @@ from .errors import AvlPeftError, ConfigError, DataError
 
 __version__ = "0.1.0"
 
-_moved.install()  # the module paths of earlier releases (avl_peft.backbone, ...) forward with a warning
+_moved.install()  # the module paths of earlier releases forward to the new ones, with a warning
 
 # name -> the module under avl_peft that defines it; loaded when first asked for.
 _LAZY = {
