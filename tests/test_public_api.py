@@ -27,6 +27,7 @@ def test_every_exported_name_resolves(name):
     assert name in dir(avl_peft)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and timm: seconds
 def test_importing_the_package_does_not_load_avalanche():
     code = "import avl_peft, sys; avl_peft.inject; assert 'avalanche' not in sys.modules, 'avalanche loaded'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
