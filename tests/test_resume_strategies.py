@@ -7,6 +7,7 @@ state file there, the run resumed at the next experience. A tiny ViT (depth 1, 1
 synthetic experiences keeps each pair around a second.
 """
 
+import functools
 import warnings
 
 import pytest
@@ -60,6 +61,7 @@ POLICY_VARIANTS = (
 )
 
 
+@functools.cache  # called for the parametrisation at collection and again by the coverage test
 def _accepted(method, strategy):
     """False if the config is refused before training (l2p with an adapter, si with a stacking method)."""
     if STRATEGIES.get(strategy).check is None:
