@@ -5,7 +5,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+from avl_peft import run_experiment
+from avl_peft.study.grid import expand, validate_study
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 # The export example reads the quickstart's exports (minutes to make): it is run by hand and its output quoted.
@@ -41,4 +45,22 @@ def test_readme_examples_run(tmp_path, monkeypatch):
         assert len(matrix) == 5 and all(0.0 <= v <= 1.0 for row in matrix for v in row)
     assert namespace["prototype"].matrices != namespace["linear"].matrices  # the statistics head scored
     assert list((tmp_path / "cache").rglob("tiny-*/model.safetensors"))  # built through the pretrain cache
-    assert list((tmp_path / "runs" / "my_lora" / "tb").rglob("events.out.tfevents.*"))
+    # The script is the study run `avl-peft run` makes of the same settings: the same matrices, both heads.
+    training = {"lr": 0.001, "epochs": 1, "batch_size": 32, "train_mask": "current", "head": "prototype"}
+    study = {
+        "backbone": {**TINY_PRETRAIN["backbone"], "pretrain": str(tmp_path / "pretrain.yaml")},
+        "scenario": {"name": "digits", "n_experiences": 5},
+        "training": {**training, "precision": "fp32", "threads": 1},
+        "method": {"name": "lora", "options": {"rank": 8}},
+        "subspace": {"enabled": False},
+    }
+    ((_, cfg),) = expand(validate_study(study))
+    ran = run_experiment(cfg, tmp_path / "run", progress=False)
+    pairs = [
+        (namespace["prototype"], ran["accuracy_matrix"]),
+        (namespace["linear"], ran["heads"]["linear"]["accuracy_matrix"]),
+    ]
+    for plugin, recorded in pairs:
+        for kind in ("class_incremental", "task_aware"):
+            expected = torch.tensor(recorded[kind])
+            torch.testing.assert_close(torch.tensor(plugin.matrices[kind]), expected, atol=1e-6, rtol=0)
