@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import make_tiny_study, tiny_vit
 from torch import nn
 
 import avl_peft
@@ -193,20 +193,15 @@ def test_first_session_policy_leaves_the_backbone_bit_identical_after_experience
         PEFTPlugin("full", policy="first")
 
 
-STUDY = {
-    "name": "align",
-    "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2}},
-    "scenario": {"name": "synthetic", "n_experiences": 3, "options": {"n_classes": 6, "n_train_per_class": 20}},
-    "training": {
-        "epochs": 1,
-        "batch_size": 16,
+STUDY = make_tiny_study(
+    name="align",
+    scenario={"n_experiences": 3, "options": {"n_classes": 6, "n_train_per_class": 20}},
+    training={
         "lr": 0.003,
         "head": "ranpac",
         "head_options": {"dim": 64, "align": {"epochs": 1, "samples_per_class": 16}, "drift": "sdc"},
     },
-    "method": {"name": "lora", "options": {"rank": 2}},
-    "subspace": {"enabled": False},
-}
+)
 
 
 @pytest.mark.slow

@@ -17,16 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_tiny_study
 
 from avl_peft.cli import main
 
-TINY = {
-    "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2}},
-    "scenario": {"name": "synthetic", "n_experiences": 2},
-    "training": {"epochs": 1, "batch_size": 16},
-    "method": {"name": "lora", "options": {"rank": 2}},
-    "subspace": {"enabled": False},
-}
+TINY = make_tiny_study()
 
 
 def run(tmp_path, capsys, study, *extra):
@@ -819,10 +814,6 @@ def _peak_rss() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-def test_the_table_is_big_enough():
-    assert len(CASES) >= 140
 
 
 def test_resume_over_a_hostile_results_file_redoes_the_run(sandbox, capsys):

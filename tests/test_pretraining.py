@@ -152,6 +152,18 @@ def test_cache_is_reused_without_retraining(tmp_path, built, count_trainings, mo
     assert (where / "model.safetensors").read_bytes() == (built / "model.safetensors").read_bytes()
 
 
+def test_pretrained_model_takes_the_cached_backbone_as_a_study_does(tmp_path, built, count_trainings):
+    where = output_dir(TINY, tmp_path / "cache")
+    shutil.copytree(built, where)
+    model = avl_peft.pretrained_model(TINY, cache_dir=tmp_path / "cache", progress=False)
+    assert len(count_trainings) == 0  # a complete output in the cache is reused, as `avl-peft run` does
+    pretrained, _ = load_pretrained(built)
+    own = model.backbone.state_dict()
+    assert own.keys() == {k for k in pretrained.state_dict() if not k.startswith("head.")}
+    assert all(torch.equal(own[k], v) for k, v in pretrained.state_dict().items() if k in own)
+    assert type(model.head).__name__ == "IncrementalClassifier"  # the continual head, not the 52 letters
+
+
 @pytest.mark.parametrize(
     "damage, note",
     [

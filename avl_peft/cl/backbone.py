@@ -70,10 +70,22 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+# The weights file of an `avl-peft pretrain` output folder (its card.json beside it says what they are).
+PRETRAIN_WEIGHTS = "model.safetensors"
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a local state dict into a timm model, resizing as timm does for pretrained weights:
-    position embeddings are resampled (timm's checkpoint_filter_fn) and a head of another size is dropped."""
+    """Load a local state dict (a file, or a pretrain output folder) into a timm model, resizing as timm does for
+    pretrained weights: position embeddings are resampled (timm's checkpoint_filter_fn) and a head of another
+    size is dropped."""
     path = Path(path).expanduser()
+    if path.is_dir():  # an `avl-peft pretrain` output folder, as backbone.checkpoint accepts in a study
+        if not (path / PRETRAIN_WEIGHTS).is_file():
+            raise DataError(
+                f"checkpoint folder '{path}' holds no {PRETRAIN_WEIGHTS}; give a .pth or .safetensors file or an "
+                "`avl-peft pretrain` output folder"
+            )
+        path = path / PRETRAIN_WEIGHTS
     sd = read_state_dict(path)
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
@@ -125,8 +137,9 @@ def create_backbone(
 ) -> nn.Module:
     """A timm model by its full tag (e.g. ``vit_base_patch16_224.augreg_in21k``).
 
-    ``pretrained`` downloads timm's weights (needs network); ``checkpoint`` loads a local state dict
-    instead, so offline use works. ``timm_kwargs`` go to ``timm.create_model`` (``img_size``, ``depth``…).
+    ``pretrained`` downloads timm's weights (needs network); ``checkpoint`` loads a local state dict (a
+    ``.pth``/``.safetensors`` file or an ``avl-peft pretrain`` output folder) instead, so offline use works.
+    ``timm_kwargs`` go to ``timm.create_model`` (``img_size``, ``depth``…).
     """
     if not is_int(num_classes) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")

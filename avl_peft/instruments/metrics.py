@@ -1,38 +1,7 @@
-"""Continual-learning summary metrics computed from an accuracy matrix.
-
-``a[t][i]`` is the test accuracy (a fraction in [0, 1]) on experience ``i`` measured after training on
-experience ``t``; the matrix is ``T x T``. Only the lower triangle including the diagonal (``i <= t``) is
-used by any formula: entries above the diagonal (accuracy on experiences not trained yet) are ignored and
-may hold anything, including NaN or None. The formulas are:
-
-* ``acc`` (final average accuracy)::
-
-      acc = mean_{i}  a[T-1][i]
-
-* ``avg_incremental_acc`` (average incremental accuracy, the mean of the accuracy on the experiences seen
-  so far after each step)::
-
-      avg_incremental_acc = mean_{t}  ( mean_{i <= t}  a[t][i] )
-
-* ``bwt`` (backward transfer, Avalanche's definition; negative means forgetting)::
-
-      bwt = mean_{i < T-1}  ( a[T-1][i] - a[i][i] )
-
-* ``forgetting`` (Avalanche's definition, the accuracy lost since the experience was learned)::
-
-      forgetting = mean_{i < T-1}  ( a[i][i] - a[T-1][i] )      # == -bwt
-
-* ``max_forgetting`` (PILOT/mammoth definition, measured from the best accuracy ever reached)::
-
-      max_forgetting = mean_{i < T-1}  ( max_{i <= t <= T-2} a[t][i]  -  a[T-1][i] )
-
-  The max starts at ``t = i`` because the accuracy before experience ``i`` was trained is not meaningful.
-  ``max_forgetting >= forgetting`` always holds.
-
-With ``T == 1`` there is no earlier experience, so ``bwt``, ``forgetting`` and ``max_forgetting`` are 0.0.
-
-:func:`summarize_both` applies the same formulas to the class-incremental and the task-aware matrices of
-one run and prefixes the task-aware results with ``til_``.
+"""Continual-learning summary metrics computed from an accuracy matrix ``a[t][i]`` (accuracy on experience
+``i`` after training experience ``t``, a ``T x T`` matrix of fractions): acc, avg_incremental_acc, bwt,
+forgetting, max_forgetting. Only the lower triangle (``i <= t``) enters any formula; entries above it may
+hold anything, NaN or None included. The formulas: docs/design.md, "Metrics".
 """
 
 from __future__ import annotations

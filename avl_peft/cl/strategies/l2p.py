@@ -237,10 +237,10 @@ def build_l2p(
       architecture (any plain timm ViT, tiny ones included) and same weights (pretrained or checkpoint).
       ``model`` itself and ``optimizer`` are not trained: L2P owns its model and rebuilds its Adam (``lr``)
       every experience, so ``training.lr``/``training.optimizer`` do not apply.
-    - :class:`~avl_peft.plugin.PEFTPlugin` is dropped from ``plugins``: L2P trains prompts on a frozen ViT
+    - :class:`~avl_peft.cl.plugin.PEFTPlugin` is dropped from ``plugins``: L2P trains prompts on a frozen ViT
       and an adapter method (or a ``pretrain`` base session) does not apply. Use ``method: head`` with
       ``l2p``: the results then say what trained (prompts + head). Its ``checkpoint_dir`` is kept: a
-      :class:`~avl_peft.plugin.CheckpointPlugin` writes the prompts and head after each experience.
+      :class:`~avl_peft.cl.checkpoints.CheckpointPlugin` writes the prompts and head after each experience.
     - The head is an ``IncrementalClassifier`` (grows, masks untrained classes), so accuracies mean the
       same as for every other method and ``num_classes`` (the scenario's class count) is optional.
     """

@@ -33,6 +33,7 @@ from .outputs import (
     load_pretrained,
     output_dir,
     pretrain,
+    pretrained_model,
     read_card,
 )
 from .training import accuracy, data_config, to_model_input
@@ -53,6 +54,7 @@ __all__ = [
     "load_pretrained",
     "output_dir",
     "pretrain",
+    "pretrained_model",
     "read_card",
     "to_model_input",
 ]

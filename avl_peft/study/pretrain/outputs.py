@@ -17,6 +17,7 @@ import timm
 import torch
 from torch import nn
 
+from ...cl.backbone import create_continual_model
 from ...cl.glyphs import CLASSES
 from ...errors import ConfigError, DataError
 from ...hardware import hardware_info
@@ -250,6 +251,28 @@ def find_or_build(
             "remove it (it is rebuilt)"
         )
     return pretrain(cfg, out, force=force, progress=progress)
+
+
+def pretrained_model(
+    config: str | os.PathLike | Mapping[str, Any],
+    *,
+    head: str = "incremental",
+    initial_classes: int = 2,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """A continual model on the backbone a pretrain config trains, as ``backbone.pretrain: config`` gives a run.
+
+    The weights come from the cache when a complete output of ``config`` is there, else it is trained first
+    (:func:`find_or_build`, what ``avl-peft run`` does); the pretraining head is dropped for ``head``
+    (``incremental`` or ``multi``, see :func:`~avl_peft.cl.backbone.create_continual_model`).
+    """
+    cfg = load_pretrain_config(config)
+    folder = find_or_build(cfg, cache_dir, progress=progress)
+    bb = cfg["backbone"]
+    return create_continual_model(
+        bb["name"], head=head, initial_classes=initial_classes, checkpoint=folder / WEIGHTS, **bb["kwargs"]
+    )
 
 
 def load_pretrained(out_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
