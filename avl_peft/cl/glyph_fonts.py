@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..validate import is_int, is_number
 
 CLASSES: tuple[str, ...] = tuple(string.ascii_uppercase + string.ascii_lowercase)  # the head order
 FONT_POOLS = ("matplotlib", "system")
@@ -145,7 +146,7 @@ def font_manifest(pool: str = "matplotlib") -> list[list]:
 
 def check_seed(seed: object, key: str = "seed") -> int:
     """``seed`` as an int; ConfigError naming ``key`` unless it is a non-negative integer."""
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ConfigError(f"{key} must be a non-negative integer, got {seed!r}")
     return int(seed)
 
@@ -158,7 +159,7 @@ def split_fonts(seed: int, test_fraction: float = 0.25, pool: str = "matplotlib"
     family has a font on both sides. The same seed and pool always give the same split.
     """
     seed = check_seed(seed)
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+    if not is_number(test_fraction) or not 0 < test_fraction < 1:
         raise ConfigError(f"test_fraction must be a number strictly between 0 and 1, got {test_fraction!r}")
     families = list(font_families(glyph_fonts(pool)).values())
     n_test = min(max(1, round(test_fraction * len(families))), len(families) - 1)

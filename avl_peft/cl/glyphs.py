@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from avl_peft.errors import ConfigError, DataError
+from avl_peft.validate import is_int, is_number
 
 from .glyph_fonts import CLASSES, FONT_POOLS, check_seed, font_dir, glyph_fonts, split_fonts
 
@@ -276,13 +277,13 @@ class GlyphDataset(Dataset):
     ):
         if split not in SPLITS:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
+        if not is_int(n_per_class) or n_per_class < 1:
             raise ConfigError(f"n_per_class must be a positive integer, got {n_per_class!r}")
-        if isinstance(img_size, bool) or not isinstance(img_size, int) or not 8 <= img_size <= 512:
+        if not is_int(img_size) or not 8 <= img_size <= 512:
             raise ConfigError(f"img_size must be an integer from 8 to 512, got {img_size!r}")
-        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter <= 2:
+        if not is_number(jitter) or not 0 <= jitter <= 2:
             raise ConfigError(f"jitter must be a number from 0 (none) to 2 (double), got {jitter!r}")
-        if isinstance(fill_share, bool) or not isinstance(fill_share, (int, float)) or not 0 <= fill_share <= 1:
+        if not is_number(fill_share) or not 0 <= fill_share <= 1:
             raise ConfigError(f"fill_share must be a number from 0 to 1, got {fill_share!r}")
         self.split, self.n_per_class, self.seed, self.img_size = split, n_per_class, check_seed(seed), img_size
         self.test_fraction, self.jitter, self.fill_share = float(test_fraction), float(jitter), float(fill_share)

@@ -187,7 +187,7 @@ def markdown_report(rows: list[dict[str, Any]], runs: list[Run], root: Path, out
         "",
         f"{len(runs)} runs read from `{root}` ({len(runs) - len(failed)} finished, {len(failed)} failed).",
         "Accuracy metrics are percentages, shown as mean ± sample standard deviation over seeds; failed",
-        "runs are excluded from the averages. Metric definitions: `avl_peft.metrics`.",
+        "runs are excluded from the averages. Metric definitions: `avl_peft.instruments.metrics`.",
         "",
         format_table(rows),
         "",
