@@ -26,8 +26,8 @@ Design:
 * **Two layout conventions.** Other letter datasets scale *each glyph* so that its ink box fills the
   canvas (a lowercase ``x`` as large as an ``X``). With ``fill_share > 0`` that share of the samples is
   laid out so: the glyph's ink box, centred, spans a random 72-100 % of the canvas (longer side), shifted
-  within the margin left. A model trained on both conventions does not depend on which one a user
-  renders with; :func:`render_filled` renders the other convention independently (for evaluation).
+  within the margin left, so that which layout a user renders with matters less (measured, not
+  removed: ``benchmarks/README.md``); :func:`render_filled` renders that layout independently, for tests.
 * **Speed.** Each font's 52 letters are rasterised once (FreeType via Pillow) at twice the output
   resolution, together with eroded and dilated copies for the stroke change, and kept in memory. A
   batch of samples is then a blend of two stroke levels, one ``grid_sample`` at 2x resolution, a 2x2
