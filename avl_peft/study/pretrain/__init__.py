@@ -18,7 +18,7 @@ name and hash, so a second run reuses the weights instead of training again.
 
 Training recipe (tuned for about four minutes on two CPU cores): AdamW with linear warm-up and
 cosine decay, label smoothing, jittered samples rendered as each batch is needed (the dataset is
-effectively unlimited; 40 % of them laid out scaled to fill the canvas, ``data.fill_share``), position
+effectively unlimited; 45 % of them laid out scaled to fill the canvas, ``data.fill_share``), position
 embeddings initialised at the scale of the patch embeddings (see ``_train``: the largest single gain),
 bf16 autocast where the CPU runs it natively
 (``precision: auto``; fp32 elsewhere, where bf16 is emulated and about 10x slower) and

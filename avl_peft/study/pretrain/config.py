@@ -26,7 +26,7 @@ WEIGHTS = "model.safetensors"
 CARD_FORMAT = "avl-peft-pretrain/1"
 # Part of the config hash: bump when the recipe or the glyph renderer changes what a config produces,
 # so caches built by older code are not mistaken for current ones.
-RECIPE_VERSION = 2  # 2: held-out font families, fill-layout samples, lr 1e-3, 448 images/letter
+RECIPE_VERSION = 2  # 2: held-out font families, fill-layout samples, lr 1e-3, 512 images/letter
 # More threads than any machine has cores only slows training (1,000 threads: steps 50-90x slower).
 MAX_THREADS = 256
 # The held-out test set is rendered whole: 52 x test_per_class x img_size^2 float32 values at most this size.
@@ -46,7 +46,7 @@ class PretrainBackbone:
 @dataclasses.dataclass(frozen=True)
 class PretrainData:
     dataset: str = knob("glyphs", "upstream dataset", choices=("glyphs",))
-    train_per_class: int = knob(448, "training images per letter and epoch", minimum=1, maximum=100_000)
+    train_per_class: int = knob(512, "training images per letter and epoch", minimum=1, maximum=100_000)
     test_per_class: int = knob(40, "held-out-family test images per letter", minimum=1, maximum=10_000)
     img_size: int = knob(32, "image side in pixels; must match the backbone", minimum=8, maximum=512)
     test_fraction: float = knob(
@@ -54,7 +54,7 @@ class PretrainData:
     )
     jitter: float = knob(0.7, "augmentation strength (0: clean glyphs)", minimum=0, maximum=2)
     fill_share: float = knob(
-        0.4, "share of training glyphs scaled to fill the canvas (other layout convention)", minimum=0, maximum=1
+        0.45, "share of training glyphs scaled to fill the canvas (other layout convention)", minimum=0, maximum=1
     )
     fonts: str = knob("matplotlib", "font pool: matplotlib's, or also the system's (fc-list)", choices=FONT_POOLS)
 
