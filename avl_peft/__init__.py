@@ -5,7 +5,7 @@ from importlib import import_module
 from typing import Any
 
 from .adapters.inject import delta_weights, inject, merge, methods, parameter_counts, trainable_state_dict
-from .cl.backbone import create_backbone
+from .backbones import create_backbone
 from .errors import AvlPeftError, ConfigError, DataError
 
 __version__ = "0.1.0"

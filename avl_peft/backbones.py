@@ -1,4 +1,8 @@
-"""The frozen backbone: a timm model by its full tag, optionally loaded from a local checkpoint."""
+"""The frozen backbone: a timm model by its full tag, optionally loaded from a local checkpoint.
+
+timm and torch only (no Avalanche), so `import avl_peft` and the adapters stay free of it; the continual
+models that wrap a backbone with an Avalanche head are in :mod:`avl_peft.cl.backbone`.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,11 @@ from typing import Any
 
 import timm
 import torch
-from avalanche.models import BaseModel, IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import ConfigError, DataError
-from ..registry import suggest
+from .errors import ConfigError, DataError
+from .registry import suggest
 
 # Structural timm arguments whose size is surely a typo beyond these (the largest ViTs have depth 48, width
 # 1,664, 16 heads, 518-pixel inputs). Checked before the meta-device model is built: timm loops over
@@ -207,61 +210,3 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     if size is not None:
         cfg["input_size"] = (3, *tuple(size))
     return {"img_size": int(cfg["input_size"][-1]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
-
-
-class ContinualViT(nn.Module, BaseModel):
-    """A feature backbone (timm model with ``num_classes=0``) plus a class-incremental head.
-
-    The head is Avalanche's ``IncrementalClassifier``: it grows with the classes seen and masks the
-    logits of classes not trained yet, so argmax runs over every class seen so far.
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
-    def get_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's features (Avalanche's BaseModel interface, which LFL's feature distillation uses)."""
-        return self.backbone(x)
-
-
-def _multi_head_class():
-    class MultiHeadViT(MultiTaskModule):
-        """Task-incremental variant: one head per task (Avalanche ``MultiHeadClassifier``)."""
-
-        def __init__(self, backbone: nn.Module, head: nn.Module):
-            super().__init__()
-            self.backbone, self.head = backbone, head
-
-        def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
-            # float32: MultiTaskModule.forward writes each task's logits into a float32 buffer, which an
-            # autocast (bf16/fp16) output cannot be index-put into
-            return self.head(self.backbone(x), task_label).float()
-
-    return MultiHeadViT
-
-
-HEADS = ("incremental", "multi")
-
-
-def create_continual_model(
-    name: str,
-    *,
-    head: str = "incremental",
-    initial_classes: int = 2,
-    pretrained: bool = False,
-    checkpoint: str | os.PathLike | None = None,
-    **timm_kwargs: Any,
-) -> nn.Module:
-    """A timm backbone with an Avalanche incremental (``incremental``) or multi-task (``multi``) head."""
-    if head not in HEADS:
-        raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
-    backbone = create_backbone(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=1, **timm_kwargs)
-    backbone.reset_classifier(0)  # features only; the continual head lives outside the backbone
-    dim = backbone.num_features
-    if head == "incremental":
-        return ContinualViT(backbone, IncrementalClassifier(dim, initial_out_features=initial_classes))
-    return _multi_head_class()(backbone, MultiHeadClassifier(dim, initial_out_features=initial_classes))

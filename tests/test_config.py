@@ -36,7 +36,7 @@ def test_every_shipped_config_validates(path, capsys):
 
 @pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=[p.name for p in PRETRAIN_CONFIGS])
 def test_every_shipped_pretrain_config_validates(path):
-    from avl_peft.study.pretrain import load_pretrain_config
+    from avl_peft.pretrain import load_pretrain_config
 
     assert load_pretrain_config(path)["data"]["dataset"] == "glyphs"
 

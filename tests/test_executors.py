@@ -6,7 +6,7 @@ import pytest
 
 from avl_peft.errors import ConfigError
 from avl_peft.study.grid import validate_study
-from avl_peft.study.runner import run_study
+from avl_peft.study.run_study import run_study
 
 GRID = {
     "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2}},

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import avl_peft
-from avl_peft.cl.glyphs import GlyphDataset
+from avl_peft.cl.scenarios.glyphs import GlyphDataset
 from avl_peft.errors import ConfigError, DataError
-from avl_peft.study import pretrain as pretraining
-from avl_peft.study.pretrain import (
+from avl_peft.pretrain import (
     config_hash,
     find_or_build,
     load_pretrain_config,
@@ -20,6 +19,7 @@ from avl_peft.study.pretrain import (
     output_dir,
     pretrain,
 )
+from avl_peft.study import pretrain as pretraining
 
 ROOT = Path(__file__).resolve().parents[1]
 

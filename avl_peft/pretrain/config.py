@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from ...cl.backbone import check_backbone_kwargs, meta_backbone
-from ...errors import ConfigError
-from ...hardware import bf16_native
-from ...registry import suggest
-from ...safeio import check_finite, load_yaml
+from ..backbones import check_backbone_kwargs, meta_backbone
+from ..errors import ConfigError
+from ..hardware import bf16_native
+from ..registry import suggest
+from ..safeio import check_finite, load_yaml
 
 CARD = "card.json"
 WEIGHTS = "model.safetensors"

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import threads
 from ..errors import ConfigError
 from ..registry import Registry
-from .run import record_failure, run_one
+from .attempt import record_failure, run_one
 
 EXECUTORS: Registry[Callable[..., list[dict[str, Any]]]] = Registry("executor")
 

@@ -22,9 +22,9 @@ from ..cl import distributed
 from ..errors import ConfigError, DataError
 from ..safeio import check_writable, write_text_nofollow
 from . import results
+from .attempt import lock_holder, run_one
 from .executors import EXECUTORS
 from .grid import expand
-from .run import lock_holder, run_one
 
 
 def plan(

@@ -19,7 +19,7 @@ import torch
 
 from ..adapters import METHODS
 from ..adapters.base import parse_options
-from ..cl.backbone import data_config
+from ..backbones import data_config
 from ..cl.heads import head_options
 from ..cl.plugin import POLICIES, check_policy
 from ..cl.precision import PRECISIONS, check_precision

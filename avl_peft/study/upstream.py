@@ -2,7 +2,7 @@
 
 ``upstream.dataset`` is
 
-* ``glyphs`` — the offline letters the glyph-pretrained backbone learned (:mod:`avl_peft.cl.glyphs`); the
+* ``glyphs`` — the offline letters the glyph-pretrained backbone learned (:mod:`avl_peft.cl.scenarios.glyphs`); the
   test set is drawn from the fonts held out by ``upstream.seed`` (use the pretraining seed, the default 0,
   so no test font was seen in pretraining);
 * an offline scenario name (``digits``, ``mnist5k``, ``synthetic``): all its classes, its own train/test
@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cl.backbone import create_backbone, data_config, read_state_dict
-from ..cl.glyphs import GlyphDataset
 from ..cl.scenarios import SCENARIOS, build_scenario
 from ..cl.scenarios.base import CLASS_COUNTS
+from ..cl.scenarios.glyphs import GlyphDataset
 from ..errors import ConfigError, DataError
 from ..instruments.upstream import UpstreamProbe, UpstreamRetentionPlugin, read_imagefolder
 from ..safeio.images import check_image, class_folders, image_files
