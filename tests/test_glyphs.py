@@ -7,7 +7,7 @@ import pytest
 import torch
 from fontTools.ttLib import TTFont
 
-from avl_peft.cl import glyphs
+from avl_peft.cl.scenarios import glyphs
 from avl_peft.cl.scenarios.glyphs import CLASSES, GlyphDataset, glyph_fonts, split_fonts
 from avl_peft.errors import ConfigError
 

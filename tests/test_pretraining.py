@@ -19,7 +19,7 @@ from avl_peft.pretrain import (
     output_dir,
     pretrain,
 )
-from avl_peft.study import pretrain as pretraining
+from avl_peft import pretrain as pretraining
 
 ROOT = Path(__file__).resolve().parents[1]
 
