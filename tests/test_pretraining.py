@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import avl_peft
+from avl_peft import pretrain as pretraining
 from avl_peft.cl.scenarios.glyphs import GlyphDataset
 from avl_peft.errors import ConfigError, DataError
 from avl_peft.pretrain import (
@@ -19,7 +20,6 @@ from avl_peft.pretrain import (
     output_dir,
     pretrain,
 )
-from avl_peft import pretrain as pretraining
 
 ROOT = Path(__file__).resolve().parents[1]
 
