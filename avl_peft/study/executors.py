@@ -68,6 +68,8 @@ def _pool_init(gpu_queue: Any, workers: int) -> None:
 
 
 def _pool_run(rid: str, cfg: dict, out_dir: str, resume: bool, force: bool, planned: dict | None = None) -> dict:
+    if not threads.configured():  # a Ray worker: a process of ours (Ray sets its OMP_NUM_THREADS)
+        threads.configure()
     return run_one(
         rid, cfg, out_dir, resume=resume, force=force, progress=False, raise_user_errors=False, planned=planned
     )

@@ -113,9 +113,15 @@ def resolve_budget(cfg: dict, model: torch.nn.Module) -> dict[str, Any] | None:
     }
 
 
-def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunParts:
-    """Everything a run needs, wired together (exposed for tests and for custom loops)."""
+def build(cfg: dict, run_dir: Path | None, *, progress: bool = False, process_settings: bool = False) -> RunParts:
+    """Everything a run needs, wired together (exposed for tests and for custom loops).
+
+    ``process_settings``: apply avl-peft's process-wide policy (threads, allocator; :mod:`avl_peft.threads`)
+    and let ``training.compile`` reset Dynamo; the CLI's processes have it already.
+    """
     training, method = cfg["training"], cfg["method"]
+    if process_settings and not threads.configured():
+        threads.configure()
     threads.for_run(training["threads"])
     seed_everything(cfg["seed"])
     device = resolve_device(training["device"])
@@ -168,7 +174,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
     precision = PrecisionPlugin(resolved_precision)
     plugins = [peft, matrix, criterion, DivergenceGuard(), precision, InferenceModeEval()]
     if training["compile"]:
-        plugins.append(CompilePlugin())  # after peft: compiles the injected model
+        plugins.append(CompilePlugin(reset=threads.configured()))  # after peft: compiles the injected model
     batch_size = training["batch_size"]
     world = distributed.world_size()
     if world > 1:  # torchrun: same global batch, each process takes its share and gradients are averaged
@@ -282,12 +288,20 @@ def heads_block(cfg: dict, parts: RunParts) -> dict[str, Any]:
 
 
 def run_experiment(
-    cfg: dict, run_dir: str | os.PathLike, *, run_id: str = "run", progress: bool = True, resume: bool = False
+    cfg: dict,
+    run_dir: str | os.PathLike,
+    *,
+    run_id: str = "run",
+    progress: bool = True,
+    resume: bool = False,
+    process_settings: bool = False,
 ) -> dict:
     """Train and evaluate one run; write its folder; return the results dict.
 
     With ``resume``, continue from the newest intact ``state_<t>.pt`` in ``run_dir`` (see
-    :mod:`.resume`); otherwise start from scratch (old states are removed).
+    :mod:`.resume`); otherwise start from scratch (old states are removed). ``process_settings`` opts a
+    library caller into the CLI's process-wide settings (see :func:`build`); off, only ``training.threads``
+    (when set) changes the process.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -301,7 +315,7 @@ def run_experiment(
         )
     if not (resume and resumable):
         run_state.clear_states(run_dir)
-    parts = build(cfg, run_dir, progress=progress)
+    parts = build(cfg, run_dir, progress=progress, process_settings=process_settings)
     strategy, benchmark, matrix = parts.strategy, parts.benchmark, parts.matrix
     training = cfg["training"]
     done = {"train_s": 0.0, "eval_s": 0.0, "images": 0, "counts": None}
