@@ -20,6 +20,8 @@ from torch import nn
 
 from .errors import ConfigError, DataError
 from .registry import suggest
+from .safeio import check_safetensors
+from .safeio.safetensors_reader import WEIGHTS_MAX_BYTES
 
 # Structural timm arguments whose size is surely a typo beyond these (the largest ViTs have depth 48, width
 # 1,664, 16 heads, 518-pixel inputs). Checked before the meta-device model is built: timm loops over
@@ -58,6 +60,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise DataError(f"checkpoint '{path}' does not exist; give the path of a local .pth or .safetensors file")
     try:
         if path.suffix == ".safetensors":
+            # the header is checked (bounded, offsets tiling the data) before safetensors maps the file
+            check_safetensors(path, what="checkpoint", max_bytes=WEIGHTS_MAX_BYTES)
             sd: Any = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
