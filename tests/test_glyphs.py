@@ -131,12 +131,12 @@ def test_glyphs_is_a_registered_scenario_over_the_same_images():
     from avl_peft.cl.scenarios import SCENARIOS, build_scenario
 
     assert "glyphs" in SCENARIOS
-    bench = build_scenario("glyphs", img_size=16, seed=1, per_class=2, mean=(0.5,) * 3, std=(0.5,) * 3)
+    bench = build_scenario("glyphs", img_size=32, seed=1, per_class=2, mean=(0.5,) * 3, std=(0.5,) * 3)
     assert len(bench.train_stream) == 4 and bench.n_classes == 52
     assert sum(len(e.dataset) for e in bench.test_stream) == 104
     x, y, _ = bench.test_stream[0].dataset[0]
-    images, labels = GlyphDataset("test", 2, seed=0, img_size=16).as_tensors()
+    images, labels = GlyphDataset("test", 2, seed=0, img_size=32).as_tensors()
     match = [i for i in range(len(labels)) if int(labels[i]) == int(y)]
-    assert x.shape == (3, 16, 16) and any(torch.equal(x, (images[i] - 0.5).div(0.5).expand(3, -1, -1)) for i in match)
-    other = build_scenario("glyphs", img_size=16, seed=1, per_class=2, font_seed=1, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert x.shape == (3, 32, 32) and any(torch.equal(x, (images[i] - 0.5).div(0.5).expand(3, -1, -1)) for i in match)
+    other = build_scenario("glyphs", img_size=32, seed=1, per_class=2, font_seed=1, mean=(0.5,) * 3, std=(0.5,) * 3)
     assert not torch.equal(other.test_stream[0].dataset[0][0], bench.test_stream[0].dataset[0][0])
