@@ -16,7 +16,7 @@ from .errors import AvlPeftError
 def _cmd_run(args: argparse.Namespace) -> int:
     from .safeio import default_out_dir
     from .study.config import expand, load_study
-    from .study.runner import plan, run_study
+    from .study.run_study import plan, run_study
 
     study = load_study(args.config, args.set, dry_run=args.dry_run)
     from .cl.distributed import init_from_env, rank
@@ -86,7 +86,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from .study.pretrain import (
+    from .pretrain import (
         check_output,
         config_hash,
         find_or_build,
@@ -152,7 +152,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_budget(args: argparse.Namespace) -> int:
     from .adapters.budget import budget_table
-    from .cl.backbone import check_backbone_kwargs, meta_backbone
+    from .backbones import check_backbone_kwargs, meta_backbone
     from .errors import ConfigError
     from .safeio import parse_yaml
     from .validate import check_finite

@@ -8,7 +8,6 @@ checkpoints per experience in ``checkpoints/``. :func:`build` wires the parts an
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import time
@@ -26,16 +25,17 @@ from .. import atomic, threads
 from ..adapters import METHODS
 from ..adapters.budget import select_for_budget
 from ..adapters.inject import parameter_counts
+from ..backbones import data_config
 from ..cl import distributed
-from ..cl.backbone import create_continual_model, data_config
-from ..cl.checkpoints import rebuild_model
+from ..cl.backbone import create_continual_model
+from ..cl.checkpoints import checkpoint_files, rebuild_model
 from ..cl.evaluation import AccuracyMatrixPlugin, make_evaluator
 from ..cl.heads import StatisticsHeadPlugin, build_head, head_options
 from ..cl.loss import TrainMaskLoss
 from ..cl.plugin import PEFTPlugin
 from ..cl.precision import CompilePlugin, InferenceModeEval, PrecisionPlugin, check_precision, loader_options
 from ..cl.scenarios import build_scenario
-from ..cl.strategies import STRATEGIES, StrategySpec, strategy_options
+from ..cl.strategies import STRATEGIES, strategy_options
 from ..cl.strategies.state import StateContext, tag_experience
 from ..cl.training import (
     BatchProgress,
@@ -49,31 +49,11 @@ from ..errors import ConfigError
 from ..hardware import hardware_info, peak_memory_mb, reset_peak_memory, resolve_precision
 from ..instruments.metrics import summarize_both
 from ..instruments.tracker import SubspaceTracker
+from ..pretrain import CARD, find_or_build, load_pretrain_config, read_card
 from . import results
 from . import resume as run_state
-from .pretrain import CARD, find_or_build, load_pretrain_config, read_card
+from .parts import RunParts
 from .upstream import build_upstream
-
-
-@dataclasses.dataclass
-class RunParts:
-    """Everything one run is made of, wired together by :func:`build`."""
-
-    model: torch.nn.Module
-    benchmark: Any
-    strategy: Any
-    matrix: AccuracyMatrixPlugin
-    peft: PEFTPlugin
-    evaluator: Any
-    device: torch.device
-    tracker: SubspaceTracker | None
-    budget: dict[str, Any] | None
-    # Plugins whose bookkeeping a resumed run must get back: name -> object with state_dict()/load_state_dict().
-    stateful: dict[str, Any] = dataclasses.field(default_factory=dict)
-    spec: StrategySpec | None = None  # the strategy's registry entry (its state is saved through it)
-    context: StateContext | None = None  # what restoring the strategy's state needs (datasets, fresh models)
-    weights: dict[str, Any] | None = None  # where the backbone weights came from (:func:`weights_provenance`)
-    precision: str = "fp32"  # training.precision as resolved on this machine (auto -> bf16 or fp32)
 
 
 def versions() -> dict[str, str]:
@@ -140,9 +120,15 @@ def resolve_budget(cfg: dict, model: torch.nn.Module) -> dict[str, Any] | None:
     }
 
 
-def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunParts:
-    """Everything a run needs, wired together (exposed for tests and for custom loops)."""
+def build(cfg: dict, run_dir: Path | None, *, progress: bool = False, process_settings: bool = False) -> RunParts:
+    """Everything a run needs, wired together (exposed for tests and for custom loops).
+
+    ``process_settings``: apply avl-peft's process-wide policy (threads, allocator; :mod:`avl_peft.threads`)
+    and let ``training.compile`` reset Dynamo; the CLI's processes have it already.
+    """
     training, method = cfg["training"], cfg["method"]
+    if process_settings and not threads.configured():
+        threads.configure()
     threads.for_run(training["threads"])
     seed_everything(cfg["seed"])
     device = resolve_device(training["device"])
@@ -194,7 +180,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
     precision = PrecisionPlugin(resolved_precision)
     plugins = [peft, matrix, criterion, DivergenceGuard(), precision, InferenceModeEval()]
     if training["compile"]:
-        plugins.append(CompilePlugin())  # after peft: compiles the injected model
+        plugins.append(CompilePlugin(reset=threads.configured()))  # after peft: compiles the injected model
     batch_size = training["batch_size"]
     world = distributed.world_size()
     if world > 1:  # torchrun: same global batch, each process takes its share and gradients are averaged
@@ -288,8 +274,6 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
 
 def _clear_checkpoints(run_dir: Path, start: int) -> None:
     """Remove ``exp_<t>.pt`` for t >= start: left by an interrupted attempt, they are retrained now."""
-    from ..cl.plugin import checkpoint_files
-
     for t, path in checkpoint_files(run_dir / "checkpoints").items():
         if t >= start:
             path.unlink()
@@ -310,12 +294,20 @@ def heads_block(cfg: dict, parts: RunParts) -> dict[str, Any]:
 
 
 def run_experiment(
-    cfg: dict, run_dir: str | os.PathLike, *, run_id: str = "run", progress: bool = True, resume: bool = False
+    cfg: dict,
+    run_dir: str | os.PathLike,
+    *,
+    run_id: str = "run",
+    progress: bool = True,
+    resume: bool = False,
+    process_settings: bool = False,
 ) -> dict:
     """Train and evaluate one run; write its folder; return the results dict.
 
     With ``resume``, continue from the newest intact ``state_<t>.pt`` in ``run_dir`` (see
-    :mod:`.resume`); otherwise start from scratch (old states are removed).
+    :mod:`.resume`); otherwise start from scratch (old states are removed). ``process_settings`` opts a
+    library caller into the CLI's process-wide settings (see :func:`build`); off, only ``training.threads``
+    (when set) changes the process.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -329,16 +321,17 @@ def run_experiment(
         )
     if not (resume and resumable):
         run_state.clear_states(run_dir)
-    parts = build(cfg, run_dir, progress=progress)
+    parts = build(cfg, run_dir, progress=progress, process_settings=process_settings)
     strategy, benchmark, matrix = parts.strategy, parts.benchmark, parts.matrix
     training = cfg["training"]
     done = {"train_s": 0.0, "eval_s": 0.0, "images": 0, "counts": None}
     start_exp = 0
     if resume and resumable:
-        restored = run_state.restore_run_state(run_dir, parts)
-        if restored is not None:
-            start_exp, done = restored
-            done["resumed_at_experience"] = start_exp
+        state = run_state.load_run_state(run_dir)
+        if state is not None:
+            done = parts.load_state_dict(state, run_dir)
+            run_state.set_rng_state(state["rng"])  # last: restoring the parts may draw random numbers
+            start_exp = done["resumed_at_experience"] = state["experience"] + 1
     _clear_checkpoints(run_dir, start_exp)
     n_exp = len(benchmark.train_stream)
     bar = tqdm(total=n_exp, initial=start_exp, desc=run_id, unit="exp", disable=not progress)
@@ -362,7 +355,7 @@ def run_experiment(
         strategy.eval(benchmark.test_stream, **loader_options(parts.device, training["num_workers"]))
         done["eval_s"] += time.perf_counter() - start
         if t < n_exp - 1:
-            run_state.save_run_state(run_dir, t, parts, done)
+            run_state.save_run_state(run_dir, t, parts.state_dict(done))
         row = matrix.matrices["class_incremental"][t][: t + 1]
         bar.set_postfix(acc=f"{np.mean(row):.3f}")
         bar.update(1)

@@ -18,7 +18,7 @@ import torch
 
 from ...adapters import METHODS
 from ...adapters.base import check_method, check_targets
-from ...cl.backbone import check_weights_source, data_config
+from ...backbones import check_weights_source, data_config
 from ...cl.heads import HEADS, head_options
 from ...cl.loss import TRAIN_MASKS
 from ...cl.plugin import POLICIES, check_policy

@@ -17,11 +17,11 @@ import timm
 import torch
 from torch import nn
 
-from ...cl.backbone import create_continual_model
-from ...cl.glyphs import CLASSES
-from ...errors import ConfigError, DataError
-from ...hardware import hardware_info
-from ...safeio import (
+from ..cl.backbone import create_continual_model
+from ..cl.scenarios.glyphs import CLASSES
+from ..errors import ConfigError, DataError
+from ..hardware import hardware_info
+from ..safeio import (
     check_writable,
     file_sha256,
     load_json,
@@ -29,9 +29,9 @@ from ...safeio import (
     write_bytes_nofollow,
     write_text_nofollow,
 )
-from ...safeio.locks import LOCK_NAME, folder_lock
-from ...safeio.safetensors_reader import WEIGHTS_MAX_BYTES, safetensors_shapes
-from ...validate import is_number
+from ..safeio.locks import LOCK_NAME, folder_lock
+from ..safeio.safetensors_reader import WEIGHTS_MAX_BYTES, safetensors_shapes
+from ..validate import is_number
 from .config import CARD, CARD_FORMAT, WEIGHTS, config_hash, load_pretrain_config, resolved_precision
 from .training import _create_model, _threads, _train
 

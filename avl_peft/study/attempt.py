@@ -71,7 +71,7 @@ def run_one(
     """One run under its lock: finished, skipped (held elsewhere / finished meanwhile) or failed.
 
     ``planned``: what the runner saw when it planned (``{"results": signature, "since_ns": ns}``, see
-    :func:`.runner.plan`); if ``results.json`` was rewritten since, or after ``since_ns``, another process ran
+    :func:`.run_study.plan`); if ``results.json`` was rewritten since, or after ``since_ns``, another process ran
     this run meanwhile and this one skips it instead of training it twice.
     """
     run_dir = Path(out_dir) / rid

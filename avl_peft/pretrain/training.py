@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...cl.glyphs import CLASSES, GlyphDataset
-from ...errors import DataError
-from ...hardware import resolve_precision
+from ..cl.scenarios.glyphs import CLASSES, GlyphDataset
+from ..errors import DataError
+from ..hardware import resolve_precision
 
 
 def _create_model(cfg: Mapping[str, Any], checkpoint: Path | None = None, patch_drop: float = 0.0) -> nn.Module:

@@ -2,7 +2,7 @@
 
 Without network there are no pretrained weights, yet continual learning with PEFT adapters presumes a
 backbone that already knows something. This module trains one on 52-class letter recognition
-(:mod:`avl_peft.cl.glyphs`, letters from matplotlib's fonts) within a few CPU minutes and writes:
+(:mod:`avl_peft.cl.scenarios.glyphs`, letters from matplotlib's fonts) within a few CPU minutes and writes:
 
 * ``model.safetensors``: the timm state dict, 52-class head included, loadable with
   ``avl_peft.create_backbone(name, checkpoint=..., num_classes=52, **kwargs)``;

@@ -23,9 +23,9 @@ from ..errors import ConfigError, DataError
 from ..options import parse_options
 from ..safeio import check_writable, write_text_nofollow
 from . import results
+from .attempt import lock_holder, run_one
 from .config import expand
 from .executors import EXECUTORS, ExecutorOptions
-from .run import lock_holder, run_one
 
 
 def plan(
@@ -43,7 +43,7 @@ def plan(
     ``results.json`` written at or after it comes from another avl-peft process working on the same folder,
     so its run is skipped (never refused as a clash, never redone, even with ``--force``). ``planned``, if
     given, receives per run ``{"results": signature, "since_ns": since_ns}`` and, for such runs, a
-    ``"reason"``; :func:`.run.run_one` compares the signature again under the run's lock.
+    ``"reason"``; :func:`.attempt.run_one` compares the signature again under the run's lock.
 
     Also refuses (ConfigError) run folders that are, or hold, symbolic links: avl-peft writes only regular
     files there, so a link can only be planted, and following it would write outside ``out_dir``. A

@@ -1,4 +1,4 @@
-"""The rows of the compatibility table (:mod:`.compat`): how strategies that are not registered are built
+"""The rows of the compatibility table (``compat.py``): how strategies that are not registered are built
 on the table's tiny ViT, the options registered ones run with, and what the notes under the table say."""
 
 from __future__ import annotations
@@ -10,22 +10,11 @@ import avalanche.training as avl_training
 import torch
 from torch import nn
 
-from ..cl.backbone import ContinualViT, create_backbone, create_continual_model
+from avl_peft.backbones import create_backbone
+from avl_peft.cl.backbone import ContinualViT, create_continual_model
 
 VIT = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2}
 N_EXP, PER_CLASS, BATCH = 2, 8, 8  # 16 images per experience: 2 iterations
-# Registry options for tiny memories and few steps (what the table runs registered strategies with).
-TINY_OPTIONS = {
-    "replay": {"mem_size": 8},
-    "gdumb": {"mem_size": 8},
-    "agem": {"patterns_per_exp": 4, "sample_size": 4},
-    "gem": {"patterns_per_exp": 4},
-    "mir": {"mem_size": 8, "subsample": 6, "batch_size_mem": 2},
-    "er_ace": {"mem_size": 8, "batch_size_mem": 2},
-    "mer": {"mem_size": 8, "batch_size_mem": 2, "n_inner_steps": 1},
-    "rwalk": {"delta_t": 2},
-    "l2p": {"pool_size": 2, "prompt_length": 1, "top_k": 1},
-}
 
 
 # -- models and builders for strategies that are not registered -----------------------------------------

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from ...cl.backbone import check_backbone_kwargs, meta_backbone
-from ...errors import ConfigError
-from ...hardware import bf16_native
-from ...options import knob, parse_options
-from ...safeio import load_yaml
-from ...validate import check_finite
+from ..backbones import check_backbone_kwargs, meta_backbone
+from ..errors import ConfigError
+from ..hardware import bf16_native
+from ..options import knob, parse_options
+from ..safeio import load_yaml
+from ..validate import check_finite
 
 CARD = "card.json"
 WEIGHTS = "model.safetensors"
