@@ -73,8 +73,8 @@ def test_a_run_locked_by_another_process_is_skipped_and_named(tmp_path, capsys):
 
 
 def test_a_run_finished_by_another_process_after_planning_is_not_run_again(tmp_path):
-    from avl_peft.study.config import load_study
     from avl_peft.study.attempt import run_one
+    from avl_peft.study.config import load_study
     from avl_peft.study.run_study import plan
 
     study = load_study(write_config(tmp_path, SMALL))

@@ -13,8 +13,8 @@ import yaml
 from conftest import make_tiny_study
 
 from avl_peft.study import experiment as study_mod
-from avl_peft.study.config import expand, validate_study
 from avl_peft.study.attempt import run_lock
+from avl_peft.study.config import expand, validate_study
 from avl_peft.study.run_study import run_study
 
 STUDY = make_tiny_study(

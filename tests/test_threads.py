@@ -90,8 +90,8 @@ def test_a_run_applies_training_threads(monkeypatch):
 def test_a_library_run_changes_no_process_setting_unless_it_opts_in(monkeypatch, four_cores):
     """run_experiment/build called from a script leave the allocator and the thread count alone; the CLI's
     processes (threads.configure) and process_settings=True apply the policy."""
-    from avl_peft.study.experiment import build
     from avl_peft.study.config import expand, validate_study
+    from avl_peft.study.experiment import build
 
     data = {
         "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}},
