@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import atomic, threads
 from ..adapters import METHODS
+from ..adapters.base import parse_options
 from ..adapters.budget import select_for_budget
 from ..adapters.inject import parameter_counts
 from ..cl import distributed
@@ -289,6 +290,15 @@ def _clear_checkpoints(run_dir: Path, start: int) -> None:
             path.unlink()
 
 
+def scaling_block(cfg: dict, budget: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The adapter's scale as resolved (``alpha_policy``, α, s; see AdapterOptions); None for full/head."""
+    name = cfg["method"]["name"]
+    cls = METHODS.get(name)
+    if not cls.adds_adapter:
+        return None
+    return parse_options(cls.Options, name, budget["options"] if budget else cfg["method"]["options"]).scaling()
+
+
 def heads_block(cfg: dict, parts: RunParts) -> dict[str, Any]:
     """Which classifier produced ``accuracy_matrix`` and, for a statistics head, the linear head's numbers."""
     name = cfg["training"]["head"]
@@ -375,6 +385,7 @@ def run_experiment(
         "hardware": hardware_info(parts.device),
         "params": done["counts"] or parameter_counts(strategy.model),
         "budget": parts.budget,
+        "scaling": scaling_block(cfg, parts.budget),
         "backbone_weights": parts.weights,
         "classes_order": [int(c) for c in getattr(benchmark, "classes_order", [])],
         "accuracy_matrix": matrix.matrices,
