@@ -36,6 +36,7 @@ from ..cl.loss import TrainMaskLoss
 from ..cl.plugin import PEFTPlugin
 from ..cl.precision import CompilePlugin, InferenceModeEval, PrecisionPlugin, check_precision, loader_options
 from ..cl.scenarios import build_scenario
+from ..cl.scenarios.validation import carve_validation
 from ..cl.strategies import STRATEGIES, StrategySpec, strategy_options
 from ..cl.strategies.state import StateContext, tag_experience
 from ..cl.training import BatchProgress, DivergenceGuard, make_optimizer, resolve_device, seed_everything
@@ -134,8 +135,13 @@ def resolve_budget(cfg: dict, model: torch.nn.Module) -> dict[str, Any] | None:
     }
 
 
-def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunParts:
-    """Everything a run needs, wired together (exposed for tests and for custom loops)."""
+def build(cfg: dict, run_dir: Path | None, *, progress: bool = False, validation: dict | None = None) -> RunParts:
+    """Everything a run needs, wired together (exposed for tests and for custom loops).
+
+    ``validation`` (a run's ``validation`` section): train on the training data minus a carved validation
+    split and test on that split (:func:`~avl_peft.cl.scenarios.validation.carve_validation`), for the
+    trials of a search (:mod:`.search`); the test set is then never read.
+    """
     training, method = cfg["training"], cfg["method"]
     threads.for_run(training["threads"])
     seed_everything(cfg["seed"])
@@ -169,6 +175,11 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         **data_config(model.backbone),
         **sc["options"],
     )
+    if validation is not None:
+        seed = cfg["seed"] if validation["seed"] is None else validation["seed"]
+        benchmark, _ = carve_validation(
+            benchmark, fraction=validation["fraction"], seed=seed, experiences=validation["experiences"]
+        )
     n_exp = len(benchmark.train_stream)
     if training["pretrain"] and n_exp < 2:
         raise ConfigError("training.pretrain needs at least 2 experiences (the base session plus one more)")
@@ -314,12 +325,20 @@ def heads_block(cfg: dict, parts: RunParts) -> dict[str, Any]:
 
 
 def run_experiment(
-    cfg: dict, run_dir: str | os.PathLike, *, run_id: str = "run", progress: bool = True, resume: bool = False
+    cfg: dict,
+    run_dir: str | os.PathLike,
+    *,
+    run_id: str = "run",
+    progress: bool = True,
+    resume: bool = False,
+    validation: dict | None = None,
+    extra: dict | None = None,
 ) -> dict:
     """Train and evaluate one run; write its folder; return the results dict.
 
     With ``resume``, continue from the newest intact ``state_<t>.pt`` in ``run_dir`` (see
-    :mod:`.resume`); otherwise start from scratch (old states are removed).
+    :mod:`.resume`); otherwise start from scratch (old states are removed). ``validation``: a search trial
+    (see :func:`build`); ``extra``: blocks added to results.json (a search's), written with it, atomically.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -333,7 +352,7 @@ def run_experiment(
         )
     if not (resume and resumable):
         run_state.clear_states(run_dir)
-    parts = build(cfg, run_dir, progress=progress)
+    parts = build(cfg, run_dir, progress=progress, validation=validation)
     strategy, benchmark, matrix = parts.strategy, parts.benchmark, parts.matrix
     training = cfg["training"]
     done = {"train_s": 0.0, "eval_s": 0.0, "images": 0, "counts": None}
@@ -412,6 +431,9 @@ def run_experiment(
         out["timing"]["upstream_s"] = plugin.seconds
     if "resumed_at_experience" in done:
         out["resumed_at_experience"] = done["resumed_at_experience"]
+    if validation is not None:
+        out["validation"] = getattr(benchmark, "scenario_config", {}).get("validation")
+    out.update(extra or {})
     results.write(run_dir, out)
     run_state.clear_states(run_dir)  # finished: results.json and the per-experience checkpoints remain
     return out

@@ -19,6 +19,7 @@ from ..adapters import METHODS
 from ..cl.training import resolve_device
 from ..errors import ConfigError
 from ..safeio import load_yaml, parse_yaml, safe_component
+from .report.claims import check_claims
 from .schema import (
     SCHEMA,
     STUDY_ONLY,
@@ -30,6 +31,7 @@ from .schema import (
     set_dotted,
     validate_section,
 )
+from .search import check_search
 
 
 def _check_overrides(where: str, overrides: Any, *, lists: bool) -> None:
@@ -118,7 +120,10 @@ def validate_study(data: Any) -> dict:
     _check_overrides("grid", study["grid"], lists=True)
     for i, variant in enumerate(study["variants"]):
         _check_overrides(f"variants[{i}]", variant, lists=False)
+    check_claims(study["claims"])
     runs = expand(study)  # every run must validate before anything trains
+    for _, cfg in runs:
+        check_search(cfg)  # every trial of a validation search too
     executor = study["executor"]
     if not (executor["name"] == "ray" and executor["ray_address"]):  # a remote cluster has its own devices
         for device in sorted({cfg["training"]["device"] for _, cfg in runs}):

@@ -195,10 +195,36 @@ SCHEMA: dict[str, Any] = {
         "num_cpus": F(NUM, 1, "CPUs Ray reserves per run", minimum=0, maximum=1024),
         "num_gpus": F(NUM, 0, "GPUs Ray reserves per run (fractions share a GPU)", minimum=0, maximum=1024),
     },
+    # Validation-based selection (study.search): candidates tuned per run on a split of its training data.
+    "search": F(dict, {}, "dotted key -> candidate values, chosen per run on the validation split (null: none)"),
+    "validation": {
+        "fraction": F(
+            NUM,
+            0.2,
+            "share of each class's training images carved out for validation",
+            minimum=0,
+            maximum=1,
+            exclusive_min=True,
+        ),
+        "seed": F(int, None, "seed of the carve (null: the run's seed)", minimum=0, maximum=2**32 - 1, nullable=True),
+        "experiences": F(
+            str,
+            "first",
+            "choose on the first experience, or on all (sees the future: docs/design.md)",
+            choices=("first", "all"),
+        ),
+        "metric": F(
+            str,
+            "acc",
+            "validation metric the search maximises (forgetting metrics: minimises)",
+            choices=("acc", "avg_incremental_acc", "til_acc", "bwt", "forgetting", "til_forgetting"),
+        ),
+    },
+    "claims": F(list, [], "claims the report judges: [{better: A, than: B, metric: M}] (report/claims.py)"),
     "grid": F(dict, {}, "cartesian axes: dotted key -> list of values"),
     "variants": F(list, [], "list of override sets (dotted key -> value), crossed with the grid"),
 }
-STUDY_ONLY = ("grid", "variants", "executor")  # study-level sections, not part of any run's config
+STUDY_ONLY = ("grid", "variants", "executor", "claims")  # study-level sections, not part of any run's config
 FREE_FORM = {"backbone.kwargs", "scenario.options", "method.options", "strategy.options"}
 
 

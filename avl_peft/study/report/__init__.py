@@ -31,9 +31,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ...errors import DataError
-from ...safeio import write_text_nofollow
+from ...errors import AvlPeftError, DataError
+from ...safeio import load_yaml, write_text_nofollow
 from .. import results
+from .claims import check_claims, statistics_sections
 from .plots import write_plots
 from .runs import REPORT_METRICS, CorruptResults, Run, load_run, warn_duplicate_ids
 from .table import CSV_COLUMNS, SUBSPACE_COLUMNS, aggregate, format_table, markdown_report, write_csv
@@ -54,7 +55,8 @@ def build_report(run_dir_root: str | Path, out_dir: str | Path | None = None) ->
         raise DataError(
             f"run folder '{root}' does not exist or is not a folder; pass the folder the runs were written to"
         )
-    paths = sorted(p for p in root.rglob(results.FILENAME) if p.is_file())
+    # A search's trials (run folders below search-trials/) are not runs of the study.
+    paths = sorted(p for p in root.rglob(results.FILENAME) if p.is_file() and results.TRIALS not in p.parts)
     if not paths:
         raise DataError(
             f"no {results.FILENAME} found under '{root}' (searched recursively); "
@@ -84,5 +86,23 @@ def build_report(run_dir_root: str | Path, out_dir: str | Path | None = None) ->
     # plots/ or plot planted there as a symbolic link is replaced or refused, never written through.
     plot_files = write_plots(runs, rows, out / "plots", root=out)
     write_csv(rows, out / "report.csv", root=out)
-    write_text_nofollow(out / "report.md", markdown_report(rows, runs, root, out, plot_files), root=out)
+    text = markdown_report(rows, runs, root, out, plot_files)
+    sections = statistics_sections(runs, study_claims(root))
+    if sections:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(sections)
+    write_text_nofollow(out / "report.md", text, root=out)
     return rows
+
+
+def study_claims(root: Path) -> list[dict]:
+    """The ``claims`` of the study whose runs are under ``root`` (its ``study.yaml``, written by the runner)."""
+    path = root / "study.yaml"
+    if not path.is_file():
+        return []
+    try:
+        claims = (load_yaml(path, what="study file") or {}).get("claims") or []
+        check_claims(claims)
+    except (AvlPeftError, AttributeError) as exc:
+        warnings.warn(f"{path}: its claims are not judged ({exc})", stacklevel=2)
+        return []
+    return claims
