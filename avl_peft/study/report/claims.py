@@ -80,7 +80,7 @@ def _labels(keys: list[Key]) -> dict[Key, str]:
     vary = [len({k[i] for k in keys}) > 1 for i in range(4)]
     labels = {}
     for key in keys:
-        extra = [key[1] or "-"] if vary[1] else []
+        extra = [key[1]] if vary[1] and key[1] else []
         extra += [key[i] for i in (2, 3) if vary[i]]
         labels[key] = f"{key[0]} ({', '.join(extra)})" if extra else key[0]
     return labels
@@ -232,9 +232,8 @@ def _claim_lines(claims: list[dict], runs: list[Run]) -> list[str]:
         where = ", ".join(f"{k} {claim[k]}" for k in ("strategy", "head") if k in claim)
         text = f"{claim['better']} better than {claim['than']} on {metric}" + (f" ({where})" if where else "")
         if "n" in entry:
-            sign = "B − A" if metric in LOWER_IS_BETTER else "A − B"
             low, high = _fmt(metric, entry["low"]), _fmt(metric, entry["high"])
-            diff = f"{sign} = {_fmt(metric, entry['difference'])} [{low}, {high}]"
+            diff = f"{_fmt(metric, entry['difference'])} [{low}, {high}]"
             cells = [text, str(entry["n"]), diff, _p(entry["p_holm"]), f"**{entry['verdict']}**"]
         else:
             cells = [text, "0", "n/a", "n/a", f"**{entry['verdict']}** ({entry['note']})"]
@@ -242,11 +241,12 @@ def _claim_lines(claims: list[dict], runs: list[Run]) -> list[str]:
     return [
         "## Claims",
         "",
-        "Each claim tested one-sided in its direction (lower is better for forgetting metrics) with the exact",
+        'Each claim tested one-sided in its direction (lower is better for forgetting metrics; "better by" is',
+        "the mean margin in the claimed direction, negative when the data point the other way) with the exact",
         "sign-flip test on shared seeds, Holm over the claims: **holds** if significant at 0.05, **does not hold**",
         "if the opposite direction is, else **inconclusive**.",
         "",
-        "| claim | seeds | difference [95 % CI] | p (Holm) | verdict |",
+        "| claim | seeds | better by [95 % CI] | p (Holm) | verdict |",
         "|---|---|---|---|---|",
         *rows,
         "",
