@@ -58,7 +58,7 @@ def run_id(cfg: dict, axes: list[str]) -> str:
     if cfg.get("budget") is not None:
         parts.append(f"budget{cfg['budget']}")
     for key in axes:
-        if key.startswith(("method.", "strategy.name", "seed", "budget")):
+        if key.startswith(("method.", "strategy.name", "seed", "budget", "search")):  # a search: in results.json
             continue
         parts.append(f"{key.split('.')[-1]}{get_dotted(cfg, key)}")
     parts.append(f"s{cfg['seed']}")
