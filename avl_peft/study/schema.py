@@ -53,6 +53,7 @@ NUM = (int, float)
 # Values training.head took before it chose the classifier; refused with the new spelling (check_run).
 LEGACY_HEADS = ("incremental", "multi")
 PRECISION_NAMES = ("auto", *PRECISIONS)
+SEARCH_METRICS = ("avg_incremental_acc", "til_acc", "bwt", "forgetting", "til_forgetting")  # besides acc
 
 # The schema: section -> key -> Field. Defaults are the quickstart-scale choices; each has its reason.
 # Upper bounds (``maximum``) are there to catch typos (an extra ten zeros), not to limit real studies: each
@@ -197,28 +198,11 @@ SCHEMA: dict[str, Any] = {
     },
     # Validation-based selection (study.search): candidates tuned per run on a split of its training data.
     "search": F(dict, {}, "dotted key -> candidate values, chosen per run on the validation split (null: none)"),
-    "validation": {
-        "fraction": F(
-            NUM,
-            0.2,
-            "share of each class's training images carved out for validation",
-            minimum=0,
-            maximum=1,
-            exclusive_min=True,
-        ),
-        "seed": F(int, None, "seed of the carve (null: the run's seed)", minimum=0, maximum=2**32 - 1, nullable=True),
-        "experiences": F(
-            str,
-            "first",
-            "choose on the first experience, or on all (sees the future: docs/design.md)",
-            choices=("first", "all"),
-        ),
-        "metric": F(
-            str,
-            "acc",
-            "validation metric the search maximises (forgetting metrics: minimises)",
-            choices=("acc", "avg_incremental_acc", "til_acc", "bwt", "forgetting", "til_forgetting"),
-        ),
+    "validation": {  # the split a search chooses on (study/search.py, docs/design.md)
+        "fraction": F(NUM, 0.2, "share of each class's training images", minimum=0, maximum=1, exclusive_min=True),
+        "seed": F(int, None, "seed of the split (null: the run's seed)", minimum=0, maximum=2**32 - 1, nullable=True),
+        "experiences": F(str, "first", "choose on the first experience or all (sees ahead)", choices=("first", "all")),
+        "metric": F(str, "acc", "maximised (forgetting: minimised)", choices=("acc", *SEARCH_METRICS)),
     },
     "claims": F(list, [], "claims the report judges: [{better: A, than: B, metric: M}] (report/claims.py)"),
     "grid": F(dict, {}, "cartesian axes: dotted key -> list of values"),
