@@ -77,6 +77,7 @@ def test_search_settings_are_validated_before_anything_trains():
         ({"search": {"training.lr": [-1.0]}}, "training.lr"),  # every trial is checked as a run
         ({"validation": {"experiences": "first", "metric": "forgetting"}}, "cannot show"),
         ({"validation": {"fraction": 1.5}}, "validation.fraction"),
+        ({"training": {"pretrain": True}}, "would choose on the base session"),
         ({"claims": [{"better": "lora", "than": "full", "metric": "acc", "hed": "x"}]}, "Did you mean .head"),
         ({"claims": [{"better": "lora", "than": "full", "metric": "retention"}]}, "upstream_retention"),
     ]:

@@ -96,6 +96,11 @@ def check_search(cfg: dict) -> None:
             f"validation.metric: {metric} measures forgetting, which one experience (validation.experiences: first) "
             "cannot show; choose on acc, or set validation.experiences: all"
         )
+    if experiences == "first" and cfg["training"]["pretrain"]:
+        raise ConfigError(
+            "validation.experiences: first would choose on the base session (training.pretrain: true trains "
+            "experience 0 with full fine-tuning, not the method); set validation.experiences: all"
+        )
     for _, values in trials(cfg):
         trial_config(cfg, values)
 
