@@ -8,7 +8,9 @@ recursively, groups the runs by
   standard deviation over seeds of each metric (``acc_mean``, ``acc_std``, ...; std is 0 for one seed),
   trainable parameters, mean training time and, where the runs logged subspace diagnostics, the mean
   overlap, mean alignment and final-experience feature drift;
-* ``report.md``: the same table formatted by :func:`format_table` (accuracies as percentages);
+* ``report.md``: the same table formatted by :func:`format_table` (accuracies as percentages) and, with
+  ≥ 2 seeds, the statistics sections of :mod:`.claims` (95 % bootstrap intervals, paired comparisons, the
+  verdicts on the ``claims`` of the study's ``study.yaml``) and the values a validation search chose;
 * ``plots/acc_matrix_<run-id>.png``: one accuracy-matrix heatmap per finished run (beyond 20 experiences with
   the average accuracy per step, the final accuracy and the forgetting per task plotted below it);
 * ``plots/forgetting_vs_params.png``: forgetting against trainable parameters, one colour per method;
@@ -86,11 +88,8 @@ def build_report(run_dir_root: str | Path, out_dir: str | Path | None = None) ->
     # plots/ or plot planted there as a symbolic link is replaced or refused, never written through.
     plot_files = write_plots(runs, rows, out / "plots", root=out)
     write_csv(rows, out / "report.csv", root=out)
-    text = markdown_report(rows, runs, root, out, plot_files)
     sections = statistics_sections(runs, study_claims(root))
-    if sections:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(sections)
-    write_text_nofollow(out / "report.md", text, root=out)
+    write_text_nofollow(out / "report.md", markdown_report(rows, runs, root, out, plot_files, sections), root=out)
     return rows
 
 
