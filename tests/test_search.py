@@ -121,6 +121,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(monkeypatc
     assert [(lr, val) for _, lr, val in calls] == [(0.001, True), (0.0001, True), (0.001, False)]
     block = out["search"]
     assert block["chosen"] == {"training.lr": 0.001} and block["chosen_score"] == pytest.approx(1.0)
+    assert block["tied"] == 1
     assert [t["values"]["training.lr"] for t in block["trials"]] == [0.01, 0.001, 0.0001]
     assert block["validation"] == {"fraction": 0.25, "experiences": "first"}
     # everything done: a third attempt runs only the final run; without resume every trial reruns

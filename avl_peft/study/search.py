@@ -164,6 +164,9 @@ def run_search(cfg: dict, run_dir: Path, *, run_id: str, resume: bool, progress:
         "trials": [{k: r[k] for k in ("id", "values", "score", "train_s")} for r in done],
         "chosen": done[best]["values"],
         "chosen_score": done[best]["score"],
+        # How many trials share the best score: with more than one the split did not tell them apart and the
+        # first in grid order was taken (the report says so).
+        "tied": sum(r["score"] == done[best]["score"] for r in done),
     }
 
 

@@ -264,6 +264,9 @@ def _search_lines(runs: list[Run]) -> list[str]:
         validation = block.get("validation") if isinstance(block.get("validation"), dict) else {}
         score = block.get("chosen_score")
         score_text = f"{score:.4f}" if isinstance(score, (int, float)) else "n/a"
+        tied = block.get("tied")
+        if isinstance(tied, int) and tied > 1:
+            score_text += f" ({tied} tied: first in grid order)"
         rows.append(
             f"| {run.run_id} | {chosen} | {block.get('metric', '?')} {score_text} | {len(trials)} | "
             f"{validation.get('experiences', '?')}, {validation.get('fraction', '?')} |"
@@ -274,7 +277,7 @@ def _search_lines(runs: list[Run]) -> list[str]:
         "## Validation-selected hyper-parameters",
         "",
         "Chosen per run on a validation split carved from its training data (never the test set); "
-        "`results.json` → `search` has every trial.",
+        "`results.json` → `search` has every trial. A tie means the split could not tell the candidates apart.",
         "",
         "| run | chosen | validation score | trials | experiences, fraction |",
         "|---|---|---|---|---|",
