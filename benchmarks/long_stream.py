@@ -21,6 +21,14 @@ RSS is that variant's. Per experience it records:
 Summary per variant: ``step_ratio`` = median step time of the last five experiences ÷ the first five's;
 ``peak_growth`` = peak RSS at the last experience ÷ at experience 10 − 1.
 
+A step here takes milliseconds, and medians taken minutes apart move with the machine's load. So the
+benchmark also times the *same* step A/B: it keeps a copy of the model as it trained in experiences 1, 2
+and the last, then, after the stream, times ``--ab-rounds`` rounds of ``--ab-steps`` training steps of each
+copy in turn on one fixed batch (forward, loss with the method's penalty, backward, AdamW step; CPU time).
+Interleaving puts every copy under the same load, so ``ab_ratio_last_first`` (median step of the last
+experience's model ÷ the first's) and ``ab_ratio_last_second`` (÷ the second's, the first with a folded
+term) measure the model, not the machine.
+
     python benchmarks/long_stream.py                       # 100 experiences, every variant
     python benchmarks/long_stream.py --experiences 20 --variants lora-stack,sdlora --tag smoke
 """
@@ -28,6 +36,7 @@ Summary per variant: ``step_ratio`` = median step time of the last five experien
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -124,7 +133,13 @@ class Timer:
             def after_update(self, strategy, **kw):
                 outer.steps.append(time.process_time() - outer.start)
 
+            def after_training_iteration(self, strategy, **kw):
+                if outer.snapshot_as is not None:  # the model as it trains in this experience
+                    outer.snapshots[outer.snapshot_as] = copy.deepcopy(strategy.model)
+                    outer.snapshot_as = None
+
         self.plugin, self.steps, self.start = _Plugin(), [], 0.0
+        self.snapshot_as, self.snapshots = None, {}
 
 
 def adapter_numbers(model: torch.nn.Module) -> dict[str, int]:
@@ -171,8 +186,10 @@ def run_variant(name: str, args) -> dict:
     probe = torch.stack([bench.test_stream[0].dataset[i][0] for i in range(4)]).to(device)
     resume_at = {1, 10, 50, args.experiences}
     rows = []
+    last = len(bench.train_stream) - 1
     for t, exp in enumerate(bench.train_stream):
         timer.steps.clear()
+        timer.snapshot_as = {0: "first", 1: "second", last: "last"}.get(t)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         strategy.train(exp)
@@ -200,7 +217,45 @@ def run_variant(name: str, args) -> dict:
         if args.verbose:
             print(name, json.dumps(row), flush=True)
     shutil.rmtree(ckpt, ignore_errors=True)
-    return {"variant": name, "method": method, "options": options, "experiences": rows, **summary(rows)}
+    ab = ab_steps(timer.snapshots, bench, options, args)
+    return {"variant": name, "method": method, "options": options, "experiences": rows, **summary(rows), **ab}
+
+
+def ab_steps(models: dict[str, torch.nn.Module], bench, options: dict, args) -> dict:
+    """Interleaved CPU time of one training step of each kept model on the same batch (see the docstring)."""
+    from avl_peft.adapters.interference import interference_penalty
+
+    data = bench.train_stream[0].dataset
+    x = torch.stack([data[i][0] for i in range(args.batch)]).to(args.device)
+    y = torch.tensor([int(data[i][1]) for i in range(args.batch)], device=args.device)
+    optims = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+
+    def step(k: str) -> None:
+        loss = torch.nn.functional.cross_entropy(models[k](x), y)
+        if options.get("interference") == "orthogonal":
+            loss = loss + interference_penalty(models[k])
+        loss.backward()
+        optims[k].step()
+        optims[k].zero_grad(set_to_none=True)
+
+    for k in models:  # warm-up: allocator, optimizer state
+        models[k].train()
+        for _ in range(3):
+            step(k)
+    for _ in range(args.ab_rounds):
+        for k in models:
+            for _ in range(args.ab_steps):
+                t0 = time.process_time()
+                step(k)
+                times[k].append(time.process_time() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {"ab_step_s": med, "ab_rounds": args.ab_rounds, "ab_steps": args.ab_steps}
+    if "first" in med and "last" in med:
+        out["ab_ratio_last_first"] = med["last"] / med["first"]
+    if "second" in med and "last" in med:
+        out["ab_ratio_last_second"] = med["last"] / med["second"]
+    return out
 
 
 def resume(method: str, options: dict, ckpt: Path, live: torch.nn.Module, probe, args) -> dict:
@@ -248,6 +303,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=10, help="evaluate the seen test stream every N experiences")
+    p.add_argument("--ab-rounds", type=int, default=30, help="interleaved A/B rounds after the stream")
+    p.add_argument("--ab-steps", type=int, default=10, help="training steps per model per A/B round")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tag", default="")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print its JSON
@@ -271,6 +328,8 @@ def main() -> None:
         "batch",
         "epochs",
         "eval_every",
+        "ab_rounds",
+        "ab_steps",
         "device",
     )
     passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in keys] + ["--verbose"] * args.verbose
@@ -289,7 +348,8 @@ def main() -> None:
         record["wall_s"] = time.time() - started
         results.append(record)
         print(
-            f"{name:16s} step x{record['step_ratio']:.2f}  peak RSS {record['peak_growth'] * 100:+.1f}%  "
+            f"{name:16s} step x{record['step_ratio']:.2f} (A/B x{record.get('ab_ratio_last_first', float('nan')):.2f}, "
+            f"vs exp 2 x{record.get('ab_ratio_last_second', float('nan')):.2f})  peak RSS {record['peak_growth'] * 100:+.1f}%  "
             f"adapter params {record['adapter_params_first_last']}  ckpt bytes {record['checkpoint_bytes_first_last']}"
             f"  ({record['wall_s']:.0f} s)",
             flush=True,
