@@ -15,11 +15,11 @@ from .errors import AvlPeftError
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .safeio import default_out_dir
-    from .study.grid import expand, load_study
+    from .study.config import expand, load_study
     from .study.runner import plan, run_study
     from .study.search import trials as search_trials
 
-    study = load_study(args.config, args.set)
+    study = load_study(args.config, args.set, dry_run=args.dry_run)
     from .cl.distributed import init_from_env, rank
 
     init_from_env(study["seed"], study["training"]["device"])  # no-op unless launched by torchrun
@@ -89,9 +89,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from .study.pretrain import find_or_build, load_pretrain_config, pretrain, read_card
+    from .study.pretrain import (
+        check_output,
+        config_hash,
+        find_or_build,
+        load_pretrain_config,
+        output_dir,
+        pretrain,
+        read_card,
+    )
 
     cfg = load_pretrain_config(args.config)
+    if args.dry_run:
+        out = Path(args.out) if args.out else output_dir(cfg)
+        why = check_output(out, cfg) if out.exists() else "not built yet"
+        state = "built, would be reused" if not why else f"would be trained ({why})"
+        if args.force:
+            state = "would be retrained (--force)"
+        print(f"{args.config}: valid, config hash {config_hash(cfg)} -> {out}: {state}")
+        return 0
     if args.out:
         out = pretrain(cfg, args.out, force=args.force, progress=not args.quiet)
     else:
@@ -141,7 +157,8 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     from .adapters.budget import budget_table
     from .cl.backbone import check_backbone_kwargs, meta_backbone
     from .errors import ConfigError
-    from .safeio import check_finite, parse_yaml
+    from .safeio import parse_yaml
+    from .validate import check_finite
 
     kwargs = {}
     for item in args.timm:
@@ -182,9 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--resume", action="store_true", help="skip finished runs, redo interrupted ones")
     r.add_argument("--force", action="store_true", help="redo runs that already have results")
-    r.add_argument("--dry-run", action="store_true", help="validate and list the runs, train nothing")
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and list the runs, train nothing (a device missing here is a warning; data are not read)",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bars")
-    r.add_argument("--executor", choices=["sequential", "local", "ray"], help="where runs execute (default: config)")
+    r.add_argument("--executor", help="sequential, local or ray: where runs execute (default: config)")
     r.add_argument("--workers", type=int, help="processes for --executor local")
     r.add_argument("--ray-address", help="Ray cluster address for --executor ray (default: start Ray locally)")
     r.set_defaults(func=_cmd_run)
@@ -209,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", help="output folder (default: the cache, ~/.cache/avl-peft/pretrain/<name>-<hash>)")
     pt.add_argument("--force", action="store_true", help="retrain even if a valid output exists")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    pt.add_argument(
+        "--dry-run", action="store_true", help="validate the config and show the output folder, train nothing"
+    )
     pt.set_defaults(func=_cmd_pretrain)
     ex = sub.add_parser("export", help="a run's adapters as a Hugging Face peft folder or merged timm weights")
     ex.add_argument("run_dir", help="the folder of one finished run (runs/<study>/<run id>)")

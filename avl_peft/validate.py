@@ -42,24 +42,40 @@ def check_int(key: str, value: Any, *, minimum: int | None = None, maximum: int 
     return value
 
 
+def check_positive_int(key: str, value: Any, fix: str, maximum: int | None = None) -> int:
+    """An integer >= 1 (and <= ``maximum``), for library arguments: the message ends with ``fix``."""
+    if not is_int(value) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}; {fix}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{key} must be at most {maximum}, got {value!r}; {fix}")
+    return int(value)
+
+
 def check_number(
-    key: str, value: Any, *, low: float | None = None, high: float | None = None, exclusive_low: bool = False
+    key: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    exclusive_low: bool = False,
+    exclusive_high: bool = False,
 ) -> float:
-    """A finite number within [low, high] (or (low, high] with ``exclusive_low``)."""
+    """A finite number within [low, high] (either end open with ``exclusive_low``/``exclusive_high``)."""
     if not is_number(value):
         raise ConfigError(f"{key} must be a number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
         raise ConfigError(f"{key} must be a finite number, got {value}")
     below = low is not None and (value < low or (exclusive_low and value == low))
-    if below or (high is not None and value > high):
-        left = "(" if exclusive_low else "["
+    above = high is not None and (value > high or (exclusive_high and value == high))
+    if below or above:
+        left, right = "(" if exclusive_low else "[", ")" if exclusive_high else "]"
         if low is not None and high is not None:
-            bounds = f"in {left}{low}, {high}]"
+            bounds = f"in {left}{low}, {high}{right}"
         elif low is not None:
             bounds = f"{'>' if exclusive_low else '>='} {low}"
         else:
-            bounds = f"<= {high}"
+            bounds = f"{'<' if exclusive_high else '<='} {high}"
         raise ConfigError(f"{key} must be {bounds}, got {value}")
     return value
 
@@ -73,6 +89,29 @@ def check_bool(key: str, value: Any) -> bool:
 def check_choice(key: str, value: Any, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ConfigError(
-            f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}." + suggest(str(value), list(choices))
+            f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}." + suggest(str(value), list(choices))
         )
     return value
+
+
+def check_finite(value: Any, key: str) -> Any:
+    """Return ``value``; raise ConfigError if it is a NaN or infinite number (``.nan``, ``.inf``, ``1e999``).
+
+    Anything else, including non-numbers, passes through: the type is the caller's to check.
+    """
+    if isinstance(value, Real) and not isinstance(value, Integral) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    return value
+
+
+def check_finite_tree(node: Any, key: str = "") -> None:
+    """Refuse NaN and infinite numbers anywhere in nested mappings and lists (free-form options included),
+    naming the dotted key (``scenario.options.ratio``, ``method.targets[2]``)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            check_finite_tree(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            check_finite_tree(v, f"{key}[{i}]")
+    else:
+        check_finite(node, f"{key}:")

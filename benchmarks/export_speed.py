@@ -29,8 +29,8 @@ from avl_peft.cl.backbone import create_continual_model
 from avl_peft.cl.checkpoints import save_checkpoint
 from avl_peft.cl.training import seed_everything
 from avl_peft.hardware import hardware_info
+from avl_peft.study.config import expand, validate_study
 from avl_peft.study.experiment import versions
-from avl_peft.study.grid import expand, validate_study
 
 
 def make_run(folder: Path) -> dict:

@@ -234,7 +234,7 @@ def part_speed(ctx: argparse.Namespace) -> dict:
 
 
 def run_config(ctx: argparse.Namespace, scenario: dict, training: dict, method: dict | None = None) -> dict:
-    from avl_peft.study.grid import expand, validate_study
+    from avl_peft.study.config import expand, validate_study
 
     data = {
         "name": "gpu_check",

@@ -349,7 +349,8 @@ def main() -> None:
         results.append(record)
         print(
             f"{name:16s} step x{record['step_ratio']:.2f} (A/B x{record.get('ab_ratio_last_first', float('nan')):.2f}, "
-            f"vs exp 2 x{record.get('ab_ratio_last_second', float('nan')):.2f})  peak RSS {record['peak_growth'] * 100:+.1f}%  "
+            f"vs exp 2 x{record.get('ab_ratio_last_second', float('nan')):.2f})  "
+            f"peak RSS {record['peak_growth'] * 100:+.1f}%  "
             f"adapter params {record['adapter_params_first_last']}  ckpt bytes {record['checkpoint_bytes_first_last']}"
             f"  ({record['wall_s']:.0f} s)",
             flush=True,

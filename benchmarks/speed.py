@@ -342,8 +342,8 @@ def end_to_end() -> dict[str, float]:
     """
     import tempfile
 
+    from avl_peft.study.config import expand, load_study
     from avl_peft.study.experiment import build
-    from avl_peft.study.grid import expand, load_study
 
     config = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
     common = ["training.pretrain=false", "variants=[{method.name: lora}]", "training.epochs=2"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import make_tiny_study, tiny_vit
 from torch import nn
 
 import avl_peft
@@ -21,7 +21,7 @@ from avl_peft.cl.heads import (
 from avl_peft.cl.plugin import PEFTPlugin
 from avl_peft.errors import ConfigError
 from avl_peft.study import experiment as study_mod
-from avl_peft.study.grid import validate_study
+from avl_peft.study.config import validate_study
 from avl_peft.study.runner import run_study
 
 D, K = 4, 3
@@ -193,20 +193,15 @@ def test_first_session_policy_leaves_the_backbone_bit_identical_after_experience
         PEFTPlugin("full", policy="first")
 
 
-STUDY = {
-    "name": "align",
-    "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2}},
-    "scenario": {"name": "synthetic", "n_experiences": 3, "options": {"n_classes": 6, "n_train_per_class": 20}},
-    "training": {
-        "epochs": 1,
-        "batch_size": 16,
+STUDY = make_tiny_study(
+    name="align",
+    scenario={"n_experiences": 3, "options": {"n_classes": 6, "n_train_per_class": 20}},
+    training={
         "lr": 0.003,
         "head": "ranpac",
         "head_options": {"dim": 64, "align": {"epochs": 1, "samples_per_class": 16}, "drift": "sdc"},
     },
-    "method": {"name": "lora", "options": {"rank": 2}},
-    "subspace": {"enabled": False},
-}
+)
 
 
 @pytest.mark.slow
@@ -250,7 +245,7 @@ def test_first_session_run_keeps_the_adapted_backbone_bit_identical(tmp_path):
 def test_paper_scale_configs_validate(name):
     import yaml
 
-    from avl_peft.study.grid import expand
+    from avl_peft.study.config import expand
 
     data = yaml.safe_load((Path(__file__).parents[1] / "configs" / f"{name}.yaml").read_text())
     data["training"]["device"] = "cpu"  # the dry run of a GPU config on a CPU machine

@@ -6,6 +6,7 @@ import pytest
 from conftest import tiny_vit
 
 import avl_peft
+from avl_peft.adapters import METHODS
 from avl_peft.adapters.budget import (
     budget_table,
     count_adapter_params,
@@ -31,7 +32,6 @@ def injected_count(model, method, targets=None, **options):
 
 
 def max_rank(model, method, targets=None):
-    from avl_peft.adapters import METHODS
     from avl_peft.adapters.inject import find_targets
 
     cls = METHODS.get(method)
@@ -71,7 +71,7 @@ def test_counting_leaves_the_model_alone(model):
     assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
 
 
-@pytest.mark.parametrize("method", ["lora", "pissa", "wegeft"])
+@pytest.mark.parametrize("method", [m for m in METHODS.names() if METHODS.get(m).budget_knobs == ("rank",)])
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_rank_methods_fit_and_are_maximal(model, method, budget):
     chosen = select_for_budget(method, budget, backbone_model=model)
@@ -118,17 +118,21 @@ def test_a_budget_at_an_exact_count_is_reached(model):
     assert select_for_budget("lora", exact - 1, backbone_model=model)["rank"] == 2
 
 
-@pytest.mark.parametrize("method", ["full", "head"])
+BUDGETED = [m for m in METHODS.names() if METHODS.get(m).budget_knobs]
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS.names() if m not in BUDGETED])
 def test_baselines_have_no_budget(model, method):
     with pytest.raises(ConfigError, match="no parameter budget"):
         select_for_budget(method, 10_000, backbone_model=model)
 
 
-@pytest.mark.parametrize("method", ["lora", "pissa", "wegeft", "loretta"])
+@pytest.mark.parametrize("method", BUDGETED)
 def test_budget_below_the_minimum_names_it(model, method):
+    # the smallest adapter: rank 1 with each setting of the method's other knobs (LoRETTA's tt_rank)
     minimum = min(
-        count_adapter_params(method, backbone_model=model, rank=1, **({"tt_rank": t} if method == "loretta" else {}))
-        for t in (TT_RANKS if method == "loretta" else [None])
+        count_adapter_params(method, backbone_model=model, **knobs)
+        for knobs in METHODS.get(method).budget_candidates(1, {})
     )
     with pytest.raises(ConfigError, match=f"{minimum:,} parameters"):
         select_for_budget(method, minimum - 1, backbone_model=model)
@@ -152,8 +156,7 @@ def test_bad_options_and_targets_are_config_errors(model):
 
 def test_budget_table_has_every_adapter_method(model):
     rows = budget_table(model, 20_000)
-    # every shipped adapter method has a row (the list is written out: a method dropped from the registry fails)
-    assert {r["method"] for r in rows} == {"lora", "pissa", "wegeft", "loretta", "inflora", "sdlora", "cl_lora"}
+    assert [r["method"] for r in rows] == BUDGETED
     for row in rows:
         assert row["error"] is None
         assert row["adapter_params"] <= 20_000

@@ -21,7 +21,7 @@ from avl_peft.cl.strategies.l2p import L2P, build_prompted_vits
 from avl_peft.errors import ConfigError
 from avl_peft.instruments.metrics import METRIC_NAMES
 from avl_peft.study import experiment as study
-from avl_peft.study.grid import expand, validate_study
+from avl_peft.study.config import expand, validate_study
 
 BACKBONE_KWARGS = {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
 L2P_OPTIONS = {"pool_size": 4, "prompt_length": 2, "top_k": 2, "lr": 0.03}

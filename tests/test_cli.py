@@ -7,17 +7,17 @@ import sys
 
 import pytest
 import yaml
+from conftest import make_tiny_study
 
 from avl_peft.cli import main
 
-TINY_STUDY = {
-    "name": "tiny",
-    "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2}},
-    "scenario": {"name": "synthetic", "n_experiences": 3},
-    "training": {"epochs": 1, "batch_size": 16, "lr": 0.003},
-    "method": {"name": "lora", "options": {"rank": 2}},
-    "grid": {"method.name": ["lora", "wegeft"]},
-}
+TINY_STUDY = make_tiny_study(
+    name="tiny",
+    scenario={"n_experiences": 3},
+    training={"lr": 0.003},
+    subspace=None,
+    grid={"method.name": ["lora", "wegeft"]},
+)
 
 
 def avl(*args, cwd):
@@ -104,7 +104,7 @@ def test_bad_config_exits_2_without_traceback(tmp_path):
 
 
 def test_diverging_run_is_recorded_failed_and_others_continue(tmp_path):
-    from avl_peft.study.grid import validate_study
+    from avl_peft.study.config import validate_study
     from avl_peft.study.report import build_report
     from avl_peft.study.runner import run_study
 

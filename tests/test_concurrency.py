@@ -14,16 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import make_tiny_study
 
 from avl_peft.cli import main
 
-SMALL = {
-    "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2}},
-    "scenario": {"name": "synthetic", "n_experiences": 2},
-    "training": {"epochs": 1, "batch_size": 16},
-    "method": {"name": "lora", "options": {"rank": 2}},
-    "subspace": {"enabled": False},
-}
+SMALL = make_tiny_study()
 
 
 def finished_results(run_id: str) -> dict:
@@ -78,7 +73,7 @@ def test_a_run_locked_by_another_process_is_skipped_and_named(tmp_path, capsys):
 
 
 def test_a_run_finished_by_another_process_after_planning_is_not_run_again(tmp_path):
-    from avl_peft.study.grid import load_study
+    from avl_peft.study.config import load_study
     from avl_peft.study.run import run_one
     from avl_peft.study.runner import plan
 
@@ -102,14 +97,9 @@ def test_a_run_finished_by_another_process_after_planning_is_not_run_again(tmp_p
     assert action == "skip" and "after this one started" in planned[rid]["reason"]
 
 
-CONCURRENT = {
-    "backbone": {"kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}},
-    "scenario": {"name": "synthetic", "n_experiences": 2},
-    "training": {"epochs": 1, "batch_size": 16},
-    "method": {"name": "lora", "options": {"rank": 2}},
-    "subspace": {"enabled": False},
-    "grid": {"seed": [0, 1, 2]},
-}
+CONCURRENT = make_tiny_study(
+    backbone={"kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}}, grid={"seed": [0, 1, 2]}
+)
 RUN_IDS = [f"lora-rank2-naive-s{seed}" for seed in (0, 1, 2)]
 
 

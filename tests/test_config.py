@@ -3,10 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from avl_peft.cli import main
 from avl_peft.errors import ConfigError
-from avl_peft.study.grid import apply_set, expand, validate_study
+from avl_peft.study.config import apply_set, expand, validate_study
 
 REPO = Path(__file__).parent.parent
 ALL_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -19,30 +20,47 @@ TINY = {"backbone": {"kwargs": {"img_size": 32, "patch_size": 4, "depth": 2}}, "
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parent.name}/{p.name}" for p in CONFIGS])
-def test_every_shipped_config_validates(path, capsys):
+def test_every_shipped_config_validates(path, capsys, monkeypatch):
+    """`--dry-run` checks every shipped study here, offline and without its datasets (the dry-run reads no
+    data); a study written for a GPU validates on a machine without one, with a warning naming the device."""
     import torch
     import yaml
 
-    args = ["run", str(path), "--dry-run", "--out", "/nonexistent-out-dir"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["run", str(path), "--dry-run", "--out", "/nonexistent-out-dir"]) == 0
+    out = capsys.readouterr()
+    assert "valid" in out.out
     if yaml.safe_load(path.read_text())["training"].get("device", "cpu").startswith("cuda"):
         if not torch.cuda.is_available():
-            # Devices are checked at validation: a GPU config is refused here, naming the fix.
-            assert main(args) == 2
-            assert "CUDA is not available here; use cpu" in capsys.readouterr().err
-            args += ["--set", "training.device=cpu"]
-    assert main(args) == 0
-    assert "valid" in capsys.readouterr().out
+            assert "warning: training.device: 'cuda' requested but CUDA is not available here" in out.err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_real_run_still_refuses_a_missing_device():
+    with pytest.raises(ConfigError, match="CUDA is not available here; use cpu"):
+        validate_study({**TINY, "training": {"device": "cuda"}})
 
 
 @pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=[p.name for p in PRETRAIN_CONFIGS])
-def test_every_shipped_pretrain_config_validates(path):
+def test_every_shipped_pretrain_config_validates(path, capsys, tmp_path):
     from avl_peft.study.pretrain import load_pretrain_config
 
     assert load_pretrain_config(path)["data"]["dataset"] == "glyphs"
+    assert main(["pretrain", str(path), "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    assert "valid, config hash" in capsys.readouterr().out and not (tmp_path / "out").exists()  # nothing trained
+
+
+def test_each_command_names_the_other_for_the_wrong_kind_of_config(capsys):
+    assert main(["run", str(PRETRAIN_CONFIGS[0]), "--dry-run"]) == 2
+    assert "is a pretrain config (it has a data: section), not a study; build the backbone with `avl-peft pretrain" in (
+        capsys.readouterr().err
+    )
+    assert main(["pretrain", str(REPO / "configs" / "quickstart.yaml"), "--dry-run"]) == 2
+    assert "is a study config (it has scenario/method/strategy); run it with `avl-peft run" in capsys.readouterr().err
 
 
 def test_quickstart_compares_all_methods():
-    from avl_peft.study.grid import load_study
+    from avl_peft.study.config import load_study
 
     runs = expand(load_study(Path(__file__).parent.parent / "configs" / "quickstart.yaml"))
     assert {cfg["method"]["name"] for _, cfg in runs} == {"lora", "pissa", "wegeft", "loretta", "full", "head"}

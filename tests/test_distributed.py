@@ -8,20 +8,19 @@ import sys
 
 import pytest
 import yaml
+from conftest import make_tiny_study
 
-from avl_peft.study.grid import validate_study
+from avl_peft.study.config import validate_study
 from avl_peft.study.runner import run_study
 
 # Full-batch steps (batch = an experience's 40 images, 20 per process) and test sets that split evenly:
 # the 2-process run then computes the same averaged gradients as the single-process one, so results must
 # agree up to floating-point summation order.
-STUDY = {
-    "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2}},
-    "scenario": {"name": "synthetic", "n_experiences": 3, "options": {"n_train_per_class": 20, "n_test_per_class": 10}},
-    "training": {"epochs": 3, "batch_size": 40, "lr": 0.01},
-    "method": {"name": "lora", "options": {"rank": 2}},
-    "subspace": {"probe_size": 4},
-}
+STUDY = make_tiny_study(
+    scenario={"n_experiences": 3, "options": {"n_train_per_class": 20, "n_test_per_class": 10}},
+    training={"epochs": 3, "batch_size": 40, "lr": 0.01},
+    subspace={"enabled": True, "probe_size": 4},
+)
 
 
 def free_port() -> int:

@@ -3,19 +3,17 @@
 import json
 
 import pytest
+from conftest import make_tiny_study
 
 from avl_peft.errors import ConfigError
-from avl_peft.study.grid import validate_study
+from avl_peft.study.config import validate_study
 from avl_peft.study.runner import run_study
 
-GRID = {
-    "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2}},
-    "scenario": {"name": "synthetic", "n_experiences": 2},
-    "training": {"epochs": 1, "batch_size": 16, "lr": 0.003},
-    "method": {"name": "lora", "options": {"rank": 2}},
-    "subspace": {"probe_size": 4},
-    "grid": {"method.name": ["lora", "wegeft"], "seed": [0, 1]},
-}
+GRID = make_tiny_study(
+    training={"lr": 0.003},
+    subspace={"enabled": True, "probe_size": 4},
+    grid={"method.name": ["lora", "wegeft"], "seed": [0, 1]},
+)
 
 
 def metrics(out):

@@ -24,10 +24,10 @@ from avl_peft.cl.backbone import create_continual_model
 from avl_peft.cli import main
 from avl_peft.errors import ConfigError, DataError
 from avl_peft.study import experiment as study
+from avl_peft.study.config import expand, validate_study
 from avl_peft.study.export import runs
 from avl_peft.study.export.card import head_tensors
 from avl_peft.study.export.peft_format import FactorCollector, adapter_files
-from avl_peft.study.grid import expand, validate_study
 
 KWARGS = {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
 ADAPTERS = [m for m in avl_peft.methods() if METHODS.get(m).adds_adapter]

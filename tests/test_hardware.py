@@ -102,7 +102,7 @@ def test_hardware_block_and_its_line():
 
 
 def test_study_precision_defaults_to_auto_and_accepts_it():
-    from avl_peft.study.grid import expand, validate_study
+    from avl_peft.study.config import expand, validate_study
 
     ((_, cfg),) = expand(validate_study({"scenario": {"name": "synthetic"}}))
     assert cfg["training"]["precision"] == "auto"
@@ -185,7 +185,7 @@ def test_peak_memory_restarts_per_run_on_cpu():
 
 def test_peak_memory_on_cuda_is_the_allocators_and_every_run_resets_it(monkeypatch):
     from avl_peft.study import experiment
-    from avl_peft.study.grid import expand, validate_study
+    from avl_peft.study.config import expand, validate_study
 
     calls = []
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append(device))

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_study
 
 from avl_peft.cl.heads import (
     DEFAULT_LAMBDAS,
@@ -421,16 +422,18 @@ def test_prompted_vit_features_calls_l2p_models():
 # ------------------------------------------------------------------------------------------------
 
 
-def _run_cfg(head, **head_options):
-    from avl_peft.study.grid import expand, validate_study
+# The full ViT-Tiny width (192) at one block: these runs check accuracy above chance.
+VIT_192 = {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 4, "depth": 1}}
 
-    data = {
-        "backbone": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 4, "depth": 1}},
-        "scenario": {"name": "synthetic", "n_experiences": 3},
-        "training": {"epochs": 2, "batch_size": 16, "lr": 1e-2, "head": head, "head_options": head_options},
-        "method": {"name": "lora", "options": {"rank": 2}},
-        "subspace": {"enabled": False},
-    }
+
+def _run_cfg(head, **head_options):
+    from avl_peft.study.config import expand, validate_study
+
+    data = make_tiny_study(
+        backbone=VIT_192,
+        scenario={"n_experiences": 3},
+        training={"epochs": 2, "lr": 1e-2, "head": head, "head_options": head_options},
+    )
     ((_, cfg),) = expand(validate_study(data))
     return cfg
 
@@ -461,25 +464,24 @@ def test_run_with_statistics_head_records_both_heads(head, tmp_path):
     ],
 )
 def test_bad_head_config_is_refused(training, fragment):
-    from avl_peft.study.grid import validate_study
+    from avl_peft.study.config import validate_study
 
     with pytest.raises(ConfigError, match=f"(?i){fragment}"):
         validate_study({"scenario": {"name": "synthetic"}, "training": training})
 
 
 @pytest.mark.parametrize("method, strategy", [("wegeft", "replay"), ("inflora", "naive"), ("loretta", "replay")])
-def test_statistics_heads_compose_with_strategies_and_methods(method, strategy, tmp_path):
+def test_statistics_heads_compose_with_strategies_and_methods(method, strategy, tmp_path, tiny_study):
+    from avl_peft.study.config import expand, validate_study
     from avl_peft.study.experiment import run_experiment
-    from avl_peft.study.grid import expand, validate_study
 
-    data = {
-        "backbone": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 4, "depth": 1}},
-        "scenario": {"name": "synthetic", "n_experiences": 3},
-        "training": {"epochs": 1, "batch_size": 16, "lr": 1e-2, "head": "prototype", "train_mask": "seen"},
-        "method": {"name": method, "options": {"rank": 2}, "policy": "stack" if method == "inflora" else "continue"},
-        "strategy": {"name": strategy, "options": {"mem_size": 20} if strategy == "replay" else {}},
-        "subspace": {"enabled": False},
-    }
+    data = tiny_study(
+        backbone=VIT_192,
+        scenario={"n_experiences": 3},
+        training={"lr": 1e-2, "head": "prototype", "train_mask": "seen"},
+        method={"name": method, "policy": "stack" if method == "inflora" else "continue"},
+        strategy={"name": strategy, "options": {"mem_size": 20} if strategy == "replay" else {}},
+    )
     ((_, cfg),) = expand(validate_study(data))
     out = run_experiment(cfg, tmp_path, progress=False)
     assert out["heads"]["class_incremental"] == "prototype" and "linear" in out["heads"]

@@ -17,16 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_tiny_study
 
 from avl_peft.cli import main
 
-TINY = {
-    "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2}},
-    "scenario": {"name": "synthetic", "n_experiences": 2},
-    "training": {"epochs": 1, "batch_size": 16},
-    "method": {"name": "lora", "options": {"rank": 2}},
-    "subspace": {"enabled": False},
-}
+TINY = make_tiny_study()
 
 
 def run(tmp_path, capsys, study, *extra):
@@ -201,6 +196,11 @@ def merged(**sections) -> dict:
 def dry(content, *extra) -> Callable[[Sandbox], list[str]]:
     """A case: `run CONFIG --out OUT --dry-run` on this config content (dict, YAML text or bytes)."""
     return lambda sb: ["run", str(sb.config(content)), "--out", str(sb.out), "--dry-run", *extra]
+
+
+def undry(content) -> Callable[[Sandbox], list[str]]:
+    """A case: `run CONFIG --out OUT`, for what must stop a real run at validation."""
+    return lambda sb: ["run", str(sb.config(content)), "--out", str(sb.out)]
 
 
 def sets(*assignments: str) -> Callable[[Sandbox], list[str]]:
@@ -561,8 +561,10 @@ CASES = [
     Case("budget-1e30", dry(merged(budget=10**30)), 2, "budget: must be <= 1000000000000"),
     Case("workers-1e6", dry(merged(executor={"workers": 10**6})), 2, "executor.workers: must be <= 1024"),
     Case("subspace-k-1e9", dry(merged(subspace={"k": 10**9})), 2, "subspace.k: must be <= 100000"),
-    Case("device-mps", dry(merged(training={"device": "mps"})), 2, "'mps' requested but"),
-    Case("device-cuda-99", dry(merged(training={"device": "cuda:99"})), 2, "training.device: 'cuda:99'"),
+    # a run refuses a device this machine lacks before anything trains (--dry-run only warns: a GPU study on a laptop)
+    Case("device-mps", undry(merged(training={"device": "mps"})), 2, "'mps' requested but"),
+    Case("device-cuda-99", undry(merged(training={"device": "cuda:99"})), 2, "training.device: 'cuda:99'"),
+    Case("device-cuda-99-dry", dry(merged(training={"device": "cuda:99"})), 0, "warning: training.device: 'cuda:99'"),
     Case("device-gpu", dry(merged(training={"device": "gpu"})), 2, "'gpu' is not a device"),
     Case("timm-unknown-kwarg", dry(merged(backbone={"kwargs": {"foo": 1}})), 2, "'foo' is not an argument of timm"),
     Case("timm-kwarg-typo", dry(merged(backbone={"kwargs": {"dpeth": 1}})), 2, "Did you mean 'depth'"),
@@ -666,11 +668,11 @@ CASES = [
         "backbone.kwargs.mlp_ratio must be a finite number",
     ),
     Case("pretrain-unknown-model", pre({"backbone": {"name": "vit_nope"}}), 2, "unknown timm model"),
-    Case("pretrain-warmup-nan", pre("training: {warmup: .nan}\n"), 2, "training.warmup must be a finite number"),
-    Case("pretrain-seed-2^70", pre({"seed": 2**70}), 2, "seed must be in [0, 4294967295]"),
-    Case("pretrain-threads-1e6", pre({"training": {"threads": 10**6}}), 2, "training.threads must be in [1, 256]"),
-    Case("pretrain-epochs-1e12", pre({"training": {"epochs": 10**12}}), 2, "training.epochs must be in [1, 10000]"),
-    Case("pretrain-images-1e9", pre({"data": {"train_per_class": 10**9}}), 2, "data.train_per_class must be in"),
+    Case("pretrain-warmup-nan", pre("training: {warmup: .nan}\n"), 2, "training.warmup: must be a finite number"),
+    Case("pretrain-seed-2^70", pre({"seed": 2**70}), 2, "seed: must be <= 4294967295"),
+    Case("pretrain-threads-1e6", pre({"training": {"threads": 10**6}}), 2, "training.threads: must be <= 256"),
+    Case("pretrain-epochs-1e12", pre({"training": {"epochs": 10**12}}), 2, "training.epochs: must be <= 10000"),
+    Case("pretrain-images-1e9", pre({"data": {"train_per_class": 10**9}}), 2, "data.train_per_class: must be <="),
     Case(
         "pretrain-test-set-GiBs",
         pre(
@@ -812,10 +814,6 @@ def _peak_rss() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-def test_the_table_is_big_enough():
-    assert len(CASES) >= 140
 
 
 def test_resume_over_a_hostile_results_file_redoes_the_run(sandbox, capsys):

@@ -4,8 +4,8 @@ resume after a crash, and the tracker's input-side overlap near chance where the
 import pytest
 
 from avl_peft.study import experiment
+from avl_peft.study.config import expand, validate_study
 from avl_peft.study.experiment import run_experiment
-from avl_peft.study.grid import expand, validate_study
 
 KWARGS = {"img_size": 16, "patch_size": 4, "depth": 1}
 VARIANTS = {

@@ -19,7 +19,7 @@ from avl_peft.cl.plugin import PEFTPlugin
 from avl_peft.errors import ConfigError
 from avl_peft.instruments.metrics import summarize, summarize_both
 from avl_peft.study import experiment as study
-from avl_peft.study.grid import expand, validate_study
+from avl_peft.study.config import expand, validate_study
 
 BACKBONE = {
     "name": "vit_tiny_patch16_224",

@@ -14,8 +14,8 @@ from avl_peft.adapters.inject import delta_weights
 from avl_peft.cl.precision import CompilePlugin, PrecisionPlugin, loader_options
 from avl_peft.cli import main
 from avl_peft.errors import ConfigError
+from avl_peft.study.config import expand, validate_study
 from avl_peft.study.experiment import build
-from avl_peft.study.grid import expand, validate_study
 
 KWARGS = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 64, "num_heads": 2}
 
@@ -52,7 +52,7 @@ def train_first(cfg):
     [
         ({"precision": "bf32"}, r"training\.precision.*fp32, bf16, fp16.*Did you mean"),
         ({"precision": "fp16"}, r"fp16 needs a CUDA device.*use bf16"),
-        ({"compile": "yes"}, r"training\.compile: must be true/false"),
+        ({"compile": "yes"}, r"training\.compile: must be true or false"),
         ({"threads": 0}, r"training\.threads: must be >= 1"),
         ({"threads": 1.5}, r"training\.threads: must be an integer"),
     ],

@@ -62,17 +62,17 @@ def test_unknown_key_names_the_path_and_suggests():
 
 
 def test_types_and_ranges_are_checked():
-    with pytest.raises(ConfigError, match=r"training\.batch_size must be an integer"):
+    with pytest.raises(ConfigError, match=r"training\.batch_size: must be an integer"):
         load_pretrain_config({"training": {"batch_size": "big"}})
-    with pytest.raises(ConfigError, match=r"training\.lr must be in \(0, 10\]"):
+    with pytest.raises(ConfigError, match=r"training\.lr: must be in \(0, 10\]"):
         load_pretrain_config({"training": {"lr": -1}})
-    with pytest.raises(ConfigError, match=r"training\.precision must be one of auto, bf16, fp32"):
+    with pytest.raises(ConfigError, match=r"training\.precision: must be one of auto, bf16, fp32"):
         load_pretrain_config({"training": {"precision": "fp16"}})
-    with pytest.raises(ConfigError, match=r"data\.dataset must be one of glyphs"):
+    with pytest.raises(ConfigError, match=r"data\.dataset: must be one of glyphs"):
         load_pretrain_config({"data": {"dataset": "mnist"}})
     with pytest.raises(ConfigError, match=r"backbone\.kwargs\.img_size .* differ"):
         load_pretrain_config({"backbone": {"kwargs": {"img_size": 64}}})
-    with pytest.raises(ConfigError, match=r"training must be a mapping"):
+    with pytest.raises(ConfigError, match=r"training: must be a mapping"):
         load_pretrain_config({"training": 3})
     # YAML 1.1 reads 1e-3 as a string; a plainly numeric string is accepted for a number
     assert load_pretrain_config({"training": {"lr": "1e-3"}})["training"]["lr"] == 0.001
@@ -152,6 +152,18 @@ def test_cache_is_reused_without_retraining(tmp_path, built, count_trainings, mo
     assert (where / "model.safetensors").read_bytes() == (built / "model.safetensors").read_bytes()
 
 
+def test_pretrained_model_takes_the_cached_backbone_as_a_study_does(tmp_path, built, count_trainings):
+    where = output_dir(TINY, tmp_path / "cache")
+    shutil.copytree(built, where)
+    model = avl_peft.pretrained_model(TINY, cache_dir=tmp_path / "cache", progress=False)
+    assert len(count_trainings) == 0  # a complete output in the cache is reused, as `avl-peft run` does
+    pretrained, _ = load_pretrained(built)
+    own = model.backbone.state_dict()
+    assert own.keys() == {k for k in pretrained.state_dict() if not k.startswith("head.")}
+    assert all(torch.equal(own[k], v) for k, v in pretrained.state_dict().items() if k in own)
+    assert type(model.head).__name__ == "IncrementalClassifier"  # the continual head, not the 52 letters
+
+
 @pytest.mark.parametrize(
     "damage, note",
     [
@@ -200,7 +212,7 @@ def test_unwritable_output_folder_is_a_config_error(tmp_path):
 
 
 def _study(checkpoint, depth=1):
-    from avl_peft.study.grid import validate_study
+    from avl_peft.study.config import validate_study
 
     kwargs = {**TINY["backbone"]["kwargs"], "depth": depth}
     return validate_study(

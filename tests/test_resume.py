@@ -10,20 +10,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import make_tiny_study
 
 from avl_peft.study import experiment as study_mod
-from avl_peft.study.grid import expand, validate_study
+from avl_peft.study.config import expand, validate_study
 from avl_peft.study.run import run_lock
 from avl_peft.study.runner import run_study
 
-STUDY = {
-    "name": "resume",
-    "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2}},
-    "scenario": {"name": "synthetic", "n_experiences": 3, "options": {"n_classes": 6, "n_train_per_class": 40}},
-    "training": {"epochs": 3, "batch_size": 8, "lr": 0.003},
-    "method": {"name": "lora", "options": {"rank": 2}},
-    "subspace": {"probe_size": 8},
-}
+STUDY = make_tiny_study(
+    name="resume",
+    scenario={"n_experiences": 3, "options": {"n_classes": 6, "n_train_per_class": 40}},
+    training={"epochs": 3, "batch_size": 8, "lr": 0.003},
+    subspace={"enabled": True, "probe_size": 8},
+)
 
 
 def matrices(run_dir: Path) -> dict:

@@ -1,5 +1,5 @@
-"""Kill and resume every (method, registered strategy) pair: the resumed run's accuracy matrices equal the
-uninterrupted run's (1e-6).
+"""Kill and resume a covering set of (method, registered strategy) pairs: the resumed run's accuracy matrices
+equal the uninterrupted run's (1e-6).
 
 The kill is injected in-process right after a run state reached the disk (as SIGKILL would find it; the
 real-signal version is tests/test_resume.py), and the test checks it landed mid-run: no results.json, the
@@ -7,6 +7,7 @@ state file there, the run resumed at the next experience. A tiny ViT (depth 1, 1
 synthetic experiences keeps each pair around a second.
 """
 
+import functools
 import warnings
 
 import pytest
@@ -16,7 +17,7 @@ from avl_peft.cl.strategies import STRATEGIES
 from avl_peft.errors import ConfigError
 from avl_peft.study import experiment as study
 from avl_peft.study.compat_rows import TINY_OPTIONS
-from avl_peft.study.grid import expand, validate_study
+from avl_peft.study.config import expand, validate_study
 
 
 def make_cfg(method, strategy, *, policy=None, pretrain=False):
@@ -46,30 +47,58 @@ def make_cfg(method, strategy, *, policy=None, pretrain=False):
     return cfg
 
 
+# Strategies whose saved state holds a model or dicts keyed by parameter name (LwF/LFL's previous model,
+# GDumb's and from-scratch's model re-creation, EWC/MAS/SI/RWalk's importances): how the adapter's
+# parameters enter that state differs per method, so these run with every method. The buffer-only strategies
+# (replay, cumulative, agem, gem, mir, er_ace, mer) save datasets, which no method touches: LoRA covers them.
+MODEL_STATE_STRATEGIES = ("lwf", "gdumb", "lfl", "from_scratch", "ewc", "mas", "si", "rwalk")
+# The policies and the base session, on naive plus one model-state strategy of each kind.
+POLICY_VARIANTS = (
+    ("lora", "merge", False),
+    ("pissa", "merge", False),
+    ("lora", "stack", False),
+    ("lora", "continue", True),
+)
+
+
+@functools.cache  # called for the parametrisation at collection and again by the coverage test
+def _accepted(method, strategy):
+    """False if the config is refused before training (l2p with an adapter, si with a stacking method)."""
+    if STRATEGIES.get(strategy).check is None:
+        return True
+    try:
+        make_cfg(method, strategy)
+    except ConfigError:
+        return False
+    return True
+
+
 def pairs():
-    """Every method with every registered strategy (its default policy), plus merge/stack/pretrain variants."""
-    out = []
+    """A covering set: every strategy with LoRA (or its first accepted method), every method with naive, every
+    method with the model-state strategies, and the merge/stack/pretrain variants."""
+    cases = {}  # (method, strategy, policy, pretrain) -> None, in insertion order
+
+    def add(method, strategy, policy=None, pretrain=False):
+        if _accepted(method, strategy):
+            cases[(method, strategy, policy, pretrain)] = None
+
     for strategy in STRATEGIES.names():
-        spec = STRATEGIES.get(strategy)
-        for method in METHODS.names():
-            if spec.check is not None:
-                try:
-                    make_cfg(method, strategy)
-                except ConfigError:
-                    continue  # refused before training (e.g. l2p with an adapter, si with a stacking method)
-            out.append(pytest.param(method, strategy, None, False, id=f"{method}-{strategy}"))
-    for strategy in ("naive", "replay", "ewc", "mas", "lwf", "gdumb"):
-        for method, policy, pretrain in (
-            ("lora", "merge", False),
-            ("pissa", "merge", False),
-            ("lora", "stack", False),
-            ("lora", "continue", True),
-        ):
-            tag = f"{method}-{strategy}-{policy}{'-pretrain' if pretrain else ''}"
-            out.append(pytest.param(method, strategy, policy, pretrain, id=tag))
+        method = next(m for m in ["lora", *METHODS.names()] if _accepted(m, strategy))
+        add(method, strategy)
+    for method in METHODS.names():
+        for strategy in ("naive", *MODEL_STATE_STRATEGIES):
+            add(method, strategy)
+    for strategy in ("naive", "ewc", "lwf"):
+        for method, policy, pretrain in POLICY_VARIANTS:
+            add(method, strategy, policy, pretrain)
     for method, policy in (("wegeft", "merge"), ("loretta", "merge"), ("full", "continue"), ("head", "continue")):
-        out.append(pytest.param(method, "naive", policy, policy == "continue", id=f"{method}-naive-{policy}-pre"))
-    return out
+        add(method, "naive", policy, policy == "continue")
+    return [
+        pytest.param(
+            *case, id="-".join([case[0], case[1], *([case[2]] if case[2] else []), *(["pre"] if case[3] else [])])
+        )
+        for case in cases
+    ]
 
 
 def matrices_equal(a, b, tol=1e-6):
@@ -82,9 +111,11 @@ def test_every_registered_strategy_resumes_exactly():
 
 
 def test_pairs_cover_every_method_and_strategy():
-    ids = [p.values[:2] for p in pairs()]
+    ids = {tuple(p.values[:2]) for p in pairs()}
     assert {m for m, _ in ids} == set(METHODS.names())
     assert {s for _, s in ids} == set(STRATEGIES.names())
+    for method in METHODS.names():  # every accepted (method, model-state strategy) pair is there
+        assert {(method, s) for s in MODEL_STATE_STRATEGIES if _accepted(method, s)} <= ids
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_study
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -211,7 +212,7 @@ def test_bad_values_name_the_option(kwargs, pattern):
 
 
 def test_core50_options_checked_before_any_download(tmp_path):
-    with pytest.raises(ConfigError, match=r"protocol.*'nc', 'ni'.*Did you mean 'ni'"):
+    with pytest.raises(ConfigError, match=r"protocol.*nc, ni.*Did you mean 'ni'"):
         build_scenario("core50", protocol="nii", root=tmp_path)
     with pytest.raises(ConfigError, match=r"fixed 9 experiences"):
         build_scenario("core50", n_experiences=5, root=tmp_path)
@@ -402,12 +403,7 @@ def _cli_run(tmp_path, capsys, scenario: dict) -> tuple[int, str]:
     from avl_peft.cli import main
 
     config = tmp_path / "study.yaml"
-    study = {
-        "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2}},
-        "scenario": scenario,
-        "training": {"epochs": 1},
-        "method": {"name": "lora", "options": {"rank": 2}},
-    }
+    study = {**make_tiny_study(subspace=None), "scenario": scenario, "training": {"epochs": 1}}
     config.write_text(yaml.safe_dump(study))
     code = main(["run", str(config), "--out", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err

@@ -11,7 +11,7 @@ from avl_peft.cl.scenarios import build_scenario
 from avl_peft.cl.scenarios.validation import carve_validation, split_indices
 from avl_peft.errors import ConfigError
 from avl_peft.study import search
-from avl_peft.study.grid import expand, validate_study
+from avl_peft.study.config import expand, validate_study
 from avl_peft.study.report import build_report
 from avl_peft.study.runner import run_study
 

@@ -23,8 +23,8 @@ from avl_peft.instruments.geometry import (
     top_singular,
 )
 from avl_peft.instruments.tracker import SubspaceTracker
+from avl_peft.study.config import expand, validate_study
 from avl_peft.study.experiment import build
-from avl_peft.study.grid import expand, validate_study
 
 
 def orth(d, k, seed=0):

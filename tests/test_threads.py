@@ -73,8 +73,8 @@ def test_local_pool_workers_split_the_cores(four_cores):
 
 
 def test_a_run_applies_training_threads(monkeypatch):
+    from avl_peft.study.config import expand, validate_study
     from avl_peft.study.experiment import build
-    from avl_peft.study.grid import expand, validate_study
 
     data = {
         "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}},

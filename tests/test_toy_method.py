@@ -2,14 +2,15 @@
 budgetable, resumable, runnable from a YAML study, listed by `avl-peft list` and present in the report."""
 
 import torch
+from conftest import make_tiny_study
 from torch import nn
 
 import avl_peft
 from avl_peft.adapters import METHODS, Adapter, AdapterOptions
 from avl_peft.adapters.budget import select_for_budget
 from avl_peft.cli import main
+from avl_peft.study.config import expand, validate_study
 from avl_peft.study.experiment import run_experiment
-from avl_peft.study.grid import expand, validate_study
 from avl_peft.study.report import build_report
 
 
@@ -35,14 +36,13 @@ class Toy(Adapter):
 
 
 def _study():
-    return {
-        "name": "toy",
-        "backbone": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 4, "depth": 1}},
-        "scenario": {"name": "synthetic", "n_experiences": 3},
-        "training": {"epochs": 2, "batch_size": 16, "lr": 1e-2},
-        "method": {"name": "toy", "options": {"rank": 2}},
-        "subspace": {"enabled": False},
-    }
+    return make_tiny_study(
+        name="toy",
+        backbone={"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 4, "depth": 1}},
+        scenario={"n_experiences": 3},
+        training={"epochs": 2, "lr": 1e-2},
+        method={"name": "toy"},
+    )
 
 
 def test_a_toy_method_is_first_class(tmp_path, capsys, monkeypatch):

@@ -11,8 +11,8 @@ from PIL import Image
 
 import avl_peft
 from avl_peft.cli import main
+from avl_peft.study.config import expand, validate_study
 from avl_peft.study.experiment import run_experiment
-from avl_peft.study.grid import expand, validate_study
 
 KWARGS = {"img_size": 16, "patch_size": 4, "depth": 1}
 

@@ -4,7 +4,7 @@ Interference control and ``policy: stack`` (model-level, torch only): :mod:`.sta
 """
 
 from . import baselines, cl_lora, inflora, lora, loretta, pissa, sdlora, wegeft  # noqa: F401  (registration side effects)
-from .base import INTERFERENCE, METHODS, OPTION_ALIASES, AdaptedLinear, Adapter, AdapterOptions
+from .base import INTERFERENCE, METHODS, AdaptedLinear, Adapter, AdapterOptions
 from .interference import (
     begin_experience,
     collect_inputs,
@@ -19,7 +19,6 @@ from .stack import adapter_state_dict, frozen_count, load_adapter_state, stack
 __all__ = [
     "INTERFERENCE",
     "METHODS",
-    "OPTION_ALIASES",
     "AdaptedLinear",
     "Adapter",
     "AdapterOptions",

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..options import parse_options as parse_dataclass
+from ..options import parse_options
 from ..registry import Registry, suggest
+from ..validate import is_finite, is_int, is_number
 
 METHODS: Registry[type] = Registry("method")
 
@@ -41,12 +42,6 @@ ALPHA_POLICIES = ("rank", "constant", "rslora")  # how the update's scale s foll
 # A layer's earlier (frozen) branches as one term of its weight: a low-rank pair (L₀ (d_out, q₀), R₀ (q₀, d_in)),
 # or the dense sum (d_out, d_in) once that is smaller (see fold.py).
 Frozen = tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None
-# Option names that are not Python identifiers: the user-facing key -> the dataclass field.
-OPTION_ALIASES = {"lambda": "orth_lambda"}
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclasses.dataclass
@@ -69,9 +64,9 @@ class AdapterOptions:
     ALIASES: ClassVar[dict[str, str]] = {"orth_lambda": "lambda"}  # field -> the key users write
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+        if not is_int(self.rank) or self.rank <= 0:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
-        if self.alpha is not None and (not _is_number(self.alpha) or self.alpha <= 0):
+        if self.alpha is not None and (not is_number(self.alpha) or self.alpha <= 0):
             raise ConfigError(f"alpha must be a positive number (or null for alpha = rank), got {self.alpha!r}")
         if self.alpha_policy is not None and self.alpha_policy not in ALPHA_POLICIES:
             raise ConfigError(
@@ -87,16 +82,16 @@ class AdapterOptions:
             raise ConfigError(
                 f"alpha_policy: {self.alpha_policy} needs alpha (the numerator of its scale), e.g. alpha: 8"
             )
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.interference not in INTERFERENCE:
             raise ConfigError(
                 f"interference must be one of {', '.join(INTERFERENCE)}, got {self.interference!r}"
                 f"{suggest(str(self.interference), list(INTERFERENCE))}"
             )
-        if not _is_number(self.orth_lambda) or self.orth_lambda < 0:
+        if not is_finite(self.orth_lambda) or self.orth_lambda < 0:
             raise ConfigError(f"lambda (the orthogonal penalty weight) must be a number >= 0, got {self.orth_lambda!r}")
-        if not _is_number(self.gpm_threshold) or not 0.0 < self.gpm_threshold <= 1.0:
+        if not is_finite(self.gpm_threshold) or not 0.0 < self.gpm_threshold <= 1.0:
             raise ConfigError(f"gpm_threshold must be a number in (0, 1], got {self.gpm_threshold!r}")
 
     @property
@@ -120,12 +115,40 @@ class AdapterOptions:
         return {"alpha_policy": policy, "alpha": self.rank if policy == "rank" else self.alpha, "scale": self.scale}
 
 
-def parse_options(cls: type, method: str, options: dict[str, Any]) -> Any:
+def parse_method_options(cls: type, method: str, options: dict[str, Any]) -> Any:
     """Build a method's options dataclass, turning unknown keys into an actionable ConfigError.
 
     ``lambda`` is accepted for ``orth_lambda`` (the dataclass' ``ALIASES``); giving both is an error.
     """
-    return parse_dataclass(cls, f"method '{method}'", options)
+    return parse_options(cls, f"method '{method}'", options)
+
+
+def check_targets(targets: Any) -> Any:
+    """The one check of ``targets`` (None: the defaults): a non-empty list of non-empty strings."""
+    if targets is not None and (
+        not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets)
+    ):
+        raise ConfigError(f"targets must be a non-empty list of module-name suffixes or regexes, got {targets!r}")
+    return targets
+
+
+def check_method(method: str, options: dict[str, Any], targets: Any = None, init_from: Any = None) -> Any:
+    """The method-level rules, checked once here for the config, the plugin and ``inject``: the method
+    exists, takes these options (baselines take none, nor targets), targets are well-formed, and it can
+    start from a peft LoRA when ``init_from`` is given. Returns the parsed options (None for baselines)."""
+    cls = METHODS.get(method)
+    if init_from is not None and not getattr(cls, "imports_lora", False):
+        able = [m for m in METHODS.names() if getattr(METHODS.get(m), "imports_lora", False)]
+        raise ConfigError(
+            f"method.init_from: method '{method}' cannot start from a peft LoRA; methods that can: {', '.join(able)}"
+        )
+    check_targets(targets)
+    if not cls.adds_adapter:
+        if options or targets is not None:
+            given = sorted(options) + (["targets"] if targets is not None else [])
+            raise ConfigError(f"method '{method}' takes no options, got {', '.join(given)}")
+        return None
+    return parse_method_options(cls.Options, method, options)
 
 
 class WeightView:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..validate import is_int
-from .base import METHODS, parse_options
+from .base import METHODS, parse_method_options
 from .inject import find_targets
 
 
@@ -52,7 +52,7 @@ def _own_params(
 ) -> tuple[int, int]:
     """(parameters of one adapter not in a shared generator, parameters of one shared generator)."""
     cls = METHODS.get(method)
-    opts = parse_options(cls.Options, method, dict(frozen_opts))
+    opts = parse_method_options(cls.Options, method, dict(frozen_opts))
     closed = cls.closed_form_count(d_out, d_in, opts) if fast and not shared else None
     if closed is not None:
         return closed, 0
@@ -77,7 +77,7 @@ def _count(method: str, layers: list[tuple[str, str, int, int]], options: dict[s
     cls = METHODS.get(method)
     if not cls.budget_knobs:
         raise ConfigError(f"method '{method}' adds no adapter; parameter budgets apply to adapter methods only")
-    opts = parse_options(cls.Options, method, options)  # validates names and values
+    opts = parse_method_options(cls.Options, method, options)  # validates names and values
     for _, _, d_out, d_in in layers:
         limit = cls.max_rank(d_out, d_in)
         if opts.rank > limit:
@@ -132,7 +132,7 @@ def select_for_budget(
     if not is_int(budget) or budget <= 0:
         raise ConfigError(f"budget must be a positive integer number of parameters, got {budget!r}")
     fixed = dict(options)
-    parse_options(cls.Options, method, fixed)  # unknown or invalid fixed options fail here, by name
+    parse_method_options(cls.Options, method, fixed)  # unknown or invalid fixed options fail here, by name
     layers = _target_layers(backbone_model, targets)
     candidates = _candidates(method, layers, fixed)
 

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..validate import check_number
+from ..validate import check_number, is_int
 from ._lowrank import low_rank_linear
 from .base import METHODS, Adapter, AdapterOptions, Frozen
 from .inject import backbone_root
@@ -77,7 +77,7 @@ class CLLoRAOptions(AdapterOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         sb = self.shared_blocks
-        if sb is not None and (isinstance(sb, bool) or not isinstance(sb, int) or sb < 0):
+        if sb is not None and (not is_int(sb) or sb < 0):
             raise ConfigError(f"shared_blocks must be an integer >= 0 (or null for half the depth), got {sb!r}")
         check_number("kd_weight", self.kd_weight, low=0)
         check_number("kd_temperature", self.kd_temperature, low=0, exclusive_low=True)

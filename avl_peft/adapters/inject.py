@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import METHODS, AdaptedLinear, Adapter, parse_options
+from .base import METHODS, AdaptedLinear, Adapter, check_method, check_targets, parse_method_options
 from .stack import adapted_layers, load_adapter_state
 
 # Every linear layer in a ViT block. Dotted suffixes: a bare "proj" would also name the patch
@@ -57,9 +57,7 @@ def matches(name: str, target: str) -> bool:
 
 def find_targets(model: nn.Module, targets: list[str] | tuple[str, ...] | None = None) -> dict[str, str]:
     """Map module name -> the target that selected it. Validates every target matches a Linear."""
-    targets = list(DEFAULT_TARGETS if targets is None else targets)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ConfigError(f"targets must be a non-empty list of module-name suffixes or regexes, got {targets!r}")
+    targets = list(DEFAULT_TARGETS if targets is None else check_targets(targets))
     for t in targets:
         if _REGEX_CHARS & set(t):
             try:
@@ -199,12 +197,9 @@ def check_injection(
     cls = METHODS.get(method)
     check_trainable(trainable)
     _kept_trainable(model, trainable)
-    if not cls.adds_adapter:
-        if options or targets is not None:
-            given = sorted(options) + (["targets"] if targets is not None else [])
-            raise ConfigError(f"method '{method}' takes no options, got {', '.join(given)}")
+    opts = check_method(method, options, targets)
+    if opts is None:
         return {}
-    opts = parse_options(cls.Options, method, options)
     chosen = find_targets(model, targets)
     modules = dict(model.named_modules())
     for name in chosen:
@@ -246,7 +241,7 @@ def inject(
         model.avl_peft_injection = {"method": method, "targets": None, "options": {}, "trainable": trainable}
         return model
 
-    opts = parse_options(cls.Options, method, options)
+    opts = parse_method_options(cls.Options, method, options)
     modules = dict(model.named_modules())
     _freeze_backbone(model, False, trainable, chosen)
     shared: dict[tuple[str, int], nn.Module] = {}

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..validate import is_int
 from .stack import adapted_layers
 
 
@@ -56,7 +57,7 @@ def collect_inputs(
     result is uniform over all rows and the same on every call. The model runs in eval mode without
     gradients and returns to its previous mode.
     """
-    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples <= 0:
+    if not is_int(max_samples) or max_samples <= 0:
         raise ConfigError(f"max_samples must be a positive integer, got {max_samples!r}")
     layers = adapted_layers(model)
     gen = torch.Generator().manual_seed(seed)

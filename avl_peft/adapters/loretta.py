@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..validate import is_int
 from ._lowrank import low_rank_linear
 from .base import METHODS, Adapter, AdapterOptions, Frozen
 
@@ -80,7 +81,7 @@ class LoRETTAOptions(AdapterOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.tt_rank, bool) or not isinstance(self.tt_rank, int) or self.tt_rank <= 0:
+        if not is_int(self.tt_rank) or self.tt_rank <= 0:
             raise ConfigError(f"tt_rank must be a positive integer, got {self.tt_rank!r}")
         if self.init not in ("zero", "reference"):
             raise ConfigError(f"init must be 'zero' or 'reference', got {self.init!r}")

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from ..safeio import load_json, read_safetensors
+from ..validate import is_int, is_number
 from .inject import backbone_root
 from .stack import adapted_layers
 
@@ -61,7 +62,7 @@ def read_lora(folder: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor,
             raise DataError(f"'{folder / WEIGHTS}' has lora_{next(iter(pair))} but not its partner for layer '{name}'")
         r = _pattern(config.get("rank_pattern"), name, config.get("r", 8))
         alpha = _pattern(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)):
+        if not is_int(r) or r < 1 or not is_number(alpha):
             raise ConfigError(f"'{folder / CONFIG}': rank {r!r} / alpha {alpha!r} of layer '{name}' are not numbers")
         out[name] = (pair["A"], pair["B"], float(alpha) / r)
     return out

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..validate import is_int
 from ._lowrank import absorb_dense, low_rank_linear
 from .base import METHODS, Adapter, AdapterOptions, Frozen
 
@@ -38,9 +39,7 @@ class PiSSAOptions(AdapterOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.svd_niter is not None and (
-            isinstance(self.svd_niter, bool) or not isinstance(self.svd_niter, int) or self.svd_niter < 0
-        ):
+        if self.svd_niter is not None and (not is_int(self.svd_niter) or self.svd_niter < 0):
             raise ConfigError(f"svd_niter must be null (exact SVD) or an integer >= 0, got {self.svd_niter!r}")
 
 

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, key_summary
 from .base import AdaptedLinear, Adapter, WeightView
 from .fold import FoldedBranches
 
@@ -106,6 +106,14 @@ def frozen_count(state: Mapping[str, torch.Tensor]) -> int:
     return max(found) if found else 0
 
 
+def resize_buffer(module: nn.Module, leaf: str, shape: torch.Size) -> None:
+    """Give ``module``'s buffer ``leaf`` a saved ``shape`` (left empty: the state load fills it); buffers
+    whose size grows with the stream (GPM bases, masks of grown heads) are sized this way before a load."""
+    current = module._buffers.get(leaf)
+    if current is not None and current.shape != shape:
+        module._buffers[leaf] = torch.empty(shape, dtype=current.dtype, device=current.device)
+
+
 def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
     """Load a saved state (e.g. a checkpoint's model tensors) into a model injected like the saved one.
 
@@ -131,20 +139,13 @@ def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> n
         if isinstance(modules.get(owner), FoldedBranches):
             modules[owner].resize(leaf, value.shape)
         elif owner in modules and leaf in (*_VARIABLE, *getattr(modules[owner], "variable_buffers", ())):
-            mod = modules[owner]
-            current = mod._buffers.get(leaf)
-            if current is not None and current.shape != value.shape:
-                mod._buffers[leaf] = torch.empty(value.shape, dtype=current.dtype, device=current.device)
+            resize_buffer(modules[owner], leaf, value.shape)
     own = model.state_dict()
     prefixes = tuple(f"{n}." for n in layers)
     missing = [k for k in state if k.startswith(prefixes) and k not in own]
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
     if missing or mismatched:
-        detail = "; ".join(
-            f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
-            for label, keys in (("no such adapter tensor", missing), ("shape mismatch", mismatched))
-            if keys
-        )
+        detail = key_summary([("no such adapter tensor", missing), ("shape mismatch", mismatched)])
         raise ConfigError(f"saved adapter state does not fit this model ({detail})")
     model.load_state_dict(dict(state), strict=False)
     return model

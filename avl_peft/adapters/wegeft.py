@@ -22,7 +22,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..validate import check_bool
 from ._lowrank import low_rank_linear
 from .base import METHODS, Adapter, AdapterOptions, Frozen, kaiming_uniform_
 
@@ -33,8 +33,7 @@ class WeGeFTOptions(AdapterOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.share, bool):
-            raise ConfigError(f"share must be true or false, got {self.share!r}")
+        check_bool("share", self.share)
 
 
 class WeGeFTGenerator(nn.Module):

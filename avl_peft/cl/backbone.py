@@ -15,8 +15,9 @@ from avalanche.models import BaseModel, IncrementalClassifier, MultiHeadClassifi
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, key_summary
 from ..registry import suggest
+from ..validate import is_int, is_number
 
 # Structural timm arguments whose size is surely a typo beyond these (the largest ViTs have depth 48, width
 # 1,664, 16 heads, 518-pixel inputs). Checked before the meta-device model is built: timm loops over
@@ -38,7 +39,7 @@ def check_backbone_kwargs(kwargs: dict, where: str = "backbone.kwargs") -> None:
             raise ConfigError(f"{where}: argument names must be strings, got {key!r}")
         limit = BACKBONE_KWARG_LIMITS.get(key)
         values = value if isinstance(value, (list, tuple)) else [value]  # img_size/patch_size may be [h, w]
-        if limit is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        if limit is not None and all(is_number(v) for v in values):
             if any(not 0 < v <= limit for v in values):
                 label = f"{where} {key}" if where.startswith("--") else f"{where}.{key}"  # --timm depth
                 raise ConfigError(f"{label}: must be > 0 and <= {limit:,}, got {value!r}")
@@ -69,10 +70,22 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+# The weights file of an `avl-peft pretrain` output folder (its card.json beside it says what they are).
+PRETRAIN_WEIGHTS = "model.safetensors"
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a local state dict into a timm model, resizing as timm does for pretrained weights:
-    position embeddings are resampled (timm's checkpoint_filter_fn) and a head of another size is dropped."""
+    """Load a local state dict (a file, or a pretrain output folder) into a timm model, resizing as timm does for
+    pretrained weights: position embeddings are resampled (timm's checkpoint_filter_fn) and a head of another
+    size is dropped."""
     path = Path(path).expanduser()
+    if path.is_dir():  # an `avl-peft pretrain` output folder, as backbone.checkpoint accepts in a study
+        if not (path / PRETRAIN_WEIGHTS).is_file():
+            raise DataError(
+                f"checkpoint folder '{path}' holds no {PRETRAIN_WEIGHTS}; give a .pth or .safetensors file or an "
+                "`avl-peft pretrain` output folder"
+            )
+        path = path / PRETRAIN_WEIGHTS
     sd = read_state_dict(path)
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
@@ -94,17 +107,24 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     missing = [k for k in own if k not in sd and not any(k.startswith(h + ".") for h in heads)]
     unexpected = [k for k in sd if k not in own]
     if bad or missing or unexpected:
-        detail = "; ".join(
-            f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
-            for label, keys in (("shape mismatch", bad), ("missing", missing), ("unexpected", unexpected))
-            if keys
-        )
+        detail = key_summary([("shape mismatch", bad), ("missing", missing), ("unexpected", unexpected)])
         raise DataError(
             f"checkpoint '{path}' is for another architecture than {type(model).__name__} ({detail}). "
             "Pick the backbone name the checkpoint was trained with."
         )
     model.load_state_dict(sd, strict=False)
     return model
+
+
+def check_weights_source(*, pretrained: bool, checkpoint: Any, pretrain: Any = None) -> None:
+    """The one rule on where a backbone's weights come from: at most one of timm's download, a local
+    checkpoint, or a pretrain config (the study's ``backbone.pretrain``)."""
+    given = [name for name, v in (("pretrained", pretrained), ("checkpoint", checkpoint), ("pretrain", pretrain)) if v]
+    if len(given) > 1:
+        raise ConfigError(
+            "backbone: set either pretrained: true (download) or checkpoint: PATH (local file) or pretrain: CONFIG "
+            f"(built offline), not several; got {', '.join(given)}"
+        )
 
 
 def create_backbone(
@@ -117,13 +137,13 @@ def create_backbone(
 ) -> nn.Module:
     """A timm model by its full tag (e.g. ``vit_base_patch16_224.augreg_in21k``).
 
-    ``pretrained`` downloads timm's weights (needs network); ``checkpoint`` loads a local state dict
-    instead, so offline use works. ``timm_kwargs`` go to ``timm.create_model`` (``img_size``, ``depth``…).
+    ``pretrained`` downloads timm's weights (needs network); ``checkpoint`` loads a local state dict (a
+    ``.pth``/``.safetensors`` file or an ``avl-peft pretrain`` output folder) instead, so offline use works.
+    ``timm_kwargs`` go to ``timm.create_model`` (``img_size``, ``depth``…).
     """
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if pretrained and checkpoint is not None:
-        raise ConfigError("give either pretrained=True (download) or checkpoint=PATH (local file), not both")
+    check_weights_source(pretrained=pretrained, checkpoint=checkpoint)
     if not timm.is_model(name.split(".")[0]):
         raise ConfigError(f"unknown backbone '{name}'.{closest_models(name)}")
     try:

@@ -23,8 +23,8 @@ from avalanche.models.utils import avalanche_model_adaptation
 
 from .. import atomic
 from ..adapters.inject import head_names, injection, lineage, reinject, trainable_state_dict, trains_backbone_marker
-from ..adapters.stack import adapted_layers, adapter_state_dict, load_adapter_state
-from ..errors import ConfigError
+from ..adapters.stack import adapted_layers, adapter_state_dict, load_adapter_state, resize_buffer
+from ..errors import ConfigError, key_summary
 
 
 def checkpoint_state(model: torch.nn.Module, experience: int, **meta: Any) -> dict[str, Any]:
@@ -109,11 +109,7 @@ def restore_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike | d
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
     if unexpected or mismatched:
-        detail = "; ".join(
-            f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
-            for label, keys in (("unexpected", unexpected), ("shape mismatch", mismatched))
-            if keys
-        )
+        detail = key_summary([("unexpected", unexpected), ("shape mismatch", mismatched)])
         raise ConfigError(f"checkpoint does not fit this model ({detail})")
     model.load_state_dict(state, strict=False)
     return model
@@ -124,10 +120,8 @@ def _adopt_buffer_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor])
     modules = dict(model.named_modules())
     for key, value in state.items():
         owner, _, leaf = key.rpartition(".")
-        module = modules.get(owner)
-        current = None if module is None else module._buffers.get(leaf)
-        if current is not None and current.shape != value.shape:
-            module._buffers[leaf] = torch.empty(value.shape, dtype=current.dtype, device=current.device)
+        if owner in modules:
+            resize_buffer(modules[owner], leaf, value.shape)
 
 
 def rebuild_model(

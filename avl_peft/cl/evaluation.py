@@ -1,19 +1,9 @@
 """Evaluation: Avalanche's metrics and TensorBoard logging, plus the full accuracy matrices.
 
-Avalanche's ``accuracy_metrics``/``forgetting_metrics``/``bwt_metrics`` run in the loop and go to
-TensorBoard. :class:`AccuracyMatrixPlugin` additionally stores a[t][i] (accuracy on experience i after
-training experience t) in two forms (formulas: docs/design.md):
-- class-incremental: argmax over every class seen so far;
-- task-aware: argmax within experience i's own classes.
-The gap between them separates classifier bias from forgetting inside the backbone.
-
-Agreement with Avalanche (checked by the tests): Avalanche's ``Top1_Acc_Exp`` takes the argmax over *all*
-logits; the heads used here (``IncrementalClassifier``, also L2P's head in :mod:`avl_peft.strategies`) mask
-the logits of classes never trained to -1000, so that argmax is the argmax over the classes seen so far, i.e.
-``a[t][i]`` above. Avalanche's ``StreamForgetting``/``StreamBWT`` after the last experience are
-mean_{i<T-1} (a[i][i] - a[T-1][i]) and its negative, with a[i][i] taken from the evaluation right after
-experience i was trained: the same as :func:`avl_peft.metrics.summarize`, provided the test stream is
-evaluated after every training experience (as ``run_experiment`` does).
+Avalanche's accuracy/forgetting/BWT metrics run in the loop and go to TensorBoard;
+:class:`AccuracyMatrixPlugin` additionally stores a[t][i] whole, class-incremental and task-aware (the gap
+separates classifier bias from forgetting inside the backbone). Formulas, and why they agree with
+Avalanche's (tested): docs/design.md, "Metrics".
 """
 
 from __future__ import annotations

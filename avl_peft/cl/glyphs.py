@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from avl_peft.errors import ConfigError, DataError
+from avl_peft.validate import is_int, is_number
 
 CLASSES: tuple[str, ...] = tuple(string.ascii_uppercase + string.ascii_lowercase)
 SPLITS: dict[str, int] = {"train": 0, "test": 1}  # split name -> id mixed into each sample's seed
@@ -101,7 +102,7 @@ def glyph_fonts() -> list[Path]:
 
 
 def _check_seed(seed: object, key: str = "seed") -> int:
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ConfigError(f"{key} must be a non-negative integer, got {seed!r}")
     return int(seed)
 
@@ -113,7 +114,7 @@ def split_fonts(seed: int, test_fraction: float = 0.25) -> tuple[list[Path], lis
     least one font is left to train on). The same seed always gives the same split.
     """
     seed = _check_seed(seed)
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+    if not is_number(test_fraction) or not 0 < test_fraction < 1:
         raise ConfigError(f"test_fraction must be a number strictly between 0 and 1, got {test_fraction!r}")
     fonts = glyph_fonts()
     n_test = min(max(1, round(test_fraction * len(fonts))), len(fonts) - 1)
@@ -299,11 +300,11 @@ class GlyphDataset(Dataset):
     ):
         if split not in SPLITS:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
+        if not is_int(n_per_class) or n_per_class < 1:
             raise ConfigError(f"n_per_class must be a positive integer, got {n_per_class!r}")
-        if isinstance(img_size, bool) or not isinstance(img_size, int) or not 8 <= img_size <= 512:
+        if not is_int(img_size) or not 8 <= img_size <= 512:
             raise ConfigError(f"img_size must be an integer from 8 to 512, got {img_size!r}")
-        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter <= 2:
+        if not is_number(jitter) or not 0 <= jitter <= 2:
             raise ConfigError(f"jitter must be a number from 0 (none) to 2 (double), got {jitter!r}")
         self.split, self.n_per_class, self.seed, self.img_size = split, n_per_class, _check_seed(seed), img_size
         self.test_fraction, self.jitter = float(test_fraction), float(jitter)

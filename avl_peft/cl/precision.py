@@ -1,33 +1,12 @@
 """Time to a result on any Avalanche strategy: mixed precision, a compiled backbone, inference-mode
 evaluation, and the data-loader settings for CUDA.
 
-Three plugins, each composing with every strategy (they never subclass one):
-
-- :class:`PrecisionPlugin` (``training.precision``): bf16 or fp16 autocast around the model's forward;
-  outputs come back as float32, so losses, penalties (LwF, EWC, O-LoRA) and metrics keep full precision.
-  The parameters, their gradients and the optimizer state stay float32 (autocast, not a cast of the
-  model). fp16 adds loss scaling (``torch.amp.GradScaler``): the scaled loss is backpropagated, the
-  gradients are unscaled right away — so every ``after_backward`` plugin (GEM/A-GEM projections, SI,
-  the torchrun gradient average) sees true gradients — and the step is skipped when they hold inf/NaN.
-- :class:`InferenceModeEval`: the evaluation forward under ``torch.inference_mode`` (Avalanche's ``eval``
-  only disables gradients); it also skips autograd's version counters and view tracking.
-- :class:`CompilePlugin` (``training.compile``): ``torch.compile`` of the backbone, adapters included.
-
-How they hook in: Avalanche calls ``strategy.forward()``, ``strategy.backward()`` and
-``strategy.optimizer_step()`` itself, so the plugins wrap those methods *on the strategy instance*, once,
-in their first callback. The wrappers look up ``strategy.optimizer`` at every call, so the optimizer
-rebuilds of :class:`~avl_peft.cl.plugin.PEFTPlugin` (and L2P's own per-experience Adam) keep working.
-
-Compilation and adapters: PEFTPlugin injects adapters when the first experience starts, after the
-strategy is built, and stacking/merging change the modules again at experience boundaries. The compile
-plugin therefore compiles in ``before_training_exp``/``before_eval_exp`` (placed after PEFTPlugin, it sees
-the injected model) with ``nn.Module.compile`` — in place, so parameter names, checkpoints and the
-optimizer are untouched. Dynamo's guards recompile by themselves when the module tree changes; the plugin
-also drops the old graphs (``torch._dynamo.reset``) when the structure differs from the one it compiled,
-whenever a third structure appears (a merge policy alternates between two; a stack policy changes it once,
-when the first frozen branch is folded), so a long run never hits Dynamo's recompile limit and silently
-falls back to eager. A ``deepcopy`` of a compiled module (LwF's previous model) is a plain eager module
-(``nn.Module.__getstate__`` drops the compiled call).
+Three plugins, each composing with every strategy (they never subclass one): :class:`PrecisionPlugin`
+(bf16/fp16 autocast, fp16 loss scaling), :class:`InferenceModeEval` and :class:`CompilePlugin`. Avalanche
+calls ``strategy.forward()``/``backward()``/``optimizer_step()`` itself, so the plugins wrap those methods
+on the strategy instance, once. Why each choice (float32 outputs and optimizer state, unscaling before the
+``after_backward`` plugins, when compiled graphs are dropped): docs/design.md, "Precision, compilation,
+inference mode".
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ small plugins — a divergence guard and a per-experience progress bar."""
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 import numpy as np
@@ -22,8 +23,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_device(name: str) -> str:
+    """The one spelling check of a device name: ``cpu``, ``auto``, ``cuda``, ``cuda:N`` or ``mps``."""
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", name):
+        raise ConfigError(f"training.device: {name!r} is not a device; use cpu, cuda, cuda:N, mps or auto")
+    return name
+
+
+def check_base_session(pretrain: bool, n_experiences: int | None) -> None:
+    """training.pretrain trains experience 0 as a base session, so a run needs one more experience."""
+    if pretrain and n_experiences is not None and n_experiences < 2:
+        raise ConfigError("training.pretrain needs at least 2 experiences (the base session plus one more)")
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against what this torch can use."""
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):

@@ -1,50 +1,19 @@
-"""Continual-learning summary metrics computed from an accuracy matrix.
-
-``a[t][i]`` is the test accuracy (a fraction in [0, 1]) on experience ``i`` measured after training on
-experience ``t``; the matrix is ``T x T``. Only the lower triangle including the diagonal (``i <= t``) is
-used by any formula: entries above the diagonal (accuracy on experiences not trained yet) are ignored and
-may hold anything, including NaN or None. The formulas are:
-
-* ``acc`` (final average accuracy)::
-
-      acc = mean_{i}  a[T-1][i]
-
-* ``avg_incremental_acc`` (average incremental accuracy, the mean of the accuracy on the experiences seen
-  so far after each step)::
-
-      avg_incremental_acc = mean_{t}  ( mean_{i <= t}  a[t][i] )
-
-* ``bwt`` (backward transfer, Avalanche's definition; negative means forgetting)::
-
-      bwt = mean_{i < T-1}  ( a[T-1][i] - a[i][i] )
-
-* ``forgetting`` (Avalanche's definition, the accuracy lost since the experience was learned)::
-
-      forgetting = mean_{i < T-1}  ( a[i][i] - a[T-1][i] )      # == -bwt
-
-* ``max_forgetting`` (PILOT/mammoth definition, measured from the best accuracy ever reached)::
-
-      max_forgetting = mean_{i < T-1}  ( max_{i <= t <= T-2} a[t][i]  -  a[T-1][i] )
-
-  The max starts at ``t = i`` because the accuracy before experience ``i`` was trained is not meaningful.
-  ``max_forgetting >= forgetting`` always holds.
-
-With ``T == 1`` there is no earlier experience, so ``bwt``, ``forgetting`` and ``max_forgetting`` are 0.0.
-
-:func:`summarize_both` applies the same formulas to the class-incremental and the task-aware matrices of
-one run and prefixes the task-aware results with ``til_``.
+"""Continual-learning summary metrics computed from an accuracy matrix ``a[t][i]`` (accuracy on experience
+``i`` after training experience ``t``, a ``T x T`` matrix of fractions): acc, avg_incremental_acc, bwt,
+forgetting, max_forgetting. Only the lower triangle (``i <= t``) enters any formula; entries above it may
+hold anything, NaN or None included. The formulas: docs/design.md, "Metrics".
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from numbers import Real
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..validate import is_number
 
 METRIC_NAMES: tuple[str, ...] = ("acc", "avg_incremental_acc", "bwt", "forgetting", "max_forgetting")
 """Keys of the dict returned by :func:`summarize`, in a stable order."""
@@ -153,7 +122,7 @@ def validate_matrix(accuracy_matrix: Sequence[Sequence[Any]] | np.ndarray, name:
         # loops that skip future experiences, so it is not validated.
         for i in range(t + 1):
             value = row[i]
-            if isinstance(value, bool) or not isinstance(value, (Real, np.number)):
+            if not is_number(value):
                 raise ConfigError(f"{name}[{t}][{i}] must be a number, got {value!r}")
             value = float(value)
             if math.isnan(value):

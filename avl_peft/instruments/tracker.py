@@ -85,7 +85,7 @@ def _own_rng():
 class SubspaceTracker(SupervisedPlugin, supports_distributed=True):
     """Measures the geometry of the updates after every training experience (formulas: module docstring).
 
-    Add it to any strategy next to :class:`~avl_peft.plugin.PEFTPlugin` (any order)::
+    Add it to any strategy next to :class:`~avl_peft.cl.plugin.PEFTPlugin` (any order)::
 
         tracker = SubspaceTracker(probe_images, k=8)
         strategy.plugins.append(tracker)   # or plugins=[peft, tracker, ...] at construction

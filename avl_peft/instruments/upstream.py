@@ -38,14 +38,9 @@ from torchvision.transforms import functional as TF
 
 from ..errors import ConfigError, DataError
 from ..safeio.images import IMAGE_SUFFIXES, class_folders, image_files, open_image
+from ..validate import check_positive_int
 
 MODES = ("checkpoint", "knn")
-
-
-def _positive_int(what: str, value: Any, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what} must be a positive integer, got {value!r}; {fix}")
-    return value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,10 +69,10 @@ def knn_predict(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, k
             f"knn needs a non-empty train set with one label per row, got {train_feats.shape[0]} rows and "
             f"{train_labels.numel()} labels"
         )
-    k = _positive_int("k", k, "use e.g. 20")
+    k = check_positive_int("k", k, "use e.g. 20")
     if k > train_feats.shape[0]:
         raise ConfigError(f"k={k} exceeds the {train_feats.shape[0]} train samples; lower k")
-    chunk = _positive_int("chunk", chunk, "use e.g. 1024")
+    chunk = check_positive_int("chunk", chunk, "use e.g. 1024")
     device = train_feats.device
     classes, label_idx = torch.unique(train_labels.to(device), sorted=True, return_inverse=True)
     train_n = F.normalize(train_feats.float(), dim=1)
@@ -149,7 +144,7 @@ def embed(
     The backbone runs in eval mode under ``torch.no_grad`` on ``device`` (default: where its parameters are);
     every submodule's train/eval mode is restored afterwards (a mixed state too).
     """
-    batch_size = _positive_int("batch_size", batch_size, "use e.g. 256")
+    batch_size = check_positive_int("batch_size", batch_size, "use e.g. 256")
     if device is None:
         param = next(backbone.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
@@ -221,7 +216,7 @@ class UpstreamProbe:
             raise ConfigError(f"upstream probe mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode = mode
         self.test_images, self.test_labels = _check_set("test", test_images, test_labels)
-        self.batch_size = _positive_int("batch_size", batch_size, "use e.g. 256")
+        self.batch_size = check_positive_int("batch_size", batch_size, "use e.g. 256")
         self.device = device
         self.classifier: nn.Linear | None = None
         self.train_images = self.train_labels = None
@@ -238,7 +233,7 @@ class UpstreamProbe:
                 )
         else:
             self.train_images, self.train_labels = _check_set("train", train_images, train_labels)
-            self.k = _positive_int("k", k, "use e.g. 20")
+            self.k = check_positive_int("k", k, "use e.g. 20")
             if self.k > self.train_images.shape[0]:
                 raise ConfigError(f"k={self.k} exceeds the {self.train_images.shape[0]} upstream train images")
 
@@ -333,7 +328,7 @@ def read_imagefolder(
     normalised with ``mean``/``std``: ``images`` is (N, channels, img_size, img_size) float32, ``labels`` (N,)
     int64. Memory is N·channels·img_size²·4 bytes; cap it with ``max_per_class``.
     """
-    img_size = _positive_int("img_size", img_size, "use the backbone's input size, e.g. 224")
+    img_size = check_positive_int("img_size", img_size, "use the backbone's input size, e.g. 224")
     if channels not in (1, 3):
         raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
     mean, std = [float(m) for m in mean], [float(s) for s in std]
@@ -343,7 +338,7 @@ def read_imagefolder(
             "data config"
         )
     if max_per_class is not None:
-        max_per_class = _positive_int("max_per_class", max_per_class, "or None for every image")
+        max_per_class = check_positive_int("max_per_class", max_per_class, "or None for every image")
     root = Path(path).expanduser()
     class_dirs = class_folders(root, "upstream image folder")
     if not class_dirs:

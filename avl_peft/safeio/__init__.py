@@ -56,7 +56,7 @@ from .paths import (
     write_text_nofollow,
 )
 from .safetensors_reader import check_safetensors, read_safetensors, safetensors_shapes
-from .yaml_reader import check_finite, load_yaml, parse_yaml
+from .yaml_reader import load_yaml, parse_yaml
 
 __all__ = [
     "file_sha256",
@@ -67,7 +67,6 @@ __all__ = [
     "YAML_MAX_BYTES",
     "YAML_MAX_DEPTH",
     "YAML_MAX_NODES",
-    "check_finite",
     "check_safetensors",
     "check_writable",
     "default_out_dir",

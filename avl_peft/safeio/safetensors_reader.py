@@ -17,6 +17,7 @@ import struct
 from pathlib import Path
 
 from ..errors import DataError
+from ..validate import is_int
 from .json_reader import _check_json_structure, _read_bounded
 
 # Bytes per element of every dtype safetensors writes.
@@ -102,8 +103,8 @@ def _check_header(raw: bytes, label: str, size: int) -> dict[str, tuple[int, ...
             continue
         ok = isinstance(entry, dict) and entry.get("dtype") in _ITEMSIZE
         shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if ok else (None, None)
-        ok = ok and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-        ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        ok = ok and isinstance(shape, list) and all(is_int(d) and d >= 0 for d in shape)
+        ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
         if not ok or not 0 <= offsets[0] <= offsets[1] <= size:
             raise DataError(f"{label}: tensor {name!r} has a malformed entry in the header; the file is corrupt")
         if offsets[1] - offsets[0] != math.prod(shape) * _ITEMSIZE[entry["dtype"]]:

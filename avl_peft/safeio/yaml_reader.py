@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import math
 import numbers
 from pathlib import Path
 from typing import Any
@@ -237,13 +236,3 @@ def parse_yaml(
     if len(text.encode("utf-8", "surrogatepass")) > max_bytes:
         raise ConfigError(f"{what}: longer than {max_bytes:,} bytes; shorten it")
     return _load_yaml_text(text, what, name=what, max_bytes=max_bytes, max_depth=max_depth, max_nodes=max_nodes)
-
-
-def check_finite(value: Any, key: str) -> Any:
-    """Return ``value``; raise ConfigError if it is a NaN or infinite number (``.nan``, ``.inf``, ``1e999``).
-
-    Anything else, including non-numbers, passes through: the type is the schema's to check.
-    """
-    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    return value

@@ -58,7 +58,7 @@ from .compat_rows import (
     _common,
     _sgd,
 )
-from .grid import expand, validate_study
+from .config import expand, validate_study
 
 METHODS = ("lora", "pissa", "wegeft", "loretta")
 POLICIES = ("continue", "merge")

@@ -14,6 +14,7 @@ Every executor takes the runs to do and returns one summary per run; each run wr
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 from collections.abc import Callable
@@ -25,23 +26,24 @@ from tqdm.auto import tqdm
 
 from .. import threads
 from ..errors import ConfigError
+from ..options import knob
 from ..registry import Registry
 from .run import record_failure, run_one
 
 EXECUTORS: Registry[Callable[..., list[dict[str, Any]]]] = Registry("executor")
 
 
-def _check(settings: dict[str, Any], allowed: tuple[str, ...], name: str) -> None:
-    for key in settings:
-        if key not in allowed:
-            raise ConfigError(f"executor '{name}' takes no setting '{key}'; allowed: {', '.join(allowed) or 'none'}")
-
-
 @EXECUTORS.register("sequential", "one run after another in this process")
 def sequential(
-    todo, out_dir: Path, *, resume: bool, force: bool, progress: bool, planned: dict | None = None, **settings
+    todo,
+    out_dir: Path,
+    *,
+    resume: bool,
+    force: bool,
+    progress: bool,
+    options: ExecutorOptions,
+    planned: dict | None = None,
 ) -> list[dict]:
-    _check(settings, ("workers", "ray_address", "num_cpus", "num_gpus"), "sequential")
     out = []
     bar = tqdm(todo, desc="study", unit="run", disable=not progress)
     for rid, cfg in bar:
@@ -81,15 +83,12 @@ def local(
     resume: bool,
     force: bool,
     progress: bool,
-    workers: int = 2,
+    options: ExecutorOptions,
     planned: dict | None = None,
-    **settings,
 ):
     import torch
 
-    _check(settings, ("ray_address", "num_cpus", "num_gpus"), "local")
-    if not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"executor.workers must be a positive integer, got {workers!r}")
+    workers = options.workers
     ctx = mp.get_context("spawn")
     gpu_queue = None
     if torch.cuda.is_available() and any(c["training"]["device"] != "cpu" for _, c in todo):
@@ -124,13 +123,9 @@ def ray_executor(
     resume: bool,
     force: bool,
     progress: bool,
-    ray_address: str | None = None,
-    num_cpus: float = 1,
-    num_gpus: float = 0,
+    options: ExecutorOptions,
     planned: dict | None = None,
-    **settings,
 ) -> list[dict]:
-    _check(settings, ("workers",), "ray")
     try:
         import ray
     except ImportError:
@@ -138,8 +133,8 @@ def ray_executor(
             "the ray executor needs Ray: pip install 'avl-peft[ray]' (or pip install 'ray[default]')"
         ) from None
     if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    task = ray.remote(_pool_run).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+        ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    task = ray.remote(_pool_run).options(num_cpus=options.num_cpus, num_gpus=options.num_gpus, max_retries=0)
     folder = str(Path(out_dir).resolve())
     refs = {task.remote(rid, cfg, folder, resume, force, (planned or {}).get(rid)): (rid, cfg) for rid, cfg in todo}
     out = []
@@ -151,3 +146,15 @@ def ray_executor(
             out.append(_collect(lambda r=ready[0]: ray.get(r), rid, cfg, out_dir))
             bar.update(1)
     return out
+
+
+# After the registrations: the executor names are the registry's.
+@dataclasses.dataclass(frozen=True)
+class ExecutorOptions:
+    """The study's ``executor`` section; each executor reads the settings it uses and ignores the rest."""
+
+    name: str = knob("sequential", "where runs execute", choices=tuple(EXECUTORS.names()))
+    workers: int = knob(2, "processes of the local executor", minimum=1, maximum=1024)
+    ray_address: str | None = knob(None, "Ray cluster address (null: start Ray locally)")
+    num_cpus: int | float = knob(1, "CPUs Ray reserves per run", minimum=0, maximum=1024)
+    num_gpus: int | float = knob(0, "GPUs Ray reserves per run (fractions share a GPU)", minimum=0, maximum=1024)

@@ -1,6 +1,6 @@
 """One continual-learning run, end to end: model, scenario, strategy + plugins, train/eval, results.
 
-``run_experiment(cfg, run_dir)`` takes one resolved run config (:mod:`.schema`) and writes ``run_dir/``:
+``run_experiment(cfg, run_dir)`` takes one resolved run config (:mod:`.config.schema`) and writes ``run_dir/``:
 ``config.yaml``, ``results.json`` (:mod:`.results`), TensorBoard events in ``tb/`` and adapter/head
 checkpoints per experience in ``checkpoints/``. :func:`build` wires the parts and returns them as a
 :class:`RunParts` for tests and custom loops.
@@ -39,7 +39,14 @@ from ..cl.scenarios import build_scenario
 from ..cl.scenarios.validation import carve_validation
 from ..cl.strategies import STRATEGIES, StrategySpec, strategy_options
 from ..cl.strategies.state import StateContext, tag_experience
-from ..cl.training import BatchProgress, DivergenceGuard, make_optimizer, resolve_device, seed_everything
+from ..cl.training import (
+    BatchProgress,
+    DivergenceGuard,
+    check_base_session,
+    make_optimizer,
+    resolve_device,
+    seed_everything,
+)
 from ..errors import ConfigError
 from ..hardware import hardware_info, peak_memory_mb, reset_peak_memory, resolve_precision
 from ..instruments.metrics import summarize_both
@@ -181,8 +188,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False, validation
             benchmark, fraction=validation["fraction"], seed=seed, experiences=validation["experiences"]
         )
     n_exp = len(benchmark.train_stream)
-    if training["pretrain"] and n_exp < 2:
-        raise ConfigError("training.pretrain needs at least 2 experiences (the base session plus one more)")
+    check_base_session(training["pretrain"], n_exp)  # the scenario's real count (the config may leave it null)
     criterion = TrainMaskLoss(training["train_mask"])
     matrix = AccuracyMatrixPlugin(n_exp)
     peft = PEFTPlugin(

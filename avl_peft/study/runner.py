@@ -20,10 +20,11 @@ import yaml
 
 from ..cl import distributed
 from ..errors import ConfigError, DataError
+from ..options import parse_options
 from ..safeio import check_writable, write_text_nofollow
 from . import results
-from .executors import EXECUTORS
-from .grid import expand
+from .config import expand
+from .executors import EXECUTORS, ExecutorOptions
 from .run import lock_holder, run_one
 
 
@@ -151,17 +152,20 @@ def run_study(
     planned: dict[str, dict] = {}
     runs = plan(study, out_dir, resume=resume, force=force, since_ns=since_ns, planned=planned)
     write_text_nofollow(out_dir / "study.yaml", yaml.safe_dump(study, sort_keys=False), root=out_dir)
-    settings = {**(study.get("executor") or {}), **{k: v for k, v in executor_options.items() if v is not None}}
-    name = executor or settings.pop("name", None) or "sequential"
-    settings.pop("name", None)
+    # The study's section with the caller's overrides (the CLI's --executor/--workers/--ray-address), checked
+    # by the executors' own options class.
+    given = {**(study.get("executor") or {}), **{k: v for k, v in executor_options.items() if v is not None}}
+    options = parse_options(
+        ExecutorOptions, "executor", {**given, "name": executor or given.get("name") or "sequential"}, noun="key"
+    )
     todo = [(rid, cfg) for rid, cfg, action in runs if action == "run"]
     summary = {
         rid: {"id": rid, "status": "skipped", "reason": planned[rid].get("reason", "already finished (--resume)")}
         for rid, _, action in runs
         if action == "skip"
     }
-    outcomes = EXECUTORS.get(name)(
-        todo, out_dir, resume=resume, force=force, progress=progress, planned=planned, **settings
+    outcomes = EXECUTORS.get(options.name)(
+        todo, out_dir, resume=resume, force=force, progress=progress, planned=planned, options=options
     )
     summary.update({s["id"]: s for s in outcomes})
     return [summary[rid] for rid, _, _ in runs]

@@ -34,12 +34,13 @@ from ..safeio import load_json_or_none, safe_component
 from .experiment import run_experiment
 from .report.claims import LOWER_IS_BETTER
 from .results import TRIALS
-from .schema import SCHEMA, STUDY_ONLY, check_run, field_at, set_dotted, validate_section
 
 NOT_SEARCHABLE = ("seed", "search", "validation", "scenario")  # what the selection must not change
 
 
 def _searched_keys(space: Any) -> list[str]:
+    from .config.schema import STUDY_ONLY, field_at  # not at import: the config package imports the runner
+
     if not isinstance(space, dict):
         raise ConfigError("search: must be a mapping of dotted keys to lists of candidates, e.g. training.lr: [1e-3]")
     for key, values in space.items():
@@ -69,12 +70,14 @@ def trials(cfg: dict) -> list[tuple[str, dict[str, Any]]]:
 
 def apply(cfg: dict, values: dict[str, Any]) -> dict:
     """The run's config with ``values`` set, validated like any run."""
+    from .config.schema import parse_run, set_dotted
+
     out = copy.deepcopy(cfg)
     for key, value in values.items():
         set_dotted(out, key, copy.deepcopy(value))
-    out = validate_section("", {k: v for k, v in SCHEMA.items() if k not in STUDY_ONLY}, out)
-    check_run(out)
-    return out
+    run = parse_run(out)
+    run.check()
+    return copy.deepcopy(run.mapping)  # a plain mapping the trial may change
 
 
 def trial_config(cfg: dict, values: dict[str, Any]) -> dict:

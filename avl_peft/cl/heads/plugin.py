@@ -13,8 +13,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ...errors import ConfigError
+from ...validate import check_positive_int, is_int
 from .moments import AlignOptions, ClassMoments, MomentOptions, align_linear
-from .statistics import StatisticsHead, _positive_int
+from .statistics import StatisticsHead
 
 FeatureFn = Callable[[Any, Tensor], Tensor]
 """(strategy, images on the strategy's device) → (N, D) features."""
@@ -72,7 +73,7 @@ def update_from_dataset(
     """Embed ``dataset`` (items ``(x, y, …)``; its eval transforms when it has ``.eval()``) in order and add it
     to ``head``. ``features(x)`` gives (N, D); ``model`` (if given) is put in eval mode meanwhile and its
     modules' modes restored after. Returns the number of samples added."""
-    batch_size = _positive_int("batch_size", batch_size, "pass e.g. the strategy's eval_mb_size")
+    batch_size = check_positive_int("batch_size", batch_size, "pass e.g. the strategy's eval_mb_size")
     if hasattr(dataset, "eval"):
         dataset = dataset.eval()  # no augmentation: the statistics describe the test-time features
     loader = DataLoader(
@@ -162,8 +163,8 @@ class StatisticsHeadPlugin(SupervisedPlugin, supports_distributed=True):
         self.experiences = 0  # experiences this plugin has finished: seeds the pseudo-feature draws
         self._before: Tensor | None = None  # this experience's features before it trained (drift only)
         if batch_size is not None:
-            _positive_int("batch_size", batch_size, "or None for the strategy's eval_mb_size")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            check_positive_int("batch_size", batch_size, "or None for the strategy's eval_mb_size")
+        if not is_int(num_workers) or num_workers < 0:
             raise ConfigError(f"num_workers must be an integer >= 0, got {num_workers!r}")
         self.head, self.feature_fn = head, feature_fn
         self.batch_size, self.num_workers = batch_size, num_workers

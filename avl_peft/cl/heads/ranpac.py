@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import ConfigError
+from ...validate import check_positive_int, is_int, is_number
 from .moments import MomentOptions
-from .statistics import DEFAULT_LAMBDAS, MAX_RANPAC_DIM, StatisticsHead, _positive_int, default_ranpac_dim
+from .statistics import DEFAULT_LAMBDAS, MAX_RANPAC_DIM, StatisticsHead, default_ranpac_dim
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class RanpacHeadOptions(MomentOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.dim is not None:
-            _positive_int(
+            check_positive_int(
                 "ranpac option 'dim'", self.dim, "use e.g. 5000, or leave it out for min(5000, 10·D)", MAX_RANPAC_DIM
             )
         lambdas = (self.lambdas,) if isinstance(self.lambdas, (int, float)) else self.lambdas
@@ -46,7 +47,7 @@ class RanpacHeadOptions(MomentOptions):
             )
         object.__setattr__(self, "lambdas", tuple(sorted(set(values))))
         vf = self.val_fraction
-        if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 < vf < 1:
+        if not is_number(vf) or not 0 < vf < 1:
             raise ConfigError(
                 f"ranpac option 'val_fraction' must be a number strictly between 0 and 1, got {vf!r}; e.g. 0.2"
             )
@@ -82,7 +83,7 @@ class RanpacHead(StatisticsHead):
         opts = RanpacHeadOptions(dim=dim, lambdas=lambdas, val_fraction=val_fraction)
         self.dim = opts.dim if opts.dim is not None else default_ranpac_dim(self.feature_dim)
         self.lambdas, self.val_fraction = tuple(sorted(opts.lambdas)), opts.val_fraction
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        if not is_int(seed):
             raise ConfigError(f"ranpac seed must be an integer, got {seed!r}; pass the run's seed")
         self.seed = int(seed)
         # Drawn on the CPU from its own generator: the same W_rp on every device and independent of the

@@ -6,12 +6,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import ConfigError, DataError
+from ...validate import check_positive_int
 
 DEFAULT_LAMBDAS: tuple[float, ...] = tuple(10.0**e for e in range(-8, 9))
 MAX_RANPAC_DIM = 100_000
@@ -20,14 +20,6 @@ MAX_RANPAC_DIM = 100_000
 def default_ranpac_dim(feature_dim: int) -> int:
     """RanPAC's projection size for a backbone with ``feature_dim`` features: ``min(5000, 10·D)``."""
     return min(5000, 10 * int(feature_dim))
-
-
-def _positive_int(what: str, value: Any, fix: str, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{what} must be a positive integer, got {value!r}; {fix}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{what} must be at most {maximum}, got {value!r}; {fix}")
-    return int(value)
 
 
 class StatisticsHead(ABC):
@@ -40,13 +32,13 @@ class StatisticsHead(ABC):
     name = ""
 
     def __init__(self, feature_dim: int, n_classes: int | None = None):
-        self.feature_dim = _positive_int(
+        self.feature_dim = check_positive_int(
             "feature_dim", feature_dim, "pass the backbone's feature width (model.backbone.num_features)"
         )
         self.fixed_classes = (
             None
             if n_classes is None
-            else _positive_int("n_classes", n_classes, "pass the scenario's class count, or None to grow")
+            else check_positive_int("n_classes", n_classes, "pass the scenario's class count, or None to grow")
         )
         self.device = torch.device("cpu")
         # Per-class sample counts: which classes are seen, and the number of class slots K.

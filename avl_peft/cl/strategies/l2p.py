@@ -20,7 +20,7 @@ from torch import nn
 
 from ...adapters import METHODS
 from ...errors import ConfigError
-from ...validate import check_int, check_number
+from ...validate import check_int, check_number, is_int
 from ..checkpoints import CheckpointPlugin
 from ..heads import prompted_vit_features
 from ..plugin import PEFTPlugin
@@ -118,7 +118,7 @@ def build_prompted_vits(
     trained yet), as for every other method here, so ``num_classes`` is only an optional initial size.
     """
     for key, value, low in (("pool_size", pool_size, 1), ("prompt_length", prompt_length, 1), ("top_k", top_k, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_int(value) or value < low:
             raise ConfigError(f"strategy.options.{key}: must be an integer >= {low}, got {value!r}")
     if top_k > pool_size:
         raise ConfigError(f"strategy.options.top_k ({top_k}) cannot exceed pool_size ({pool_size})")
@@ -237,10 +237,10 @@ def build_l2p(
       architecture (any plain timm ViT, tiny ones included) and same weights (pretrained or checkpoint).
       ``model`` itself and ``optimizer`` are not trained: L2P owns its model and rebuilds its Adam (``lr``)
       every experience, so ``training.lr``/``training.optimizer`` do not apply.
-    - :class:`~avl_peft.plugin.PEFTPlugin` is dropped from ``plugins``: L2P trains prompts on a frozen ViT
+    - :class:`~avl_peft.cl.plugin.PEFTPlugin` is dropped from ``plugins``: L2P trains prompts on a frozen ViT
       and an adapter method (or a ``pretrain`` base session) does not apply. Use ``method: head`` with
       ``l2p``: the results then say what trained (prompts + head). Its ``checkpoint_dir`` is kept: a
-      :class:`~avl_peft.plugin.CheckpointPlugin` writes the prompts and head after each experience.
+      :class:`~avl_peft.cl.checkpoints.CheckpointPlugin` writes the prompts and head after each experience.
     - The head is an ``IncrementalClassifier`` (grows, masks untrained classes), so accuracies mean the
       same as for every other method and ``num_classes`` (the scenario's class count) is optional.
     """

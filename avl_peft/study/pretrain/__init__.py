@@ -25,7 +25,7 @@ its state dict are the same, and evaluation sees every token. Same config and se
 bit-identical weights on the same machine and thread count.
 """
 
-from .config import CARD, CARD_FORMAT, RECIPE_VERSION, SCHEMA, WEIGHTS, config_hash, load_pretrain_config
+from .config import CARD, CARD_FORMAT, RECIPE_VERSION, WEIGHTS, PretrainConfig, config_hash, load_pretrain_config
 from .outputs import (
     check_output,
     default_cache_dir,
@@ -33,6 +33,7 @@ from .outputs import (
     load_pretrained,
     output_dir,
     pretrain,
+    pretrained_model,
     read_card,
 )
 from .training import accuracy, data_config, to_model_input
@@ -41,7 +42,7 @@ __all__ = [
     "CARD",
     "CARD_FORMAT",
     "RECIPE_VERSION",
-    "SCHEMA",
+    "PretrainConfig",
     "WEIGHTS",
     "accuracy",
     "check_output",
@@ -53,6 +54,7 @@ __all__ = [
     "load_pretrained",
     "output_dir",
     "pretrain",
+    "pretrained_model",
     "read_card",
     "to_model_input",
 ]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,9 @@ import torch
 from ...cl.backbone import check_backbone_kwargs, meta_backbone
 from ...errors import ConfigError
 from ...hardware import bf16_native
-from ...registry import suggest
-from ...safeio import check_finite, load_yaml
+from ...options import knob, parse_options
+from ...safeio import load_yaml
+from ...validate import check_finite
 
 CARD = "card.json"
 WEIGHTS = "model.safetensors"
@@ -30,114 +30,52 @@ RECIPE_VERSION = 1
 MAX_THREADS = 256
 # The held-out test set is rendered whole: 52 x test_per_class x img_size^2 float32 values at most this size.
 MAX_TEST_SET_BYTES = 2 << 30
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Config schema and validation
+# Config schema: dataclasses of knobs, parsed by avl_peft.options.parse_options (the run config's engine)
 # ---------------------------------------------------------------------------------------------------
-class _Field:
-    """One config value: allowed type(s), default, and an optional range/choice check."""
-
-    def __init__(self, kind: str, default: Any, check: Callable[[Any], str | None] | None = None, doc: str = ""):
-        self.kind, self.default, self.check, self.doc = kind, default, check, doc
-
-
-def _between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-        return None if ok else f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-    return check
+@dataclasses.dataclass(frozen=True)
+class PretrainBackbone:
+    name: str = knob("vit_tiny_patch16_224", "timm model name")
+    kwargs: dict = knob({"img_size": 32, "patch_size": 4, "depth": 4}, "timm.create_model options")
 
 
-def _one_of(*choices: str) -> Callable[[Any], str | None]:
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+@dataclasses.dataclass(frozen=True)
+class PretrainData:
+    dataset: str = knob("glyphs", "upstream dataset", choices=("glyphs",))
+    train_per_class: int = knob(320, "training images per letter and epoch", minimum=1, maximum=100_000)
+    test_per_class: int = knob(40, "held-out-font test images per letter", minimum=1, maximum=10_000)
+    img_size: int = knob(32, "image side in pixels; must match the backbone", minimum=8, maximum=512)
+    test_fraction: float = knob(
+        0.25, "share of fonts held out", minimum=0, maximum=1, exclusive_min=True, exclusive_max=True
+    )
+    jitter: float = knob(0.7, "augmentation strength (0: clean glyphs)", minimum=0, maximum=2)
 
 
-def _name_check(v: str) -> str | None:
-    # the name becomes a cache folder name: keep it a plain, portable file name
-    return None if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v) else "must be letters, digits, '_', '.', '-'"
+@dataclasses.dataclass(frozen=True)
+class PretrainTraining:
+    epochs: int = knob(1, "passes over the training images", minimum=1, maximum=10_000)
+    batch_size: int = knob(32, "images per step", minimum=1, maximum=65_536)
+    lr: float = knob(7e-4, "peak AdamW learning rate", minimum=0, maximum=10, exclusive_min=True)
+    weight_decay: float = knob(0.05, "AdamW decay (not on biases, norms, tokens)", minimum=0, maximum=1)
+    # shares of a whole: 1 would warm up, smooth or drop everything
+    warmup: float = knob(0.1, "share of steps with linear warm-up", minimum=0, maximum=1, exclusive_max=True)
+    label_smoothing: float = knob(0.1, "cross-entropy smoothing", minimum=0, maximum=1, exclusive_max=True)
+    pos_embed_std: float = knob(0.6, "std of the position embedding init (0: keep timm's 0.02)", minimum=0, maximum=10)
+    patch_drop: float = knob(0.25, "share of patch tokens dropped", minimum=0, maximum=1, exclusive_max=True)
+    precision: str = knob("auto", "autocast dtype (auto: bf16 where the CPU has it natively)", choices=PRECISIONS)
+    threads: int = knob(1, "torch CPU threads while training", minimum=1, maximum=MAX_THREADS)
 
 
-SCHEMA: dict[str, Any] = {
-    "name": _Field("str", "glyphs_vit_tiny", _name_check, "names the cache folder <name>-<hash>"),
-    "seed": _Field("int", 0, _between(0, 2**32 - 1), "model init, data and font split"),
-    "backbone": {
-        "name": _Field("str", "vit_tiny_patch16_224", None, "timm model name"),
-        "kwargs": _Field("dict", {"img_size": 32, "patch_size": 4, "depth": 4}, None, "timm.create_model options"),
-    },
-    "data": {
-        "dataset": _Field("str", "glyphs", _one_of("glyphs"), "upstream dataset"),
-        "train_per_class": _Field("int", 320, _between(1, 100_000), "training images per letter and epoch"),
-        "test_per_class": _Field("int", 40, _between(1, 10_000), "held-out-font test images per letter"),
-        "img_size": _Field("int", 32, _between(8, 512), "image side in pixels; must match the backbone"),
-        "test_fraction": _Field("float", 0.25, _between(0, 1, True, True), "share of fonts held out"),
-        "jitter": _Field("float", 0.7, _between(0, 2), "augmentation strength (0: clean glyphs)"),
-    },
-    "training": {
-        "epochs": _Field("int", 1, _between(1, 10_000), "passes over the training images"),
-        "batch_size": _Field("int", 32, _between(1, 65_536), "images per step"),
-        "lr": _Field("float", 7e-4, _between(0, 10, lo_open=True), "peak AdamW learning rate"),
-        "weight_decay": _Field("float", 0.05, _between(0, 1), "AdamW decay (not on biases, norms, tokens)"),
-        "warmup": _Field("float", 0.1, _between(0, 1, False, True), "share of steps with linear warm-up"),
-        "label_smoothing": _Field("float", 0.1, _between(0, 1, False, True), "cross-entropy smoothing"),
-        "pos_embed_std": _Field(
-            "float", 0.6, _between(0, 10), "std of the position embedding init (0: keep timm's 0.02)"
-        ),
-        "patch_drop": _Field("float", 0.25, _between(0, 1, False, True), "share of patch tokens dropped in training"),
-        "precision": _Field(
-            "str", "auto", _one_of("auto", "bf16", "fp32"), "autocast dtype (auto: bf16 where the CPU has it natively)"
-        ),
-        "threads": _Field("int", 1, _between(1, MAX_THREADS), "torch CPU threads while training"),
-    },
-}
-
-
-def _default_config(schema: Mapping[str, Any] = SCHEMA) -> dict[str, Any]:
-    return {k: _default_config(v) if isinstance(v, dict) else copy.deepcopy(v.default) for k, v in schema.items()}
-
-
-def _coerce(value: Any, field: _Field, key: str) -> Any:
-    kind = field.kind
-    if kind == "float" and isinstance(value, str):
-        # YAML 1.1 reads 1e-3 (no dot) as a string; accept what is plainly a number
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    ok = {
-        "str": isinstance(value, str),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-        "dict": isinstance(value, dict),
-    }[kind]
-    if not ok:
-        word = {"str": "a string", "int": "an integer", "float": "a finite number", "dict": "a mapping"}[kind]
-        raise ConfigError(f"{key} must be {word}, got {value!r} ({type(value).__name__})")
-    if kind == "float":
-        value = float(value)
-    if field.check is not None:
-        problem = field.check(value)
-        if problem:
-            raise ConfigError(f"{key} {problem}, got {value!r}")
-    return value
-
-
-def _merge(schema: Mapping[str, Any], given: Mapping[str, Any], out: dict[str, Any], prefix: str) -> None:
-    for key, value in given.items():
-        path = f"{prefix}{key}"
-        if key not in schema:
-            names = list(schema)
-            raise ConfigError(
-                f"unknown key '{path}' in the pretrain config. Allowed here: {', '.join(names)}.{suggest(key, names)}"
-            )
-        spec = schema[key]
-        if isinstance(spec, dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path} must be a mapping with keys {', '.join(spec)}, got {value!r}")
-            _merge(spec, value, out[key], f"{path}.")
-        else:
-            out[key] = _coerce(value, spec, path)
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    name: str = knob("glyphs_vit_tiny", "names the cache folder <name>-<hash>")
+    seed: int = knob(0, "model init, data and font split", minimum=0, maximum=2**32 - 1)
+    backbone: PretrainBackbone = dataclasses.field(default_factory=PretrainBackbone)
+    data: PretrainData = dataclasses.field(default_factory=PretrainData)
+    training: PretrainTraining = dataclasses.field(default_factory=PretrainTraining)
 
 
 def load_pretrain_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -157,6 +95,10 @@ def load_pretrain_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[
         raw = {} if raw is None else raw
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where} must be a mapping of keys (name, seed, backbone, data, training)")
+    if not isinstance(source, Mapping) and {"scenario", "method", "strategy"} & set(raw):
+        raise ConfigError(
+            f"{where} is a study config (it has scenario/method/strategy); run it with `avl-peft run {path}`"
+        )
     try:
         return _validated(raw)
     except ConfigError as e:
@@ -166,8 +108,10 @@ def load_pretrain_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[
 
 
 def _validated(raw: Mapping[str, Any]) -> dict[str, Any]:
-    cfg = _default_config()
-    _merge(SCHEMA, raw, cfg, "")
+    parsed = parse_options(PretrainConfig, "", dict(raw), noun="key")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", parsed.name):  # it names a cache folder
+        raise ConfigError(f"name: must be letters, digits, '_', '.', '-' (a folder name), got {parsed.name!r}")
+    cfg = dataclasses.asdict(parsed)
     _check_backbone(cfg)
     data, training = cfg["data"], cfg["training"]
     test_bytes = 52 * data["test_per_class"] * data["img_size"] ** 2 * 4

@@ -17,6 +17,7 @@ import timm
 import torch
 from torch import nn
 
+from ...cl.backbone import create_continual_model
 from ...cl.glyphs import CLASSES
 from ...errors import ConfigError, DataError
 from ...hardware import hardware_info
@@ -30,6 +31,7 @@ from ...safeio import (
 )
 from ...safeio.locks import LOCK_NAME, folder_lock
 from ...safeio.safetensors_reader import WEIGHTS_MAX_BYTES, safetensors_shapes
+from ...validate import is_number
 from .config import CARD, CARD_FORMAT, WEIGHTS, config_hash, load_pretrain_config, resolved_precision
 from .training import _create_model, _threads, _train
 
@@ -75,7 +77,7 @@ def _card_problem(card: Any) -> str:
     if card["num_classes"] != len(card["classes"]) or not all(isinstance(c, str) for c in card["classes"]):
         return f"{CARD} fields 'classes' and 'num_classes' disagree"
     stats = [dc.get("mean"), dc.get("std")]
-    if not all(isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v) for v in stats):
+    if not all(isinstance(v, list) and v and all(is_number(x) for x in v) for v in stats):
         return f"{CARD} field 'data_config' must hold mean and std lists of numbers"
     if not isinstance(dc.get("img_size"), int) or not all(x > 0 for x in dc["std"]):
         return f"{CARD} field 'data_config' must hold an integer img_size and positive std values"
@@ -249,6 +251,28 @@ def find_or_build(
             "remove it (it is rebuilt)"
         )
     return pretrain(cfg, out, force=force, progress=progress)
+
+
+def pretrained_model(
+    config: str | os.PathLike | Mapping[str, Any],
+    *,
+    head: str = "incremental",
+    initial_classes: int = 2,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """A continual model on the backbone a pretrain config trains, as ``backbone.pretrain: config`` gives a run.
+
+    The weights come from the cache when a complete output of ``config`` is there, else it is trained first
+    (:func:`find_or_build`, what ``avl-peft run`` does); the pretraining head is dropped for ``head``
+    (``incremental`` or ``multi``, see :func:`~avl_peft.cl.backbone.create_continual_model`).
+    """
+    cfg = load_pretrain_config(config)
+    folder = find_or_build(cfg, cache_dir, progress=progress)
+    bb = cfg["backbone"]
+    return create_continual_model(
+        bb["name"], head=head, initial_classes=initial_classes, checkpoint=folder / WEIGHTS, **bb["kwargs"]
+    )
 
 
 def load_pretrained(out_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:

@@ -8,13 +8,13 @@ import statistics
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
 from ...errors import AvlPeftError, DataError
 from ...hardware import describe
 from ...instruments.metrics import MATRIX_KINDS, summarize, summarize_both
+from ...validate import is_int, is_number
 from .. import results
 
 # Metrics averaged over seeds; all are fractions in results.json and shown as percentages in Markdown.
@@ -79,7 +79,7 @@ def load_run(path: Path) -> Run:
         if not isinstance(value, str) or not value:
             raise CorruptResults(f"'run.{key}' is missing or not a string")
     seed = run.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    if seed is not None and not is_int(seed):
         raise CorruptResults(f"'run.seed' is {seed!r}, expected an integer")
     options = run.get("options") or {}
     if not isinstance(options, dict):
@@ -199,7 +199,7 @@ def _number(value: Any, where: str) -> float | None:
     """A finite float, or None for null/NaN (not measured); anything else makes the file unusable."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, Real):
+    if not is_number(value):
         raise CorruptResults(f"'{where}' is {value!r}, expected a number")
     value = float(value)
     return value if math.isfinite(value) else None

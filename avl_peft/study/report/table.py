@@ -195,7 +195,7 @@ def markdown_report(
         "",
         f"{len(runs)} runs read from `{root}` ({len(runs) - len(failed)} finished, {len(failed)} failed).",
         "Accuracy metrics are percentages, shown as mean ± sample standard deviation over seeds; failed",
-        "runs are excluded from the averages. Metric definitions: `avl_peft.metrics`.",
+        "runs are excluded from the averages. Metric definitions: `avl_peft.instruments.metrics`.",
         "",
         format_table(rows),
         "",

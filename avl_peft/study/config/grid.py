@@ -8,30 +8,31 @@ and every run it expands to, so a typo anywhere fails before anything trains.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..adapters import METHODS
-from ..cl.training import resolve_device
-from ..errors import ConfigError
-from ..safeio import load_yaml, parse_yaml, safe_component
-from .report.claims import check_claims
+from ...adapters import METHODS
+from ...cl.training import resolve_device
+from ...errors import ConfigError
+from ...safeio import load_yaml, parse_yaml, safe_component
 from .schema import (
-    SCHEMA,
     STUDY_ONLY,
     accepts,
-    check_run,
+    as_config,
+    default,
     field_at,
     get_dotted,
     known_options,
+    parse_run,
+    parse_study,
     set_dotted,
-    validate_section,
 )
-from .search import check_search
 
 
 def _check_overrides(where: str, overrides: Any, *, lists: bool) -> None:
@@ -90,17 +91,19 @@ def expand(study: dict) -> list[tuple[str, dict]]:
             )
             options = (cfg.get("method") or {}).get("options")
             if lenient and isinstance(options, dict):
-                method = cfg["method"].get("name", SCHEMA["method"]["name"].default)
+                method = cfg["method"].get("name", default("method.name"))
                 cfg["method"]["options"] = {
                     k: v
                     for k, v in options.items()
                     if f"method.options.{k}" in explicit or accepts(method, k) or k not in known_options()
                 }
-            cfg = validate_section("", {k: v for k, v in SCHEMA.items() if k not in STUDY_ONLY}, cfg)
-            if cfg["budget"] is not None:  # the budget chooses the method's budget knobs; drop configured ones
-                knobs = METHODS.get(cfg["method"]["name"]).budget_knobs if cfg["method"]["name"] in METHODS else ()
-                cfg["method"]["options"] = {k: v for k, v in cfg["method"]["options"].items() if k not in knobs}
-            check_run(cfg)
+            run = parse_run(cfg)
+            if run.budget is not None:  # the budget chooses the method's budget knobs; drop configured ones
+                knobs = METHODS.get(run.method.name).budget_knobs if run.method.name in METHODS else ()
+                options = {k: v for k, v in run.method.options.items() if k not in knobs}
+                run = dataclasses.replace(run, method=dataclasses.replace(run.method, options=options))
+            run.check()
+            cfg = run.mapping
             rid = run_id(cfg, axes)
             key = yaml.safe_dump(cfg, sort_keys=True)
             if key in seen:
@@ -114,12 +117,19 @@ def expand(study: dict) -> list[tuple[str, dict]]:
     return runs
 
 
-def validate_study(data: Any) -> dict:
-    """Validate a whole study (top-level mapping from YAML) and every run it expands to."""
-    study = validate_section("", SCHEMA, data if data is not None else {})
+def validate_study(data: Any, *, dry_run: bool = False) -> dict:
+    """Validate a whole study (top-level mapping from YAML) and every run it expands to.
+
+    ``dry_run``: a device this machine lacks (a study written for a GPU, checked on a laptop) is a warning,
+    not an error; everything else about the runs is checked as for a real run.
+    """
+    study = as_config(parse_study(data))
     _check_overrides("grid", study["grid"], lists=True)
     for i, variant in enumerate(study["variants"]):
         _check_overrides(f"variants[{i}]", variant, lists=False)
+    from ..report.claims import check_claims  # here: the report and the search import this package
+    from ..search import check_search
+
     check_claims(study["claims"])
     runs = expand(study)  # every run must validate before anything trains
     for _, cfg in runs:
@@ -127,7 +137,12 @@ def validate_study(data: Any) -> dict:
     executor = study["executor"]
     if not (executor["name"] == "ray" and executor["ray_address"]):  # a remote cluster has its own devices
         for device in sorted({cfg["training"]["device"] for _, cfg in runs}):
-            resolve_device(device)  # cuda/mps that torch does not see here: refused now, not at run time
+            try:
+                resolve_device(device)  # cuda/mps that torch does not see here: refused now, not at run time
+            except ConfigError as e:
+                if not dry_run:
+                    raise
+                warnings.warn(f"{e} (the runs are valid; train them where {device} is, or override it)", stacklevel=2)
     return study
 
 
@@ -167,7 +182,7 @@ def _anchor_paths(data: Any, folder: Path) -> None:
             backbone["pretrain"] = str(candidate)
 
 
-def load_study(path: str | Path, assignments: list[str] | None = None) -> dict:
+def load_study(path: str | Path, assignments: list[str] | None = None, *, dry_run: bool = False) -> dict:
     data = load_yaml(path, what="config")
     _anchor_paths(data, Path(path).parent)
     if data is None or data == {}:
@@ -176,4 +191,10 @@ def load_study(path: str | Path, assignments: list[str] | None = None) -> dict:
             f"config file '{path}' is empty; write the settings that differ from the defaults (at least "
             "method.name), see configs/ for examples"
         )
-    return validate_study(apply_set(data, assignments or []))
+    if isinstance(data, dict) and "data" in data and not {"scenario", "method", "strategy"} & set(data):
+        # `data:` is the pretrain config's own section; a study has none.
+        raise ConfigError(
+            f"'{path}' is a pretrain config (it has a data: section), not a study; build the backbone with "
+            f"`avl-peft pretrain {path}`, or name it in a study as backbone.pretrain: {path}"
+        )
+    return validate_study(apply_set(data, assignments or []), dry_run=dry_run)
