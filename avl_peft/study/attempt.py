@@ -24,7 +24,7 @@ from ..errors import AvlPeftError, ConfigError
 from ..safeio import write_text_nofollow
 from ..safeio.locks import folder_lock, lock_holder
 from . import results
-from .experiment import run_experiment
+from .search import run_with_search
 
 
 @contextlib.contextmanager
@@ -90,7 +90,7 @@ def run_one(
             if status == "finished" and resume and not force:  # finished meanwhile
                 return {"id": rid, "status": "skipped", "reason": "finished meanwhile"}
             (run_dir / "error.txt").unlink(missing_ok=True)
-            outcome = run_experiment(cfg, run_dir, run_id=rid, progress=progress, resume=resume and not force)
+            outcome = run_with_search(cfg, run_dir, run_id=rid, progress=progress, resume=resume and not force)
         return {"id": rid, "status": "finished", "acc": outcome["metrics"]["acc"]}
     except AvlPeftError as e:
         if raise_user_errors:

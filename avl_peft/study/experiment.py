@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import atomic, threads
 from ..adapters import METHODS
+from ..adapters.base import parse_options
 from ..adapters.budget import select_for_budget
 from ..adapters.inject import parameter_counts
 from ..backbones import data_config
@@ -35,6 +36,7 @@ from ..cl.loss import TrainMaskLoss
 from ..cl.plugin import PEFTPlugin
 from ..cl.precision import CompilePlugin, InferenceModeEval, PrecisionPlugin, check_precision, loader_options
 from ..cl.scenarios import build_scenario
+from ..cl.scenarios.validation import carve_validation
 from ..cl.strategies import STRATEGIES, strategy_options
 from ..cl.strategies.state import StateContext, tag_experience
 from ..cl.training import (
@@ -120,11 +122,21 @@ def resolve_budget(cfg: dict, model: torch.nn.Module) -> dict[str, Any] | None:
     }
 
 
-def build(cfg: dict, run_dir: Path | None, *, progress: bool = False, process_settings: bool = False) -> RunParts:
+def build(
+    cfg: dict,
+    run_dir: Path | None,
+    *,
+    progress: bool = False,
+    process_settings: bool = False,
+    validation: dict | None = None,
+) -> RunParts:
     """Everything a run needs, wired together (exposed for tests and for custom loops).
 
     ``process_settings``: apply avl-peft's process-wide policy (threads, allocator; :mod:`avl_peft.threads`)
-    and let ``training.compile`` reset Dynamo; the CLI's processes have it already.
+    and let ``training.compile`` reset Dynamo; the CLI's processes have it already. ``validation`` (a run's
+    ``validation`` section): train on the training data minus a carved validation split and test on that
+    split (:func:`~avl_peft.cl.scenarios.validation.carve_validation`), for the trials of a search
+    (:mod:`.search`); the test set is then never read.
     """
     training, method = cfg["training"], cfg["method"]
     if process_settings and not threads.configured():
@@ -161,6 +173,11 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False, process_se
         **data_config(model.backbone),
         **sc["options"],
     )
+    if validation is not None:
+        seed = cfg["seed"] if validation["seed"] is None else validation["seed"]
+        benchmark, _ = carve_validation(
+            benchmark, fraction=validation["fraction"], seed=seed, experiences=validation["experiences"]
+        )
     n_exp = len(benchmark.train_stream)
     check_base_session(training["pretrain"], n_exp)  # the scenario's real count (the config may leave it null)
     criterion = TrainMaskLoss(training["train_mask"])
@@ -279,6 +296,15 @@ def _clear_checkpoints(run_dir: Path, start: int) -> None:
             path.unlink()
 
 
+def scaling_block(cfg: dict, budget: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The adapter's scale as resolved (``alpha_policy``, α, s; see AdapterOptions); None for full/head."""
+    name = cfg["method"]["name"]
+    cls = METHODS.get(name)
+    if not cls.adds_adapter:
+        return None
+    return parse_options(cls.Options, name, budget["options"] if budget else cfg["method"]["options"]).scaling()
+
+
 def heads_block(cfg: dict, parts: RunParts) -> dict[str, Any]:
     """Which classifier produced ``accuracy_matrix`` and, for a statistics head, the linear head's numbers."""
     name = cfg["training"]["head"]
@@ -301,13 +327,16 @@ def run_experiment(
     progress: bool = True,
     resume: bool = False,
     process_settings: bool = False,
+    validation: dict | None = None,
+    extra: dict | None = None,
 ) -> dict:
     """Train and evaluate one run; write its folder; return the results dict.
 
     With ``resume``, continue from the newest intact ``state_<t>.pt`` in ``run_dir`` (see
     :mod:`.resume`); otherwise start from scratch (old states are removed). ``process_settings`` opts a
     library caller into the CLI's process-wide settings (see :func:`build`); off, only ``training.threads``
-    (when set) changes the process.
+    (when set) changes the process. ``validation``: a search trial (see :func:`build`); ``extra``: blocks
+    added to results.json (a search's), written with it, atomically.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -321,7 +350,7 @@ def run_experiment(
         )
     if not (resume and resumable):
         run_state.clear_states(run_dir)
-    parts = build(cfg, run_dir, progress=progress, process_settings=process_settings)
+    parts = build(cfg, run_dir, progress=progress, process_settings=process_settings, validation=validation)
     strategy, benchmark, matrix = parts.strategy, parts.benchmark, parts.matrix
     training = cfg["training"]
     done = {"train_s": 0.0, "eval_s": 0.0, "images": 0, "counts": None}
@@ -374,6 +403,7 @@ def run_experiment(
         "hardware": hardware_info(parts.device),
         "params": done["counts"] or parameter_counts(strategy.model),
         "budget": parts.budget,
+        "scaling": scaling_block(cfg, parts.budget),
         "backbone_weights": parts.weights,
         "classes_order": [int(c) for c in getattr(benchmark, "classes_order", [])],
         "accuracy_matrix": matrix.matrices,
@@ -400,6 +430,9 @@ def run_experiment(
         out["timing"]["upstream_s"] = plugin.seconds
     if "resumed_at_experience" in done:
         out["resumed_at_experience"] = done["resumed_at_experience"]
+    if validation is not None:
+        out["validation"] = getattr(benchmark, "scenario_config", {}).get("validation")
+    out.update(extra or {})
     results.write(run_dir, out)
     run_state.clear_states(run_dir)  # finished: results.json and the per-experience checkpoints remain
     return out
