@@ -11,6 +11,7 @@ from typing import Any
 
 from . import _moved
 from .adapters.inject import delta_weights, inject, merge, methods, parameter_counts, trainable_state_dict
+from .backbones import create_backbone
 from .errors import AvlPeftError, ConfigError, DataError
 
 __version__ = "0.1.0"
@@ -19,7 +20,6 @@ _moved.install()  # the module paths of earlier releases forward to the new ones
 
 # name -> the module under avl_peft that defines it; loaded when first asked for.
 _LAZY = {
-    "create_backbone": "cl.backbone",  # its module also holds the Avalanche model wrappers
     "create_continual_model": "cl.backbone",
     "PEFTPlugin": "cl.plugin",
     "build_scenario": "cl.scenarios",
@@ -30,7 +30,7 @@ _LAZY = {
     "build_head": "cl.heads",
     "summarize": "instruments.metrics",
     "summarize_both": "instruments.metrics",
-    "pretrained_model": "study.pretrain",
+    "pretrained_model": "pretrain",
     "run_experiment": "study.experiment",
     "export": "study.export",
     "load_peft": "study.export",

@@ -16,7 +16,8 @@ from .errors import AvlPeftError
 def _cmd_run(args: argparse.Namespace) -> int:
     from .safeio import default_out_dir
     from .study.config import expand, load_study
-    from .study.runner import plan, run_study
+    from .study.run_study import plan, run_study
+    from .study.search import trials as search_trials
 
     study = load_study(args.config, args.set, dry_run=args.dry_run)
     from .cl.distributed import init_from_env, rank
@@ -34,8 +35,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             else [(rid, cfg, "run") for rid, cfg in expand(study)]
         )
         print(f"{args.config}: valid, {len(runs)} run(s) -> {out}")
-        for rid, _, action in runs:
-            print(f"  {'skip' if action == 'skip' else 'run '}  {rid}")
+        for rid, cfg, action in runs:
+            n_trials = len(search_trials(cfg)) if cfg.get("search") else 0  # chosen on validation first
+            extra = f"  (+ {n_trials} validation trials)" if n_trials else ""
+            print(f"  {'skip' if action == 'skip' else 'run '}  {rid}{extra}")
         return 0
     summary = run_study(
         study,
@@ -86,7 +89,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from .study.pretrain import (
+    from .pretrain import (
         check_output,
         config_hash,
         find_or_build,
@@ -155,7 +158,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_budget(args: argparse.Namespace) -> int:
     from .adapters.budget import budget_table
-    from .cl.backbone import check_backbone_kwargs, meta_backbone
+    from .backbones import check_backbone_kwargs, meta_backbone
     from .errors import ConfigError
     from .safeio import parse_yaml
     from .validate import check_finite

@@ -18,7 +18,8 @@ The policy, in order of precedence:
 The number applies to torch's intra-op pool (``torch.set_num_threads``, which also sets its OpenMP and
 MKL threads) and, through threadpoolctl where installed, to the BLAS/OpenMP libraries other packages
 loaded (numpy's OpenBLAS, scikit-learn's). The CLI calls :func:`configure` at start-up, each pool worker
-calls it with the pool size, and every run calls :func:`for_run` before it builds anything.
+calls it with the pool size, a library call of ``run_experiment`` only when it passes
+``process_settings=True``; every run calls :func:`for_run` before it builds anything.
 
 :func:`configure` also keeps freed memory in the process (:func:`retain_freed_memory`): with glibc's
 defaults every training step hands the activation memory back to the kernel and faults it in again
@@ -79,9 +80,23 @@ def configure(workers: int = 1) -> int:
     return _share
 
 
+def configured() -> bool:
+    """Whether this process set its policy (:func:`configure`: the CLI, a pool worker, an opted-in run)."""
+    return _share is not None
+
+
 def for_run(threads: int | None = None) -> int:
-    """The threads one run uses: ``threads`` (``training.threads``) if given, else the process default."""
-    n = threads if threads is not None else (_share if _share is not None else configure())
+    """The threads one run uses: ``threads`` (``training.threads``) if given, else the process default.
+
+    A library caller whose process never ran :func:`configure` keeps its own thread setting (nothing is
+    changed unless ``threads`` is given): process-wide settings are the CLI's, or opted into
+    (``run_experiment(..., process_settings=True)``).
+    """
+    n = threads if threads is not None else _share
+    if n is None:
+        import torch
+
+        return torch.get_num_threads()
     set_threads(n)
     return n
 

@@ -192,7 +192,7 @@ def part_quickstart(ctx: argparse.Namespace) -> dict:
         if rc != 0:
             why = "timed out" if rc == "timeout" else f"exit {rc}"
             out[label].update(error=f"avl-peft run: {why}", output_tail=tail)
-    from avl_peft.study.pretrain.outputs import default_cache_dir
+    from avl_peft.pretrain.outputs import default_cache_dir
 
     cards = sorted((cache or default_cache_dir()).rglob("card.json"), key=lambda p: p.stat().st_mtime)
     if cards:  # the newest build (with a reused cache, possibly not the one the quickstart used)

@@ -31,10 +31,10 @@ def child(precision: str, steps: int, threads: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from avl_peft.cl.glyphs import GlyphDataset
+    from avl_peft.cl.scenarios.glyphs import GlyphDataset
     from avl_peft.hardware import hardware_info
-    from avl_peft.study.pretrain import load_pretrain_config
-    from avl_peft.study.pretrain.training import _create_model, data_config, to_model_input
+    from avl_peft.pretrain import load_pretrain_config
+    from avl_peft.pretrain.training import _create_model, data_config, to_model_input
 
     torch.set_num_threads(threads)
     cfg = load_pretrain_config(HERE.parent / "configs" / "pretrain_glyphs.yaml")

@@ -15,6 +15,11 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 import avl_peft  # noqa: E402
+from avl_peft import threads  # noqa: E402
+
+# The process policy the CLI applies (one thread here, freed memory kept for reuse): in-process runs are timed
+# as users' runs are. A library call of run_experiment would not apply it (process_settings=False).
+threads.configure()
 
 
 def tiny_vit(depth: int = 2, num_classes: int = 10, seed: int = 0):

@@ -22,7 +22,7 @@ from avl_peft.cl.plugin import PEFTPlugin
 from avl_peft.errors import ConfigError
 from avl_peft.study import experiment as study_mod
 from avl_peft.study.config import validate_study
-from avl_peft.study.runner import run_study
+from avl_peft.study.run_study import run_study
 
 D, K = 4, 3
 MUS = torch.tensor([[0.0, 0, 0, 0], [2.0, 0, 0, 0], [0, 2.0, 1, 0]])
@@ -210,8 +210,8 @@ def test_alignment_and_drift_state_survive_a_kill_and_resume_exactly(tmp_path, m
     reference = json.loads((tmp_path / "ref" / "lora-rank2-naive-s0" / "results.json").read_text())
     original = study_mod.run_state.save_run_state
 
-    def save_then_crash(run_dir, t, parts, progress):
-        original(run_dir, t, parts, progress)
+    def save_then_crash(run_dir, t, state):
+        original(run_dir, t, state)
         if t == 1:
             raise KeyboardInterrupt  # a kill right after experience 1's state reached the disk
 

@@ -106,7 +106,7 @@ def test_bad_config_exits_2_without_traceback(tmp_path):
 def test_diverging_run_is_recorded_failed_and_others_continue(tmp_path):
     from avl_peft.study.config import validate_study
     from avl_peft.study.report import build_report
-    from avl_peft.study.runner import run_study
+    from avl_peft.study.run_study import run_study
 
     study = validate_study(
         {

@@ -1,16 +1,24 @@
 """The README's compatibility table (Avalanche strategy × method × policy with PEFTPlugin) stays true.
 
 Every strategy class ``avalanche.training`` exports must have a row (a new Avalanche class fails here
-until ``python -m avl_peft.study.compat --write-readme`` is rerun), the README block must be exactly the
+until ``python benchmarks/compat/compat.py --write-readme`` is rerun), the README block must be exactly the
 rendering of the stored results, and each row's lora/continue cell is re-measured against the stored one
 (a tenth of a second each; the full grid with its resume checks is the script's job, minutes on 2 cores).
 """
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-from avl_peft.study import compat
+# The table generator is a developer script (benchmarks/compat/), not part of the package.
+FOLDER = Path(__file__).resolve().parent.parent / "benchmarks" / "compat"
+sys.path.insert(0, str(FOLDER))  # compat.py imports its sibling rows.py
+_spec = importlib.util.spec_from_file_location("compat", FOLDER / "compat.py")
+compat = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compat)
 
 STORED = json.loads(compat.RESULTS.read_text())
 

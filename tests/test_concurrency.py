@@ -73,9 +73,9 @@ def test_a_run_locked_by_another_process_is_skipped_and_named(tmp_path, capsys):
 
 
 def test_a_run_finished_by_another_process_after_planning_is_not_run_again(tmp_path):
+    from avl_peft.study.attempt import run_one
     from avl_peft.study.config import load_study
-    from avl_peft.study.run import run_one
-    from avl_peft.study.runner import plan
+    from avl_peft.study.run_study import plan
 
     study = load_study(write_config(tmp_path, SMALL))
     out = tmp_path / "out"
@@ -173,7 +173,7 @@ def test_a_pretrain_card_is_read_under_the_lock_that_writes_it(tmp_path):
 
     from test_hostile import weights_and_card
 
-    from avl_peft.study.pretrain import read_card
+    from avl_peft.pretrain import read_card
 
     out = tmp_path / "pretrained"
     weights_and_card(out)

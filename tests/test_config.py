@@ -43,7 +43,7 @@ def test_a_real_run_still_refuses_a_missing_device():
 
 @pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=[p.name for p in PRETRAIN_CONFIGS])
 def test_every_shipped_pretrain_config_validates(path, capsys, tmp_path):
-    from avl_peft.study.pretrain import load_pretrain_config
+    from avl_peft.pretrain import load_pretrain_config
 
     assert load_pretrain_config(path)["data"]["dataset"] == "glyphs"
     assert main(["pretrain", str(path), "--dry-run", "--out", str(tmp_path / "out")]) == 0

@@ -74,7 +74,7 @@ def test_targets_are_checked_by_their_owner():
 
 
 def test_one_weights_source_is_one_rule():
-    from avl_peft.cl.backbone import check_weights_source, create_backbone
+    from avl_peft.backbones import check_weights_source, create_backbone
 
     owner = _message(check_weights_source, pretrained=True, checkpoint="w.pth")
     config = _study(backbone={**TINY["backbone"], "pretrained": True, "checkpoint": "w.pth"})

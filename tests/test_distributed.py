@@ -11,7 +11,7 @@ import yaml
 from conftest import make_tiny_study
 
 from avl_peft.study.config import validate_study
-from avl_peft.study.runner import run_study
+from avl_peft.study.run_study import run_study
 
 # Full-batch steps (batch = an experience's 40 images, 20 per process) and test sets that split evenly:
 # the 2-process run then computes the same averaged gradients as the single-process one, so results must

@@ -7,7 +7,7 @@ from conftest import make_tiny_study
 
 from avl_peft.errors import ConfigError
 from avl_peft.study.config import validate_study
-from avl_peft.study.runner import run_study
+from avl_peft.study.run_study import run_study
 
 GRID = make_tiny_study(
     training={"lr": 0.003},

@@ -7,10 +7,10 @@ import pytest
 import torch
 from fontTools.ttLib import TTFont
 
-from avl_peft.cl import glyph_fonts as fonts_module
-from avl_peft.cl import glyphs
-from avl_peft.cl.glyph_fonts import font_families, font_family
-from avl_peft.cl.glyphs import CLASSES, GlyphDataset, glyph_fonts, render_filled, split_fonts
+from avl_peft.cl.scenarios import glyph_fonts as fonts_module
+from avl_peft.cl.scenarios import glyphs
+from avl_peft.cl.scenarios.glyph_fonts import font_families, font_family
+from avl_peft.cl.scenarios.glyphs import CLASSES, GlyphDataset, glyph_fonts, render_filled, split_fonts
 from avl_peft.errors import ConfigError
 
 
@@ -185,3 +185,20 @@ def test_font_rasters_are_cached():
     assert glyphs.font_rasters(path, 64) is glyphs.font_rasters(path, 64)
     r = glyphs.font_rasters(path, 64)
     assert r.shape == (52, 64, 64) and 0 <= float(r.min()) and float(r.max()) <= 1
+
+
+def test_glyphs_is_a_registered_scenario_over_the_same_images():
+    """``glyphs`` in the scenario registry: 52 classes in 4 experiences, train fonts for training, the fonts
+    held out by ``font_seed`` for testing, the images GlyphDataset renders (normalised, 3 channels)."""
+    from avl_peft.cl.scenarios import SCENARIOS, build_scenario
+
+    assert "glyphs" in SCENARIOS
+    bench = build_scenario("glyphs", img_size=32, seed=1, per_class=2, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert len(bench.train_stream) == 4 and bench.n_classes == 52
+    assert sum(len(e.dataset) for e in bench.test_stream) == 104
+    x, y, _ = bench.test_stream[0].dataset[0]
+    images, labels = GlyphDataset("test", 2, seed=0, img_size=32).as_tensors()
+    match = [i for i in range(len(labels)) if int(labels[i]) == int(y)]
+    assert x.shape == (3, 32, 32) and any(torch.equal(x, (images[i] - 0.5).div(0.5).expand(3, -1, -1)) for i in match)
+    other = build_scenario("glyphs", img_size=32, seed=1, per_class=2, font_seed=1, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert not torch.equal(other.test_stream[0].dataset[0][0], bench.test_stream[0].dataset[0][0])

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from avl_peft import hardware
+from avl_peft import pretrain as pretraining
 from avl_peft.hardware import PrecisionWarning, bf16_native, resolve_precision
-from avl_peft.study import pretrain as pretraining
-from avl_peft.study.pretrain import config_hash, find_or_build, load_pretrain_config, output_dir
+from avl_peft.pretrain import config_hash, find_or_build, load_pretrain_config, output_dir
 
 CPU = torch.device("cpu")
 

@@ -366,8 +366,8 @@ def weights_and_card(folder: Path, **card_changes) -> dict:
     import timm
     from safetensors.torch import save
 
-    from avl_peft.cl.glyphs import CLASSES
-    from avl_peft.study.pretrain import CARD_FORMAT
+    from avl_peft.cl.scenarios.glyphs import CLASSES
+    from avl_peft.pretrain import CARD_FORMAT
 
     model = timm.create_model("vit_tiny_patch16_224", num_classes=len(CLASSES), **TINY["backbone"]["kwargs"])
     blob = save({k: v.contiguous() for k, v in model.state_dict().items()})
@@ -486,7 +486,7 @@ def pretrain_over_owner(sb: Sandbox) -> list[str]:
 
 def pretrain_cache_entry_link(sb: Sandbox) -> list[str]:
     """The cache entry of a config planted as a link to a folder outside the cache: refused, nothing written."""
-    from avl_peft.study.pretrain import output_dir
+    from avl_peft.pretrain import output_dir
 
     config = sb.config(yaml.safe_dump(PRE_OK), "pre.yaml")
     os.environ["AVL_PEFT_CACHE"] = str(sb.out)  # the table's monkeypatch restores it

@@ -32,14 +32,14 @@ def test_imagenet_r_split_and_experiences(fake_root):
 
 
 def test_imagenet_r_split_is_seeded_and_disjoint(fake_root):
-    from avl_peft.cl.scenarios.imagenet_r import class_folders, split_files
+    from avl_peft.cl.scenarios.imagenet_r import read_folder, split_files
 
-    classes = class_folders(fake_root / "imagenet-r")
-    a_train, a_test = split_files(classes, 0.2, seed=0)
-    b_train, b_test = split_files(classes, 0.2, seed=0)
-    c_train, _ = split_files(classes, 0.2, seed=1)
+    folder = read_folder(fake_root / "imagenet-r")
+    a_train, a_test = split_files(folder, 0.2, seed=0)
+    b_train, b_test = split_files(folder, 0.2, seed=0)
+    c_train, _ = split_files(folder, 0.2, seed=1)
     assert a_train == b_train and a_test == b_test and a_train != c_train
-    assert not {p for p, _ in a_train} & {p for p, _ in a_test}
+    assert not {folder.samples[i][0] for i in a_train} & {folder.samples[i][0] for i in a_test}
     assert len(a_test) == 200  # one of five images per class
 
 

@@ -47,8 +47,8 @@ def test_new_methods_resume_exactly_after_a_crash(variant, tmp_path, monkeypatch
     reference = run_experiment(cfg, tmp_path / "ref", progress=False)
     original = experiment.run_state.save_run_state
 
-    def crash_after_first(run_dir, t, parts, progress):
-        original(run_dir, t, parts, progress)
+    def crash_after_first(run_dir, t, state):
+        original(run_dir, t, state)
         raise KeyboardInterrupt  # like a kill right after experience 0's state reached the disk
 
     monkeypatch.setattr(experiment.run_state, "save_run_state", crash_after_first)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import avl_peft
-from avl_peft.cl.glyphs import GlyphDataset
+from avl_peft import pretrain as pretraining
+from avl_peft.cl.scenarios.glyphs import GlyphDataset
 from avl_peft.errors import ConfigError, DataError
-from avl_peft.study import pretrain as pretraining
-from avl_peft.study.pretrain import (
+from avl_peft.pretrain import (
     config_hash,
     find_or_build,
     load_pretrain_config,

@@ -13,9 +13,9 @@ import yaml
 from conftest import make_tiny_study
 
 from avl_peft.study import experiment as study_mod
+from avl_peft.study.attempt import run_lock
 from avl_peft.study.config import expand, validate_study
-from avl_peft.study.run import run_lock
-from avl_peft.study.runner import run_study
+from avl_peft.study.run_study import run_study
 
 STUDY = make_tiny_study(
     name="resume",
@@ -53,8 +53,8 @@ def test_same_seed_same_results(reference, tmp_path):
 def _crash_after(monkeypatch, experience: int) -> None:
     original = study_mod.run_state.save_run_state
 
-    def save_then_crash(run_dir, t, parts, progress):
-        original(run_dir, t, parts, progress)
+    def save_then_crash(run_dir, t, state):
+        original(run_dir, t, state)
         if t == experience:
             raise KeyboardInterrupt  # like a kill right after the state reached the disk
 

@@ -16,7 +16,6 @@ from avl_peft.adapters import METHODS
 from avl_peft.cl.strategies import STRATEGIES
 from avl_peft.errors import ConfigError
 from avl_peft.study import experiment as study
-from avl_peft.study.compat_rows import TINY_OPTIONS
 from avl_peft.study.config import expand, validate_study
 
 
@@ -40,7 +39,7 @@ def make_cfg(method, strategy, *, policy=None, pretrain=False):
         },
         "method": {"name": method, "policy": policy, "options": {"rank": 2} if cls.adds_adapter else {}},
         # the compatibility table's small memories and few steps: every strategy works on 8 images per class
-        "strategy": {"name": strategy, "options": TINY_OPTIONS.get(strategy, {})},
+        "strategy": {"name": strategy, "options": dict(STRATEGIES.get(strategy).tiny_options)},
         "subspace": {"enabled": False},
     }
     ((_, cfg),) = expand(validate_study(data))
@@ -128,8 +127,8 @@ def test_kill_then_resume_equals_uninterrupted(method, strategy, policy, pretrai
         reference = study.run_experiment(cfg, tmp_path / "reference", progress=False)
         original = study.run_state.save_run_state
 
-        def save_then_die(run_dir, t, parts, progress):
-            original(run_dir, t, parts, progress)
+        def save_then_die(run_dir, t, state):
+            original(run_dir, t, state)
             if t == kill_after:
                 raise KeyboardInterrupt  # the process dies right after the state reached the disk
 

@@ -24,7 +24,6 @@ from avl_peft.safeio import (
     YAML_MAX_DEPTH,
     default_out_dir,
     load_json,
-    load_json_or_none,
     load_yaml,
     parse_yaml,
     safe_component,
@@ -259,8 +258,6 @@ def test_hostile_json(tmp_path, content, fragment):
     message = str(info.value)
     assert fragment in message and f"results file '{path}'" in message
     assert time.perf_counter() - start < 2.0
-    data, problem = load_json_or_none(path)
-    assert data is None and problem == message
 
 
 def test_oversized_json_checked_before_reading(tmp_path):
@@ -274,8 +271,10 @@ def test_oversized_json_checked_before_reading(tmp_path):
 @pytest.mark.parametrize("name", ["missing.json", "folder"])
 def test_json_missing_or_folder(tmp_path, name):
     (tmp_path / "folder").mkdir()
-    data, problem = load_json_or_none(tmp_path / name, what="state file")
-    assert data is None and problem.startswith("state file '") and ("does not exist" in problem or "folder" in problem)
+    with pytest.raises(DataError) as info:
+        load_json(tmp_path / name, what="state file")
+    problem = str(info.value)
+    assert problem.startswith("state file '") and ("does not exist" in problem or "folder" in problem)
 
 
 VALID_JSON = [
@@ -293,7 +292,6 @@ def test_valid_json_loads_like_json_loads(tmp_path, text):
     path = tmp_path / "results.json"
     path.write_text(text, encoding="utf-8")
     assert repr(load_json(path)) == repr(json.loads(text))
-    assert load_json_or_none(path)[1] is None
 
 
 def test_json_nan_metric_survives(tmp_path):
@@ -516,3 +514,13 @@ def test_compile_caches_go_to_the_project_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own choice is kept
     CompilePlugin()._redirect_caches()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_cache_folder_follows_xdg_cache_home_unless_avl_peft_cache_is_set(tmp_path, monkeypatch):
+    from avl_peft.safeio import project_cache_dir
+
+    monkeypatch.delenv("AVL_PEFT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert project_cache_dir("pretrain") == tmp_path / "xdg" / "avl-peft" / "pretrain"
+    monkeypatch.setenv("AVL_PEFT_CACHE", str(tmp_path / "mine"))
+    assert project_cache_dir("pretrain") == tmp_path / "mine" / "pretrain"

@@ -87,6 +87,27 @@ def test_a_run_applies_training_threads(monkeypatch):
     assert torch.get_num_threads() == 2
 
 
+def test_a_library_run_changes_no_process_setting_unless_it_opts_in(monkeypatch, four_cores):
+    """run_experiment/build called from a script leave the allocator and the thread count alone; the CLI's
+    processes (threads.configure) and process_settings=True apply the policy."""
+    from avl_peft.study.config import expand, validate_study
+    from avl_peft.study.experiment import build
+
+    data = {
+        "backbone": {"kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}},
+        "scenario": {"name": "synthetic", "n_experiences": 2},
+        "subspace": {"enabled": False},
+    }
+    ((_, cfg),) = expand(validate_study(data))
+    allocator = []
+    monkeypatch.setattr(threads, "retain_freed_memory", lambda: allocator.append("mallopt"))
+    torch.set_num_threads(1)
+    build(cfg, None)
+    assert allocator == [] and torch.get_num_threads() == 1 and not threads.configured()
+    build(cfg, None, process_settings=True)
+    assert allocator == ["mallopt"] and torch.get_num_threads() == 4 and threads.configured()
+
+
 FAULTS = """
 import importlib.util, resource, sys
 spec = importlib.util.spec_from_file_location("threads", sys.argv[1])

@@ -65,8 +65,8 @@ def test_a_toy_method_is_first_class(tmp_path, capsys, monkeypatch):
 
         original = experiment.run_state.save_run_state
 
-        def crash_after_first(run_dir, t, parts, progress):
-            original(run_dir, t, parts, progress)
+        def crash_after_first(run_dir, t, state):
+            original(run_dir, t, state)
             raise KeyboardInterrupt
 
         monkeypatch.setattr(experiment.run_state, "save_run_state", crash_after_first)

@@ -9,6 +9,7 @@ import timm
 import torch
 from PIL import Image
 
+from avl_peft.cl.scenarios.upstream import read_imagefolder, upstream_sets
 from avl_peft.errors import ConfigError, DataError
 from avl_peft.instruments.upstream import (
     UpstreamProbe,
@@ -18,7 +19,6 @@ from avl_peft.instruments.upstream import (
     knn_accuracy,
     knn_predict,
     pre_logits_features,
-    read_imagefolder,
     upstream_summary,
 )
 
@@ -252,12 +252,10 @@ def test_read_imagefolder_decompression_bomb(tmp_path, monkeypatch):
         read_imagefolder(err, 4, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
-def test_glyph_probe_renders_a_reference_split_only_for_knn():
-    from avl_peft.study.upstream import upstream_data
-
+def test_glyph_probe_has_a_reference_split_only_for_knn():
     dc = {"img_size": 16, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
-    up = {"dataset": "glyphs", "per_class": 1, "seed": 0}
-    rx, ry, qx, qy = upstream_data({**up, "head": "checkpoint"}, dc, seed=0)
+    up = {"dataset": "glyphs", "per_class": 1, "seed": 0, "data_seed": 0}
+    rx, ry, qx, qy = upstream_sets(**up, reference=False, **dc)
     assert len(rx) == len(ry) == 0 and qx.shape == (52, 3, 16, 16) and qy.tolist() == list(range(52))
-    kx, ky, kqx, kqy = upstream_data({**up, "head": "knn", "k": 1}, dc, seed=0)
+    kx, ky, kqx, kqy = upstream_sets(**up, reference=True, **dc)
     assert kx.shape == (52, 3, 16, 16) and torch.equal(kqx, qx) and torch.equal(kqy, qy)  # same test split

@@ -38,6 +38,7 @@ from ..validate import is_finite, is_int, is_number
 METHODS: Registry[type] = Registry("method")
 
 INTERFERENCE = ("none", "orthogonal", "project")
+ALPHA_POLICIES = ("rank", "constant", "rslora")  # how the update's scale s follows the rank (AdapterOptions)
 # A layer's earlier (frozen) branches as one term of its weight: a low-rank pair (L₀ (d_out, q₀), R₀ (q₀, d_in)),
 # or the dense sum (d_out, d_in) once that is smaller (see fold.py).
 Frozen = tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None
@@ -48,7 +49,11 @@ class AdapterOptions:
     """Options every low-rank method accepts. Subclasses add their own fields."""
 
     rank: int = 8  # r: the size of the update subspace; 8 is the study's mid-range default
-    alpha: float | None = None  # LoRA scale s = alpha / r; None means alpha = r (s = 1), the study's choice
+    alpha: float | None = None  # α of the scale s (see alpha_policy); None means α = r (s = 1), the study's choice
+    # How the scale s follows the rank (ALPHA_POLICIES): rank (α = r, s = 1), constant (s = α/r: a larger rank
+    # takes smaller steps per direction), rslora (s = α/√r, Kalajdzievski 2023, arXiv 2312.03732: the step
+    # size stays stable across ranks). None: rank without alpha, constant with it (the behaviour before).
+    alpha_policy: str | None = None
     dropout: float = 0.0  # dropout on the adapter path's input; 0 keeps runs deterministic and fast
     interference: str = "none"  # none | orthogonal (O-LoRA loss term) | project (GPM/InfLoRA confinement)
     # λ of the orthogonal penalty; the option key is ``lambda`` (a Python keyword, hence the field name).
@@ -63,6 +68,20 @@ class AdapterOptions:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
         if self.alpha is not None and (not is_number(self.alpha) or self.alpha <= 0):
             raise ConfigError(f"alpha must be a positive number (or null for alpha = rank), got {self.alpha!r}")
+        if self.alpha_policy is not None and self.alpha_policy not in ALPHA_POLICIES:
+            raise ConfigError(
+                f"alpha_policy must be one of {', '.join(ALPHA_POLICIES)}, got {self.alpha_policy!r}"
+                f"{suggest(str(self.alpha_policy), list(ALPHA_POLICIES))}"
+            )
+        if self.alpha_policy == "rank" and self.alpha is not None:
+            raise ConfigError(
+                f"alpha_policy: rank sets alpha = rank, so alpha: {self.alpha} would be ignored; drop alpha, or use "
+                "alpha_policy: constant (s = alpha/rank) or rslora (s = alpha/sqrt(rank))"
+            )
+        if self.alpha_policy in ("constant", "rslora") and self.alpha is None:
+            raise ConfigError(
+                f"alpha_policy: {self.alpha_policy} needs alpha (the numerator of its scale), e.g. alpha: 8"
+            )
         if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.interference not in INTERFERENCE:
@@ -76,8 +95,24 @@ class AdapterOptions:
             raise ConfigError(f"gpm_threshold must be a number in (0, 1], got {self.gpm_threshold!r}")
 
     @property
+    def resolved_alpha_policy(self) -> str:
+        """The policy in force: ``alpha_policy``, or rank / constant by whether alpha is given."""
+        return self.alpha_policy or ("rank" if self.alpha is None else "constant")
+
+    @property
     def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+        """The factor s of every method's update ΔW = s · (its low-rank product), from alpha_policy."""
+        policy = self.resolved_alpha_policy
+        if policy == "rank":
+            return 1.0  # α = r
+        if policy == "rslora":
+            return self.alpha / math.sqrt(self.rank)
+        return self.alpha / self.rank
+
+    def scaling(self) -> dict[str, Any]:
+        """What results.json records of the scale: the policy, α (as resolved) and s."""
+        policy = self.resolved_alpha_policy
+        return {"alpha_policy": policy, "alpha": self.rank if policy == "rank" else self.alpha, "scale": self.scale}
 
 
 def parse_method_options(cls: type, method: str, options: dict[str, Any]) -> Any:

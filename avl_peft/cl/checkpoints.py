@@ -13,6 +13,7 @@ base session) the backbone itself changed: restore the checkpoints in order, mer
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +178,18 @@ class CheckpointPlugin(SupervisedPlugin, supports_distributed=True):
         if path.exists():
             raise ConfigError(f"'{path}' exists; checkpoints are never overwritten")
         save_checkpoint(strategy.model, path, t, **self.meta)
+
+
+_CHECKPOINT = re.compile(r"exp_(\d+)\.pt")
+
+
+def checkpoint_files(directory: Path) -> dict[int, Path]:
+    """``exp_<t>.pt`` files in ``directory`` by experience index."""
+    if not directory.is_dir():
+        return {}
+    found = {}
+    for path in directory.iterdir():
+        m = _CHECKPOINT.fullmatch(path.name)
+        if m:
+            found[int(m.group(1))] = path
+    return dict(sorted(found.items()))

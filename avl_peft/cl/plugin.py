@@ -11,7 +11,6 @@ docs/design.md, "PEFTPlugin across experiences".
 from __future__ import annotations
 
 import os
-import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +37,7 @@ from ..adapters.inject import (
 from ..adapters.peft_init import check_lora, init_from_lora, read_lora
 from ..adapters.stack import stack
 from ..errors import ConfigError
-from .checkpoints import restore_checkpoint, save_checkpoint
+from .checkpoints import checkpoint_files, restore_checkpoint, save_checkpoint
 from .composition import check_composition
 
 POLICIES = ("continue", "merge", "stack", "first")
@@ -75,21 +74,6 @@ def check_policy(method: str, policy: str, options: dict[str, Any]) -> None:
             f"interference: {interference} keeps the update away from earlier experiences' branches/inputs, "
             f"which only policy: stack keeps; got policy: {policy}"
         )
-
-
-_CHECKPOINT = re.compile(r"exp_(\d+)\.pt")
-
-
-def checkpoint_files(directory: Path) -> dict[int, Path]:
-    """``exp_<t>.pt`` files in ``directory`` by experience index."""
-    if not directory.is_dir():
-        return {}
-    found = {}
-    for path in directory.iterdir():
-        m = _CHECKPOINT.fullmatch(path.name)
-        if m:
-            found[int(m.group(1))] = path
-    return dict(sorted(found.items()))
 
 
 class PEFTPlugin(SupervisedPlugin, supports_distributed=True):

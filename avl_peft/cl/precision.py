@@ -184,12 +184,15 @@ class CompilePlugin(SupervisedPlugin, supports_distributed=True):
     ``~/.cache/avl-peft/compile/<ISA>``) instead of the system temp folder, unless TORCHINDUCTOR_CACHE_DIR or
     TRITON_CACHE_DIR already name another place. ``<ISA>`` is torch's CPU capability plus any ISA cap of the
     process: kernels compiled under an AVX2 cap and loaded uncapped (or the reverse) aborted the process.
+    With ``reset``, a third structure (of the model, e.g. after merging) resets Dynamo, which drops every
+    compiled graph in the process, to free its recompile budget; without it Dynamo's own limit applies.
     """
 
     KEEP = 2  # structures whose graphs stay cached together (adapted and merged, or train and eval)
 
-    def __init__(self, cache_dir: str | os.PathLike | None = None, **options: Any):
+    def __init__(self, cache_dir: str | os.PathLike | None = None, *, reset: bool = False, **options: Any):
         super().__init__()
+        self.reset = reset  # may drop every compiled graph of the process (its owner's choice: the CLI's)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else project_cache_dir("compile") / isa_key()
         self.options = options
         self.structures: list[tuple] = []  # structures compiled since the last reset
@@ -206,7 +209,7 @@ class CompilePlugin(SupervisedPlugin, supports_distributed=True):
         shape = structure(target)
         if target._compiled_call_impl is not None and shape in self.structures:
             return  # Dynamo's cache holds this structure's graphs
-        if len(self.structures) >= self.KEEP:
+        if len(self.structures) >= self.KEEP and self.reset:
             torch._dynamo.reset()  # free the recompile budget: these graphs will be rebuilt if needed
             self.structures.clear()
             self.resets += 1

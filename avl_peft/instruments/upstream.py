@@ -16,9 +16,9 @@ before training (``a_-1``) and after every experience (``a_0, a_1, …``) with o
     the backbone as it is now (:func:`knn_accuracy`): retention of the representation, without any head.
 
 :func:`upstream_summary` turns the accuracy list into ``retention = a_last / a_-1`` and
-``forgetting = a_-1 − a_last``. :func:`read_imagefolder` loads an upstream set from
-``<root>/<class>/<image>`` (PNG, JPEG, BMP, GIF, TIFF) into tensors in the backbone's input format, and
-:class:`UpstreamRetentionPlugin` records the accuracies during an Avalanche run.
+``forgetting = a_-1 − a_last``. :class:`UpstreamRetentionPlugin` records the accuracies during an Avalanche
+run; :func:`build_probe` makes the probe from an upstream set (:mod:`avl_peft.cl.scenarios.upstream`) and,
+for ``checkpoint``, :func:`checkpoint_classifier`.
 """
 
 from __future__ import annotations
@@ -33,11 +33,9 @@ import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
-from ..errors import ConfigError, DataError
-from ..safeio.images import IMAGE_SUFFIXES, class_folders, image_files, open_image
+from ..backbones import create_backbone, read_state_dict
+from ..errors import ConfigError
 from ..validate import check_positive_int
 
 MODES = ("checkpoint", "knn")
@@ -193,7 +191,7 @@ def _check_set(what: str, images: Tensor | None, labels: Tensor | None) -> tuple
 class UpstreamProbe:
     """A fixed upstream set and a way to score a backbone on it (see the module docstring).
 
-    :param test_images: (N, C, H, W) already in the backbone's input format (e.g. :func:`read_imagefolder`).
+    :param test_images: (N, C, H, W) already in the backbone's input format (:mod:`avl_peft.cl.scenarios.upstream`).
     :param mode: ``checkpoint`` (needs ``classifier``) or ``knn`` (needs ``train_images``/``train_labels``, ``k``).
     :param classifier: the checkpoint's classifier (``nn.Linear`` or the timm model holding it); a frozen copy
         is kept, so later training of the model never reaches it.
@@ -307,53 +305,36 @@ def upstream_summary(acc: Sequence[float]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading an image folder
+# Building a probe from a checkpoint
 # --------------------------------------------------------------------------------------------------
 
 
-def read_imagefolder(
-    path: str | Path,
-    img_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    channels: int = 3,
-    max_per_class: int | None = None,
-) -> tuple[Tensor, Tensor, list[str]]:
-    """Images of ``<path>/<class>/<image>`` (``safeio.images.IMAGE_SUFFIXES``) as ``(images, labels, class_names)``.
-
-    Classes are the sub-folders in sorted name order (label i = i-th folder; hidden folders skipped), files
-    in sorted name order within a class (suffix case-insensitive; other files ignored), at most
-    ``max_per_class`` each. Each image is converted to RGB (``channels=3``) or greyscale (``1``), its shorter
-    side resized to ``img_size`` (bilinear, antialiased), centre-cropped to ``img_size``², scaled to [0, 1] and
-    normalised with ``mean``/``std``: ``images`` is (N, channels, img_size, img_size) float32, ``labels`` (N,)
-    int64. Memory is N·channels·img_size²·4 bytes; cap it with ``max_per_class``.
-    """
-    img_size = check_positive_int("img_size", img_size, "use the backbone's input size, e.g. 224")
-    if channels not in (1, 3):
-        raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
-    mean, std = [float(m) for m in mean], [float(s) for s in std]
-    if len(mean) != channels or len(std) != channels or any(s <= 0 for s in std):
+def checkpoint_classifier(name: str, checkpoint: str | Path, **timm_kwargs: Any) -> nn.Linear:
+    """The classifier stored in a backbone checkpoint (timm model ``name``), as an ``nn.Linear`` sized from the
+    file."""
+    state = read_state_dict(Path(checkpoint))
+    weight = state.get("head.weight")
+    if weight is None or weight.dim() != 2:
         raise ConfigError(
-            f"mean and std need {channels} values each (std > 0), got mean={mean} std={std}; use the backbone's "
-            "data config"
+            f"upstream.head: checkpoint needs the checkpoint's classifier, but '{checkpoint}' has no head.weight; "
+            "use upstream.head: knn"
         )
-    if max_per_class is not None:
-        max_per_class = check_positive_int("max_per_class", max_per_class, "or None for every image")
-    root = Path(path).expanduser()
-    class_dirs = class_folders(root, "upstream image folder")
-    if not class_dirs:
-        raise DataError(f"upstream image folder '{root}' has no class sub-folders; expected <class>/<image> files")
-    mode = "RGB" if channels == 3 else "L"
-    images, labels = [], []
-    for label, folder in enumerate(class_dirs):
-        files = image_files(folder, "upstream class folder")
-        if not files:
-            raise DataError(f"class folder '{folder}' has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add some")
-        for file in files[:max_per_class]:
-            # The budget is checked before decoding and for the resize below (shorter side -> img_size).
-            img = open_image(file, mode, what="upstream image", short_side=img_size)
-            img = TF.resize(img, img_size, interpolation=InterpolationMode.BILINEAR, antialias=True)
-            img = TF.center_crop(img, [img_size, img_size])
-            images.append(TF.normalize(TF.to_tensor(img), mean, std))
-            labels.append(label)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), [p.name for p in class_dirs]
+    model = create_backbone(name, checkpoint=checkpoint, num_classes=int(weight.shape[0]), **timm_kwargs)
+    return model.get_classifier()
+
+
+def build_probe(
+    sets: tuple[Tensor, Tensor, Tensor, Tensor], mode: str, *, k: int, classifier: nn.Linear | None, dataset: str
+) -> UpstreamProbe:
+    """The probe over ``sets`` (reference images, labels, query images, labels) of upstream ``dataset``; in
+    ``checkpoint`` mode the query labels must be the classifier's classes."""
+    tx, ty, qx, qy = sets
+    if mode != "checkpoint":
+        return UpstreamProbe(qx, qy, mode=mode, train_images=tx, train_labels=ty, k=k)
+    if int(qy.max()) + 1 != classifier.out_features:
+        raise ConfigError(
+            f"upstream.dataset '{dataset}' has {int(qy.max()) + 1} classes but the checkpoint's classifier "
+            f"has {classifier.out_features}; they must be the same classes in the same order (or use "
+            "upstream.head: knn)"
+        )
+    return UpstreamProbe(qx, qy, mode="checkpoint", classifier=classifier)

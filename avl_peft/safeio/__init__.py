@@ -17,7 +17,7 @@ Reading YAML (:func:`load_yaml`, :func:`parse_yaml`):
 * keys: duplicate keys (YAML keeps the last one silently) and non-string keys (``1:``, ``null:``, ``on:``,
   ``? [a, b]``) are refused with the key and its line.
 
-Reading JSON (:func:`load_json`, :func:`load_json_or_none`): size from the file's metadata before reading,
+Reading JSON (:func:`load_json`): size from the file's metadata before reading,
 then a pre-scan with regular expressions (strings blanked out) bounds nesting and the number of values
 before :func:`json.loads`, whose C scanner recurses. ``NaN``/``Infinity`` stay allowed: a diverged run
 legitimately records a NaN metric.
@@ -35,7 +35,7 @@ Writing: :func:`safe_component` turns run ids and config names into one harmless
 atomically without ever following a symlink below the root.
 """
 
-from .json_reader import load_json, load_json_or_none
+from .json_reader import load_json
 from .limits import (
     JSON_MAX_BYTES,
     JSON_MAX_DEPTH,
@@ -71,7 +71,6 @@ __all__ = [
     "check_writable",
     "default_out_dir",
     "load_json",
-    "load_json_or_none",
     "load_yaml",
     "parse_yaml",
     "project_cache_dir",

@@ -7,10 +7,11 @@ for callers that resize, the size after resizing) so a tiny file claiming a huge
 refused by name instead of ending in a MemoryError. It opens the file itself with ``O_NONBLOCK`` and refuses
 anything but a regular file, so a FIFO named ``x.png`` cannot hang a run.
 
-:func:`class_folders` and :func:`image_files` list ``<root>/<class>/<image>`` folders (every image reader of
-avl-peft: ImageNet-R, notMNIST, ``upstream.dataset: imagefolder:``) with one suffix list. They read one level
-only and never walk into sub-folders: torchvision's ``ImageFolder`` walks recursively with
+:func:`class_folders` and :func:`image_files` list ``<root>/<class>/<image>`` folders with one suffix list.
+They read one level only and never walk into sub-folders: torchvision's own listing walks recursively with
 ``followlinks=True``, so a planted link loop would make it recurse until the path is too long.
+:class:`ImageFolder` is torchvision's dataset with those listers and :func:`open_image` as its loader: the
+one reader of class folders (ImageNet-R, ``upstream.dataset: imagefolder:``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ from __future__ import annotations
 import os
 import stat
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
+from torchvision import datasets
 
 from ..errors import DataError
 
@@ -148,3 +153,47 @@ def _check_pixels(label: str, width: int, height: int, budget: int, short_side: 
                 f"{label} is too large to decode safely: {width} x {height} pixels become {resized:,} once its "
                 f"shorter side is resized to {short_side} (more than the {budget:,} allowed); {fix}"
             )
+
+
+class ImageFolder(datasets.ImageFolder):
+    """``<root>/<class>/<image>`` as torchvision's ``ImageFolder``, read through this module's checks.
+
+    Classes are the sub-folders in sorted name order (hidden ones skipped), files sorted by name within a
+    class (:func:`image_files`: one level, allow-listed suffixes); images are decoded by :func:`open_image`
+    in ``mode`` within the pixel budget (``short_side``: the side a transform will resize to). ``samples``
+    and ``targets`` are known without opening any image. A folder without classes, or a class without
+    images, raises DataError naming it (``what`` says which folder it is).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable[[Image.Image], Any] | None = None,
+        *,
+        what: str = "image folder",
+        mode: str = "RGB",
+        short_side: int | None = None,
+    ):
+        self.what = what
+        loader = partial(open_image, mode=mode, what=f"{what} image", short_side=short_side)
+        super().__init__(str(root), transform=transform, loader=loader)
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        classes = [p.name for p in class_folders(Path(directory), self.what)]
+        if not classes:
+            raise DataError(f"{self.what} '{directory}' has no class sub-folders; expected <class>/<image> files")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(  # type: ignore[override]  # torchvision calls it on the instance with these arguments
+        self, directory: str | Path, class_to_idx: dict[str, int], *args: Any, **kwargs: Any
+    ) -> list[tuple[str, int]]:
+        samples = []
+        for name, label in class_to_idx.items():
+            files = image_files(Path(directory) / name, f"{self.what} class folder")
+            if not files:
+                raise DataError(
+                    f"class folder '{Path(directory) / name}' has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                    "add some or remove it"
+                )
+            samples += [(str(f), label) for f in files]
+        return samples

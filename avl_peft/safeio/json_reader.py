@@ -79,25 +79,6 @@ def load_json(
         raise DataError(f"{label} is not valid JSON ({e}); it is corrupt or truncated, so move it away") from None
 
 
-def load_json_or_none(
-    path: str | Path,
-    *,
-    what: str = "results file",
-    max_bytes: int = JSON_MAX_BYTES,
-    max_depth: int = JSON_MAX_DEPTH,
-    max_items: int = JSON_MAX_ITEMS,
-) -> tuple[Any | None, str | None]:
-    """:func:`load_json` for callers that report and skip bad files: ``(data, None)`` or ``(None, problem)``.
-
-    ``problem`` is the full DataError message (it names the file). A JSON ``null`` document gives
-    ``(None, None)``.
-    """
-    try:
-        return load_json(path, what=what, max_bytes=max_bytes, max_depth=max_depth, max_items=max_items), None
-    except DataError as e:
-        return None, str(e)
-
-
 def _read_bounded(path: Path, label: str, max_bytes: int, error: type[Exception]) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``; ``error`` (naming ``label``) otherwise."""
     try:

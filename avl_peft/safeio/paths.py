@@ -8,6 +8,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from platformdirs import user_cache_dir
+
 from .. import atomic
 from ..errors import ConfigError
 from .limits import (
@@ -153,9 +155,10 @@ def check_writable(folder: str | Path, *, fix: str = "choose another with --out"
 
 
 def project_cache_dir(*parts: str) -> Path:
-    """``$AVL_PEFT_CACHE/<parts>`` if that variable is set, else ``~/.cache/avl-peft/<parts>`` (not created)."""
+    """``$AVL_PEFT_CACHE/<parts>`` if that variable is set, else the user cache folder of ``avl-peft`` (platformdirs:
+    ``$XDG_CACHE_HOME/avl-peft``, by default ``~/.cache/avl-peft``, on Linux), not created."""
     root = os.environ.get("AVL_PEFT_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "avl-peft").joinpath(*parts)
+    return (Path(root).expanduser() if root else Path(user_cache_dir("avl-peft", appauthor=False))).joinpath(*parts)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -1,1 +1,2 @@
-"""The study layer: YAML schema and grid, one run end to end, resume, runner and executors, results, report."""
+"""The study layer: YAML schema and grid, one run end to end (experiment, parts), resume, attempt, run_study and
+executors, results, report, export."""

@@ -28,7 +28,7 @@ from .. import threads
 from ..errors import ConfigError
 from ..options import knob
 from ..registry import Registry
-from .run import record_failure, run_one
+from .attempt import record_failure, run_one
 
 EXECUTORS: Registry[Callable[..., list[dict[str, Any]]]] = Registry("executor")
 
@@ -70,6 +70,8 @@ def _pool_init(gpu_queue: Any, workers: int) -> None:
 
 
 def _pool_run(rid: str, cfg: dict, out_dir: str, resume: bool, force: bool, planned: dict | None = None) -> dict:
+    if not threads.configured():  # a Ray worker: a process of ours (Ray sets its OMP_NUM_THREADS)
+        threads.configure()
     return run_one(
         rid, cfg, out_dir, resume=resume, force=force, progress=False, raise_user_errors=False, planned=planned
     )

@@ -8,7 +8,6 @@ checkpoints per experience in ``checkpoints/``. :func:`build` wires the parts an
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import time
@@ -24,18 +23,21 @@ from tqdm.auto import tqdm
 
 from .. import atomic, threads
 from ..adapters import METHODS
+from ..adapters.base import parse_options
 from ..adapters.budget import select_for_budget
 from ..adapters.inject import parameter_counts
+from ..backbones import data_config
 from ..cl import distributed
-from ..cl.backbone import create_continual_model, data_config
-from ..cl.checkpoints import rebuild_model
+from ..cl.backbone import create_continual_model
+from ..cl.checkpoints import checkpoint_files, rebuild_model
 from ..cl.evaluation import AccuracyMatrixPlugin, make_evaluator
 from ..cl.heads import StatisticsHeadPlugin, build_head, head_options
 from ..cl.loss import TrainMaskLoss
 from ..cl.plugin import PEFTPlugin
 from ..cl.precision import CompilePlugin, InferenceModeEval, PrecisionPlugin, check_precision, loader_options
 from ..cl.scenarios import build_scenario
-from ..cl.strategies import STRATEGIES, StrategySpec, strategy_options
+from ..cl.scenarios.validation import carve_validation
+from ..cl.strategies import STRATEGIES, strategy_options
 from ..cl.strategies.state import StateContext, tag_experience
 from ..cl.training import (
     BatchProgress,
@@ -49,31 +51,11 @@ from ..errors import ConfigError
 from ..hardware import hardware_info, peak_memory_mb, reset_peak_memory, resolve_precision
 from ..instruments.metrics import summarize_both
 from ..instruments.tracker import SubspaceTracker
+from ..pretrain import CARD, find_or_build, load_pretrain_config, read_card
 from . import results
 from . import resume as run_state
-from .pretrain import CARD, find_or_build, load_pretrain_config, read_card
+from .parts import RunParts
 from .upstream import build_upstream
-
-
-@dataclasses.dataclass
-class RunParts:
-    """Everything one run is made of, wired together by :func:`build`."""
-
-    model: torch.nn.Module
-    benchmark: Any
-    strategy: Any
-    matrix: AccuracyMatrixPlugin
-    peft: PEFTPlugin
-    evaluator: Any
-    device: torch.device
-    tracker: SubspaceTracker | None
-    budget: dict[str, Any] | None
-    # Plugins whose bookkeeping a resumed run must get back: name -> object with state_dict()/load_state_dict().
-    stateful: dict[str, Any] = dataclasses.field(default_factory=dict)
-    spec: StrategySpec | None = None  # the strategy's registry entry (its state is saved through it)
-    context: StateContext | None = None  # what restoring the strategy's state needs (datasets, fresh models)
-    weights: dict[str, Any] | None = None  # where the backbone weights came from (:func:`weights_provenance`)
-    precision: str = "fp32"  # training.precision as resolved on this machine (auto -> bf16 or fp32)
 
 
 def versions() -> dict[str, str]:
@@ -140,9 +122,25 @@ def resolve_budget(cfg: dict, model: torch.nn.Module) -> dict[str, Any] | None:
     }
 
 
-def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunParts:
-    """Everything a run needs, wired together (exposed for tests and for custom loops)."""
+def build(
+    cfg: dict,
+    run_dir: Path | None,
+    *,
+    progress: bool = False,
+    process_settings: bool = False,
+    validation: dict | None = None,
+) -> RunParts:
+    """Everything a run needs, wired together (exposed for tests and for custom loops).
+
+    ``process_settings``: apply avl-peft's process-wide policy (threads, allocator; :mod:`avl_peft.threads`)
+    and let ``training.compile`` reset Dynamo; the CLI's processes have it already. ``validation`` (a run's
+    ``validation`` section): train on the training data minus a carved validation split and test on that
+    split (:func:`~avl_peft.cl.scenarios.validation.carve_validation`), for the trials of a search
+    (:mod:`.search`); the test set is then never read.
+    """
     training, method = cfg["training"], cfg["method"]
+    if process_settings and not threads.configured():
+        threads.configure()
     threads.for_run(training["threads"])
     seed_everything(cfg["seed"])
     device = resolve_device(training["device"])
@@ -175,6 +173,11 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
         **data_config(model.backbone),
         **sc["options"],
     )
+    if validation is not None:
+        seed = cfg["seed"] if validation["seed"] is None else validation["seed"]
+        benchmark, _ = carve_validation(
+            benchmark, fraction=validation["fraction"], seed=seed, experiences=validation["experiences"]
+        )
     n_exp = len(benchmark.train_stream)
     check_base_session(training["pretrain"], n_exp)  # the scenario's real count (the config may leave it null)
     criterion = TrainMaskLoss(training["train_mask"])
@@ -194,7 +197,7 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
     precision = PrecisionPlugin(resolved_precision)
     plugins = [peft, matrix, criterion, DivergenceGuard(), precision, InferenceModeEval()]
     if training["compile"]:
-        plugins.append(CompilePlugin())  # after peft: compiles the injected model
+        plugins.append(CompilePlugin(reset=threads.configured()))  # after peft: compiles the injected model
     batch_size = training["batch_size"]
     world = distributed.world_size()
     if world > 1:  # torchrun: same global batch, each process takes its share and gradients are averaged
@@ -288,11 +291,18 @@ def build(cfg: dict, run_dir: Path | None, *, progress: bool = False) -> RunPart
 
 def _clear_checkpoints(run_dir: Path, start: int) -> None:
     """Remove ``exp_<t>.pt`` for t >= start: left by an interrupted attempt, they are retrained now."""
-    from ..cl.plugin import checkpoint_files
-
     for t, path in checkpoint_files(run_dir / "checkpoints").items():
         if t >= start:
             path.unlink()
+
+
+def scaling_block(cfg: dict, budget: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The adapter's scale as resolved (``alpha_policy``, α, s; see AdapterOptions); None for full/head."""
+    name = cfg["method"]["name"]
+    cls = METHODS.get(name)
+    if not cls.adds_adapter:
+        return None
+    return parse_options(cls.Options, name, budget["options"] if budget else cfg["method"]["options"]).scaling()
 
 
 def heads_block(cfg: dict, parts: RunParts) -> dict[str, Any]:
@@ -310,12 +320,23 @@ def heads_block(cfg: dict, parts: RunParts) -> dict[str, Any]:
 
 
 def run_experiment(
-    cfg: dict, run_dir: str | os.PathLike, *, run_id: str = "run", progress: bool = True, resume: bool = False
+    cfg: dict,
+    run_dir: str | os.PathLike,
+    *,
+    run_id: str = "run",
+    progress: bool = True,
+    resume: bool = False,
+    process_settings: bool = False,
+    validation: dict | None = None,
+    extra: dict | None = None,
 ) -> dict:
     """Train and evaluate one run; write its folder; return the results dict.
 
     With ``resume``, continue from the newest intact ``state_<t>.pt`` in ``run_dir`` (see
-    :mod:`.resume`); otherwise start from scratch (old states are removed).
+    :mod:`.resume`); otherwise start from scratch (old states are removed). ``process_settings`` opts a
+    library caller into the CLI's process-wide settings (see :func:`build`); off, only ``training.threads``
+    (when set) changes the process. ``validation``: a search trial (see :func:`build`); ``extra``: blocks
+    added to results.json (a search's), written with it, atomically.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -329,16 +350,17 @@ def run_experiment(
         )
     if not (resume and resumable):
         run_state.clear_states(run_dir)
-    parts = build(cfg, run_dir, progress=progress)
+    parts = build(cfg, run_dir, progress=progress, process_settings=process_settings, validation=validation)
     strategy, benchmark, matrix = parts.strategy, parts.benchmark, parts.matrix
     training = cfg["training"]
     done = {"train_s": 0.0, "eval_s": 0.0, "images": 0, "counts": None}
     start_exp = 0
     if resume and resumable:
-        restored = run_state.restore_run_state(run_dir, parts)
-        if restored is not None:
-            start_exp, done = restored
-            done["resumed_at_experience"] = start_exp
+        state = run_state.load_run_state(run_dir)
+        if state is not None:
+            done = parts.load_state_dict(state, run_dir)
+            run_state.set_rng_state(state["rng"])  # last: restoring the parts may draw random numbers
+            start_exp = done["resumed_at_experience"] = state["experience"] + 1
     _clear_checkpoints(run_dir, start_exp)
     n_exp = len(benchmark.train_stream)
     bar = tqdm(total=n_exp, initial=start_exp, desc=run_id, unit="exp", disable=not progress)
@@ -362,7 +384,7 @@ def run_experiment(
         strategy.eval(benchmark.test_stream, **loader_options(parts.device, training["num_workers"]))
         done["eval_s"] += time.perf_counter() - start
         if t < n_exp - 1:
-            run_state.save_run_state(run_dir, t, parts, done)
+            run_state.save_run_state(run_dir, t, parts.state_dict(done))
         row = matrix.matrices["class_incremental"][t][: t + 1]
         bar.set_postfix(acc=f"{np.mean(row):.3f}")
         bar.update(1)
@@ -381,6 +403,7 @@ def run_experiment(
         "hardware": hardware_info(parts.device),
         "params": done["counts"] or parameter_counts(strategy.model),
         "budget": parts.budget,
+        "scaling": scaling_block(cfg, parts.budget),
         "backbone_weights": parts.weights,
         "classes_order": [int(c) for c in getattr(benchmark, "classes_order", [])],
         "accuracy_matrix": matrix.matrices,
@@ -407,6 +430,9 @@ def run_experiment(
         out["timing"]["upstream_s"] = plugin.seconds
     if "resumed_at_experience" in done:
         out["resumed_at_experience"] = done["resumed_at_experience"]
+    if validation is not None:
+        out["validation"] = getattr(benchmark, "scenario_config", {}).get("validation")
+    out.update(extra or {})
     results.write(run_dir, out)
     run_state.clear_states(run_dir)  # finished: results.json and the per-experience checkpoints remain
     return out

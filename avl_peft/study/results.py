@@ -27,6 +27,7 @@ from ..safeio import load_json, write_text_nofollow
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
 FILENAME = "results.json"
+TRIALS = "search-trials"  # a run's validation-search trials (study/search.py); not runs of the study
 STATUSES = ("finished", "failed")
 
 

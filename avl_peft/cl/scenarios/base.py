@@ -133,6 +133,10 @@ def check_split(name: str, n_classes: int, n: int, first: int | None = None) -> 
 # number of experiences. Scenarios whose classes are only known from their data are not listed.
 CLASS_COUNTS: dict[str, tuple[Callable[[dict[str, Any], int], int], int]] = {}
 
+# Scenarios that render their images (glyphs): the options that give ``per_class`` images per class of each
+# split, drawn from the upstream seed, when the scenario is a run's upstream set (:mod:`.upstream`).
+UPSTREAM_OPTIONS: dict[str, Callable[[int, int], dict[str, Any]]] = {}
+
 
 def check_counts(name: str, n_experiences: int | None, options: dict[str, Any], img_size: int) -> None:
     """The dry-run's check of a scenario's counts: sizes within bounds and experiences splitting the classes."""

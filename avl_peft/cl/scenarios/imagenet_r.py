@@ -6,8 +6,8 @@ Layout: the official release ``imagenet-r.tar`` extracted under ``<root>/imagene
 class folders). There is no official train/test split; the usual one is a per-class 80/20 split, seeded
 (``split_seed``, independent of the run seed so every run tests on the same images). Classes are the
 folders in sorted order; the class order across experiences is drawn from the run seed like every other
-scenario. Images are read lazily (30,000 of them) with the run's transform; an unreadable or oversized
-image fails with a DataError naming the file.
+scenario. Images are read lazily (30,000 of them, :class:`avl_peft.safeio.images.ImageFolder`) with the run's
+transform; an unreadable or oversized image fails with a DataError naming the file.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ...errors import DataError
-from ...safeio.images import class_folders as _class_folders
-from ...safeio.images import image_files, open_image
+from ...safeio.images import ImageFolder, class_folders
 from ...validate import check_bool, check_int, check_number
 from .base import CLASS_COUNTS, SCENARIOS, Built, Common, class_order_for, experiences_for, image_transform
 
@@ -32,48 +31,50 @@ URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
 
 
 class ImageFiles(Dataset):
-    """(path, label) pairs decoded on access; ``targets`` for Avalanche without opening any image."""
+    """Some images of an :class:`ImageFolder`, decoded on access; ``targets`` for Avalanche without opening any."""
 
-    def __init__(self, files: Sequence[tuple[Path, int]]):
-        self.files = list(files)
-        self.targets = [label for _, label in self.files]
+    def __init__(self, folder: ImageFolder, indices: Sequence[int]):
+        self.folder, self.indices = folder, list(indices)
+        self.targets = [folder.targets[i] for i in self.indices]
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        path, label = self.files[index]
-        return open_image(path, "RGB", what="ImageNet-R image"), label
+        return self.folder[self.indices[index]]
 
 
-def class_folders(folder: Path) -> list[Path]:
-    """The class folders of an ImageNet-R release, checked: the folder exists and holds 200 classes."""
+def read_folder(folder: Path) -> ImageFolder:
+    """The ImageNet-R release, checked: the folder exists and holds 200 classes, each with images."""
     if not folder.is_dir():
         raise DataError(
             f"ImageNet-R is not in '{folder}'. It cannot be downloaded automatically: get {URL}, extract it so "
             f"that '{folder}/<wnid>/*.jpg' exists, or set `root:` to the folder holding 'imagenet-r/'."
         )
-    classes = _class_folders(folder, "ImageNet-R folder")
+    classes = class_folders(folder, "ImageNet-R folder")  # counted before every class folder is listed
     if len(classes) != N_CLASSES:
         raise DataError(
             f"'{folder}' has {len(classes)} class folders; the ImageNet-R release has {N_CLASSES}. Is the archive "
             "fully extracted, and does `root:` point at the folder that holds 'imagenet-r/'?"
         )
-    return classes
+    return ImageFolder(folder, what="ImageNet-R")
 
 
-def split_files(classes: list[Path], test_fraction: float, seed: int) -> tuple[list, list]:
-    """Per-class seeded split of each class folder's images into (train, test) (path, label) lists."""
+def split_files(folder: ImageFolder, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Per-class seeded split of the folder's images into (train, test) sample indices."""
     rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(folder.targets):
+        by_class.setdefault(label, []).append(i)
     train, test = [], []
-    for label, folder in enumerate(classes):
-        files = image_files(folder, "ImageNet-R class folder")
+    for label, files in sorted(by_class.items()):
         if len(files) < 2:
-            raise DataError(f"ImageNet-R class folder '{folder}' has {len(files)} image(s); it needs at least 2")
+            where = Path(folder.root) / folder.classes[label]
+            raise DataError(f"ImageNet-R class folder '{where}' has {len(files)} image(s); it needs at least 2")
         order = rng.permutation(len(files))
         n_test = min(len(files) - 1, max(1, round(test_fraction * len(files))))
-        test += [(files[i], label) for i in sorted(order[:n_test])]
-        train += [(files[i], label) for i in sorted(order[n_test:])]
+        test += [files[i] for i in sorted(order[:n_test])]
+        train += [files[i] for i in sorted(order[n_test:])]
     return train, test
 
 
@@ -91,10 +92,11 @@ def _imagenet_r(
     augment = check_bool("augment", augment)
     n_exp = experiences_for(cfg, N_CLASSES, 10)
     order = class_order_for(cfg, N_CLASSES, class_order)
-    train, test = split_files(class_folders(cfg.folder("imagenet-r")), test_fraction, split_seed)
+    folder = read_folder(cfg.folder("imagenet-r"))
+    train, test = split_files(folder, test_fraction, split_seed)
     benchmark = nc_benchmark(
-        ImageFiles(train),
-        ImageFiles(test),
+        ImageFiles(folder, train),
+        ImageFiles(folder, test),
         n_experiences=n_exp,
         task_labels=cfg.task_labels,
         shuffle=False,

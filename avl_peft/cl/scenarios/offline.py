@@ -10,7 +10,8 @@ import torch
 
 from ...errors import ConfigError
 from ...validate import check_int, check_number
-from .base import CLASS_COUNTS, SCENARIOS, Built, Common
+from .base import CLASS_COUNTS, SCENARIOS, UPSTREAM_OPTIONS, Built, Common
+from .glyphs import CLASSES, GlyphDataset
 from .in_memory import in_memory_benchmark, stratified_split
 
 
@@ -88,12 +89,32 @@ def _synthetic(
     ), {}
 
 
-# --------------------------------------------------------------------------------------------------
-# Downloadable datasets
-# --------------------------------------------------------------------------------------------------
+@SCENARIOS.register("glyphs", "52 letters rendered from matplotlib's fonts, test fonts held out; offline; 4 exps")
+def _glyphs(
+    cfg: Common,
+    *,
+    per_class: int = 100,
+    font_seed: int = 0,
+    class_order: Sequence[int] | None = None,
+    first_exp_classes: int | None = None,
+) -> Built:
+    """``per_class`` images of every letter per split; ``font_seed`` picks the held-out test fonts (use the
+    pretraining seed so that no test font was seen in pretraining)."""
+    per_class = check_int("per_class", per_class, minimum=1, maximum=100_000)
+    _check_memory("glyphs", len(CLASSES) * 2 * per_class, 1, cfg.img_size)  # grey: held as one channel
+    train = GlyphDataset("train", per_class, seed=check_int("font_seed", font_seed), img_size=cfg.img_size)
+    tx, ty = train.as_tensors()
+    qx, qy = GlyphDataset("test", per_class, seed=font_seed, img_size=cfg.img_size).as_tensors()
+    images, labels = torch.cat([tx, qx]), torch.cat([ty, qy]).numpy()
+    train_idx, test_idx = np.arange(len(ty)), np.arange(len(ty), len(labels))
+    n = len(CLASSES)
+    return in_memory_benchmark(cfg, images, labels, train_idx, test_idx, n, 4, class_order, first_exp_classes), {}
 
 
-# The synthetic set is held in memory resized to the backbone's input: float32, 3 channels.
+UPSTREAM_OPTIONS["glyphs"] = lambda per_class, data_seed: {"per_class": per_class, "font_seed": data_seed}
+
+
+# In-memory sets are held resized to the backbone's input, float32.
 SYNTHETIC_MAX_BYTES = 4 << 30
 
 
@@ -102,18 +123,22 @@ def _synthetic_counts(options: dict, img_size: int) -> tuple[int, int, int]:
     n_classes = check_int("n_classes", options.get("n_classes", 6), minimum=1, maximum=100_000)
     n_train = check_int("n_train_per_class", options.get("n_train_per_class", 20), minimum=1, maximum=1_000_000)
     n_test = check_int("n_test_per_class", options.get("n_test_per_class", 10), minimum=1, maximum=1_000_000)
-    size = n_classes * (n_train + n_test) * 3 * img_size**2 * 4
+    _check_memory("synthetic", n_classes * (n_train + n_test), 3, img_size, "n_classes or the per-class counts")
+    return n_classes, n_train, n_test
+
+
+def _check_memory(name: str, n_images: int, channels: int, img_size: int, lower: str = "per_class") -> None:
+    size = n_images * channels * img_size**2 * 4
     if size > SYNTHETIC_MAX_BYTES:
         raise ConfigError(
-            f"synthetic: {n_classes} classes x {n_train + n_test} images at {img_size}x{img_size} take "
-            f"{size / 2**30:.1f} GiB in memory (limit {SYNTHETIC_MAX_BYTES / 2**30:.0f} GiB); lower n_classes or "
-            "the per-class counts"
+            f"{name}: {n_images:,} images at {img_size}x{img_size} take {size / 2**30:.1f} GiB in memory (limit "
+            f"{SYNTHETIC_MAX_BYTES / 2**30:.0f} GiB); lower {lower}"
         )
-    return n_classes, n_train, n_test
 
 
 CLASS_COUNTS.update(
     digits=(lambda options, img_size: 10, 5),
     mnist5k=(lambda options, img_size: 10, 5),
     synthetic=(lambda options, img_size: _synthetic_counts(options, img_size)[0], 3),
+    glyphs=(lambda options, img_size: len(CLASSES), 4),
 )

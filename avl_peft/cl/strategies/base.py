@@ -9,7 +9,7 @@ reads ``owns_model``/``trains_weights``; resume saves and restores ``spec.state`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ...options import as_dict, parse_options
@@ -38,7 +38,9 @@ class StrategySpec:
     :param features: ``(strategy, images) -> features`` for statistics heads when the strategy's model has no
         ``backbone`` module (L2P's prompted ViT); None: ``strategy.model.backbone``.
     :param avalanche: the class in ``avalanche.training`` this entry builds (None for a plugin on Naive),
-        for the compatibility table (:mod:`avl_peft.study.compat`).
+        for the compatibility table (``benchmarks/compat``).
+    :param tiny_options: options that size the strategy's memory and inner steps for a tiny run (16 images per
+        experience): what the compatibility table and the resume tests run it with.
     """
 
     name: str
@@ -54,6 +56,7 @@ class StrategySpec:
     state: tuple[StatePart, ...] = ()
     resume_note: str = ""
     avalanche: str | None = None
+    tiny_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def parse(self, options: Any) -> dict[str, Any]:
         """The options merged over their defaults, validated, as a plain mapping."""

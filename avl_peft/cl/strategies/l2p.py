@@ -312,5 +312,6 @@ STRATEGIES.register("l2p", "Learning to Prompt baseline (Avalanche LearningToPro
         check=check_l2p_run,
         features=prompted_vit_features,
         avalanche="LearningToPrompt",
+        tiny_options={"pool_size": 2, "prompt_length": 1, "top_k": 1},
     )
 )

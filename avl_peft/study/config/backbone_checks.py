@@ -10,10 +10,10 @@ import timm
 
 from ...adapters import METHODS
 from ...adapters.budget import select_for_budget
-from ...cl.backbone import check_backbone_kwargs, closest_models, meta_backbone
+from ...backbones import check_backbone_kwargs, closest_models, meta_backbone
 from ...errors import ConfigError, DataError
+from ...pretrain import WEIGHTS, load_pretrain_config, read_card
 from ...safeio.safetensors_reader import WEIGHTS_MAX_BYTES, safetensors_shapes
-from ..pretrain import WEIGHTS, load_pretrain_config, read_card
 
 
 def _check_backbone(bb: dict) -> None:

@@ -59,7 +59,7 @@ def run_id(cfg: dict, axes: list[str]) -> str:
     if cfg.get("budget") is not None:
         parts.append(f"budget{cfg['budget']}")
     for key in axes:
-        if key.startswith(("method.", "strategy.name", "seed", "budget")):
+        if key.startswith(("method.", "strategy.name", "seed", "budget", "search")):  # a search: in results.json
             continue
         parts.append(f"{key.split('.')[-1]}{get_dotted(cfg, key)}")
     parts.append(f"s{cfg['seed']}")
@@ -127,7 +127,13 @@ def validate_study(data: Any, *, dry_run: bool = False) -> dict:
     _check_overrides("grid", study["grid"], lists=True)
     for i, variant in enumerate(study["variants"]):
         _check_overrides(f"variants[{i}]", variant, lists=False)
+    from ..report.claims import check_claims  # here: the report and the search import this package
+    from ..search import check_search
+
+    check_claims(study["claims"])
     runs = expand(study)  # every run must validate before anything trains
+    for _, cfg in runs:
+        check_search(cfg)  # every trial of a validation search too
     executor = study["executor"]
     if not (executor["name"] == "ray" and executor["ray_address"]):  # a remote cluster has its own devices
         for device in sorted({cfg["training"]["device"] for _, cfg in runs}):

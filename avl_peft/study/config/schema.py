@@ -18,7 +18,7 @@ import torch
 
 from ...adapters import METHODS
 from ...adapters.base import check_method, check_targets
-from ...cl.backbone import check_weights_source, data_config
+from ...backbones import check_weights_source, data_config
 from ...cl.heads import HEADS, head_options
 from ...cl.loss import TRAIN_MASKS
 from ...cl.plugin import POLICIES, check_policy
@@ -173,6 +173,20 @@ class Subspace:
     exact: bool = knob(False, "exact SVD instead of randomized (slower on large layers)")
 
 
+# Metrics a validation search may choose on besides acc (study/search.py; forgetting ones are minimised).
+SEARCH_METRICS = ("avg_incremental_acc", "til_acc", "bwt", "forgetting", "til_forgetting")
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """The split a ``search`` chooses on (study/search.py; docs/design.md, "Validation-based selection")."""
+
+    fraction: int | float = knob(0.2, "share of each class's training images", minimum=0, maximum=1, exclusive_min=True)
+    seed: int | None = knob(None, "seed of the split (null: the run's seed)", minimum=0, maximum=2**32 - 1)
+    experiences: str = knob("first", "choose on the first experience or all (sees ahead)", choices=("first", "all"))
+    metric: str = knob("acc", "maximised (forgetting: minimised)", choices=("acc", *SEARCH_METRICS))
+
+
 def _section(cls: type) -> Any:
     return dataclasses.field(default_factory=cls)
 
@@ -196,6 +210,8 @@ class RunConfig:
     )
     upstream: Upstream = _section(Upstream)
     subspace: Subspace = _section(Subspace)
+    search: dict = knob({}, "dotted key -> candidate values, chosen per run on the validation split (study/search.py)")
+    validation: Validation = _section(Validation)
 
     @functools.cached_property
     def mapping(self) -> dict[str, Any]:
@@ -243,6 +259,7 @@ class StudyConfig(RunConfig):
     executor: ExecutorOptions = _section(ExecutorOptions)
     grid: dict = knob({}, "cartesian axes: dotted key -> list of values")
     variants: list = knob([], "list of override sets (dotted key -> value), crossed with the grid")
+    claims: list = knob([], "claims the report judges: [{better: A, than: B, metric: M}] (report/claims.py)")
 
 
 STUDY_ONLY = tuple(f.name for f in dataclasses.fields(StudyConfig) if f.name not in RunConfig.__dataclass_fields__)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ... import __version__
-from ...cl.backbone import create_backbone, data_config
+from ...backbones import create_backbone, data_config
 from ...cl.training import seed_everything
 from ...errors import ConfigError, DataError
 from ...safeio import load_json, write_text_nofollow

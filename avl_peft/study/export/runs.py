@@ -25,7 +25,8 @@ from torch import nn
 from ... import __version__
 from ...adapters import METHODS
 from ...cl.backbone import create_continual_model
-from ...cl.plugin import PEFTPlugin, checkpoint_files
+from ...cl.checkpoints import checkpoint_files
+from ...cl.plugin import PEFTPlugin
 from ...cl.strategies import STRATEGIES
 from ...cl.training import seed_everything
 from ...errors import ConfigError, DataError

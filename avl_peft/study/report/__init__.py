@@ -8,7 +8,9 @@ recursively, groups the runs by
   standard deviation over seeds of each metric (``acc_mean``, ``acc_std``, ...; std is 0 for one seed),
   trainable parameters, mean training time and, where the runs logged subspace diagnostics, the mean
   overlap, mean alignment and final-experience feature drift;
-* ``report.md``: the same table formatted by :func:`format_table` (accuracies as percentages);
+* ``report.md``: the same table formatted by :func:`format_table` (accuracies as percentages) and, with
+  ≥ 2 seeds, the statistics sections of :mod:`.claims` (95 % bootstrap intervals, paired comparisons, the
+  verdicts on the ``claims`` of the study's ``study.yaml``) and the values a validation search chose;
 * ``plots/acc_matrix_<run-id>.png``: one accuracy-matrix heatmap per finished run (beyond 20 experiences with
   the average accuracy per step, the final accuracy and the forgetting per task plotted below it);
 * ``plots/forgetting_vs_params.png``: forgetting against trainable parameters, one colour per method;
@@ -31,9 +33,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ...errors import DataError
-from ...safeio import write_text_nofollow
+from ...errors import AvlPeftError, DataError
+from ...safeio import load_yaml, write_text_nofollow
 from .. import results
+from .claims import check_claims, statistics_sections
 from .plots import write_plots
 from .runs import REPORT_METRICS, CorruptResults, Run, load_run, warn_duplicate_ids
 from .table import CSV_COLUMNS, SUBSPACE_COLUMNS, aggregate, format_table, markdown_report, write_csv
@@ -54,7 +57,8 @@ def build_report(run_dir_root: str | Path, out_dir: str | Path | None = None) ->
         raise DataError(
             f"run folder '{root}' does not exist or is not a folder; pass the folder the runs were written to"
         )
-    paths = sorted(p for p in root.rglob(results.FILENAME) if p.is_file())
+    # A search's trials (run folders below search-trials/) are not runs of the study.
+    paths = sorted(p for p in root.rglob(results.FILENAME) if p.is_file() and results.TRIALS not in p.parts)
     if not paths:
         raise DataError(
             f"no {results.FILENAME} found under '{root}' (searched recursively); "
@@ -84,5 +88,20 @@ def build_report(run_dir_root: str | Path, out_dir: str | Path | None = None) ->
     # plots/ or plot planted there as a symbolic link is replaced or refused, never written through.
     plot_files = write_plots(runs, rows, out / "plots", root=out)
     write_csv(rows, out / "report.csv", root=out)
-    write_text_nofollow(out / "report.md", markdown_report(rows, runs, root, out, plot_files), root=out)
+    sections = statistics_sections(runs, study_claims(root))
+    write_text_nofollow(out / "report.md", markdown_report(rows, runs, root, out, plot_files, sections), root=out)
     return rows
+
+
+def study_claims(root: Path) -> list[dict]:
+    """The ``claims`` of the study whose runs are under ``root`` (its ``study.yaml``, written by the runner)."""
+    path = root / "study.yaml"
+    if not path.is_file():
+        return []
+    try:
+        claims = (load_yaml(path, what="study file") or {}).get("claims") or []
+        check_claims(claims)
+    except (AvlPeftError, AttributeError) as exc:
+        warnings.warn(f"{path}: its claims are not judged ({exc})", stacklevel=2)
+        return []
+    return claims

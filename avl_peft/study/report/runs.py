@@ -57,6 +57,7 @@ class Run:
     upstream_retention: float | None = None
     precision: str | None = None  # training.precision as the run resolved it (auto -> bf16/fp32)
     hardware: str | None = None  # one line describing the machine (avl_peft.hardware.describe), load left out
+    search: dict[str, Any] | None = None  # the validation search's block (study.search), if the run had one
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -121,6 +122,8 @@ def load_run(path: Path) -> Run:
     _read_upstream(data.get("upstream"), result)
     if isinstance(data.get("precision"), str):
         result.precision = data["precision"][:16]
+    if isinstance(data.get("search"), dict):
+        result.search = data["search"]
     if isinstance(data.get("hardware"), dict):
         result.hardware = describe(data["hardware"], load=False)[:300]
     return result

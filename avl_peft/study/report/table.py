@@ -180,7 +180,15 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def markdown_report(rows: list[dict[str, Any]], runs: list[Run], root: Path, out: Path, plot_files: list[Path]) -> str:
+def markdown_report(
+    rows: list[dict[str, Any]],
+    runs: list[Run],
+    root: Path,
+    out: Path,
+    plot_files: list[Path],
+    sections: Sequence[str] = (),
+) -> str:
+    """report.md: the table, the hardware, ``sections`` (lines: the statistics, report/claims.py), failures, plots."""
     failed = [run for run in runs if run.status == "failed"]
     lines = [
         "# Continual-learning results",
@@ -192,6 +200,7 @@ def markdown_report(rows: list[dict[str, Any]], runs: list[Run], root: Path, out
         format_table(rows),
         "",
         *_hardware_lines(runs),
+        *sections,
     ]
     if failed:
         lines += ["## Failed runs", ""]

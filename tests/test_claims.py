@@ -1,0 +1,95 @@
+"""The report's statistics sections (study/report/claims.py) on planted results: intervals, pairs, claims."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import avl_peft.study.report as report_module
+from avl_peft.study.report import build_report
+from avl_peft.study.report.claims import judge_claims
+from avl_peft.study.report.runs import load_run
+
+SEEDS = range(8)  # 6 would not do: 4 claims x 2^-6 > 0.05 after Holm
+
+
+def _write(root: Path, method: str, seed: int, acc: float, retention: float, head: str = "prototype") -> None:
+    folder = root / f"{method}-{head}-s{seed}"
+    folder.mkdir(parents=True)
+    data = {
+        "schema": 2,
+        "status": "finished",
+        "run": {"id": folder.name, "method": method, "strategy": "naive", "seed": seed, "options": {}},
+        "config": {},
+        "params": {"trainable": 1000},
+        "metrics": {"acc": acc, "forgetting": 1 - acc, "til_forgetting": 0.1},
+        "timing": {"train_s": 1.0},
+        "heads": {"class_incremental": head},
+        "upstream": {"acc": [0.7, 0.7 * retention], "retention": retention},
+    }
+    (folder / "results.json").write_text(json.dumps(data))
+
+
+@pytest.fixture(autouse=True)
+def _no_plots(monkeypatch):
+    monkeypatch.setattr(report_module, "write_plots", lambda *args, **kwargs: [])  # seconds of matplotlib
+
+
+@pytest.fixture
+def planted(tmp_path):
+    # Planted: head keeps the pretrained knowledge (retention ~1.0), full loses a third of it; acc equal in
+    # expectation for lora and full (no planted difference), seed effects shared by the methods of a seed.
+    rng = np.random.default_rng(0)
+    for seed in SEEDS:
+        shared = rng.normal(0, 0.05)
+        _write(tmp_path, "head", seed, 0.80 + shared, 1.0)
+        _write(tmp_path, "full", seed, 0.50 + shared + rng.normal(0, 0.03), 0.65 + rng.normal(0, 0.02))
+        _write(tmp_path, "lora", seed, 0.50 + shared + rng.normal(0, 0.03), 0.85 + rng.normal(0, 0.02))
+    return tmp_path
+
+
+def test_claims_on_planted_results_are_judged_in_the_report(planted):
+    claims = [
+        {"better": "head", "than": "full", "metric": "upstream_retention"},  # planted: holds
+        {"better": "full", "than": "lora", "metric": "upstream_retention"},  # planted opposite: does not hold
+        {"better": "lora", "than": "full", "metric": "acc"},  # nothing planted: inconclusive
+        {"better": "lora", "than": "full", "metric": "forgetting"},  # lower is better; nothing planted
+        {"better": "qlora", "than": "full", "metric": "acc"},  # no such runs
+    ]
+    (planted / "study.yaml").write_text(yaml.safe_dump({"name": "planted", "claims": claims}))
+    build_report(planted)
+    report = (planted / "report.md").read_text()
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in report.splitlines() if " better than " in line}
+    assert "**holds**" in lines["head better than full on upstream_retention"]
+    assert "**does not hold**" in lines["full better than lora on upstream_retention"]
+    assert "**inconclusive**" in lines["lora better than full on acc"]
+    assert "**inconclusive**" in lines["lora better than full on forgetting"]
+    assert "no finished runs of 'qlora'" in lines["qlora better than full on acc"]
+    assert "## Confidence intervals" in report and "## Paired comparisons" in report
+    pairs = [line for line in report.splitlines() if line.startswith("| full vs head | upstream_retention")]
+    assert len(pairs) == 1 and pairs[0].endswith("| 0.00781 | 0.0234 | yes |")  # 2/2^8, Holm over 3 pairs
+
+
+def test_claim_verdict_numbers(planted):
+    runs = [load_run(p) for p in sorted(planted.rglob("results.json"))]
+    [entry] = judge_claims([{"better": "head", "than": "full", "metric": "upstream_retention"}], runs)
+    assert entry["verdict"] == "holds" and entry["n"] == 8
+    assert entry["p_holm"] == pytest.approx(1 / 256)  # every seed in the claimed direction, one claim
+    assert 0.30 < entry["low"] < entry["difference"] < entry["high"] < 0.40
+    # a side matching several configurations is named, not guessed
+    _write(planted, "head", 0, 0.9, 1.0, head="ranpac")
+    runs = [load_run(p) for p in sorted(planted.rglob("results.json"))]
+    [entry] = judge_claims([{"better": "head", "than": "full", "metric": "acc"}], runs)
+    assert entry["verdict"] == "inconclusive" and "matches 2 configurations" in entry["note"]
+    [entry] = judge_claims([{"better": "head", "than": "full", "metric": "acc", "head": "prototype"}], runs)
+    assert entry["verdict"] == "holds"
+
+
+def test_one_seed_gives_no_statistics(tmp_path):
+    _write(tmp_path, "head", 0, 0.8, 1.0)
+    _write(tmp_path, "full", 0, 0.5, 0.6)
+    build_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "## Confidence intervals" not in report and "## Paired comparisons" not in report
