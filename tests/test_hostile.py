@@ -709,6 +709,13 @@ CASES = [
     # --- card.json and weights behind backbone.checkpoint: bounded, schema-checked, header before hash
     Case("card-fields-missing", card_case(rewrite_card(classes=None)), 2, "field 'classes' is missing"),
     Case("card-wrong-type", card_case(rewrite_card(backbone="vit")), 2, "field 'backbone' is missing or not a dict"),
+    Case("card-count-is-bool", card_case(rewrite_card(num_classes=True)), 2, "'num_classes' is missing or not an int"),
+    Case(
+        "card-img-size-is-bool",
+        card_case(rewrite_card(data_config={"img_size": True, "mean": [0.5] * 3, "std": [0.5] * 3})),
+        2,
+        "integer img_size",
+    ),
     Case(
         "card-std-zero",
         card_case(rewrite_card(data_config={"img_size": 16, "mean": [0.5], "std": [0]})),
