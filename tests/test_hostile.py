@@ -584,6 +584,12 @@ CASES = [
     Case("scenario-option-inf", dry("scenario: {name: synthetic, options: {noise: .inf}}\n"), 2, "noise: must be a"),
     Case("scenario-option-seed", dry(merged(scenario={"options": {"seed": 1}})), 2, "'seed' is not a scenario option"),
     Case(
+        "scenario-option-bound",  # values are checked at --dry-run too, by the same parse as build_scenario
+        dry(merged(scenario={"options": {"noise": -1}})),
+        2,
+        "scenario 'synthetic'.noise: must be >= 0, got -1",
+    ),
+    Case(
         "strategy-option-inf",
         dry("strategy: {name: replay, options: {mem_size: .inf}}\ntraining: {train_mask: seen}\n"),
         2,
