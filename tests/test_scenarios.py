@@ -466,3 +466,16 @@ def test_cli_unreadable_image_exits_2(fake_five, tmp_path, capsys):
 def test_cli_dataset_cannot_be_downloaded_exits_2(no_network, tmp_path, capsys):
     code, err = _cli_run(tmp_path, capsys, {"name": "split_cifar100", "root": str(tmp_path / "data")})
     assert code == 2 and "CIFAR-100" in err and str(tmp_path / "data") in err
+
+
+def test_every_scenario_declares_its_options_as_knobs():
+    """One config engine: each registered builder takes an Options dataclass (``@takes``), whose checked
+    fields are knobs with a reason; only class_order and five_datasets' order are left to their checkers."""
+    import dataclasses
+
+    unchecked = {"class_order", "order"}
+    for name in SCENARIOS.names():
+        options = SCENARIOS.get(name).Options
+        assert dataclasses.is_dataclass(options), name
+        for field in dataclasses.fields(options):
+            assert field.name in unchecked or field.metadata.get("doc"), (name, field.name)
