@@ -53,6 +53,8 @@ def test_roles_and_what_trains():
     assert CLLoRA.role("blocks.5.mlp.fc1", [f"blocks.{i}.mlp.fc1" for i in range(12)], CLLoRA.Options()) == "shared"
     with pytest.raises(ConfigError, match="shared_blocks"):
         avl_peft.inject(tiny_vit(2), "cl_lora", shared_blocks=-1)
+    with pytest.raises(ConfigError, match="reassign must be true or false, got 1"):  # validate.check_bool
+        avl_peft.inject(tiny_vit(2), "cl_lora", reassign=1)
 
 
 def test_forward_equals_the_dense_formula():

@@ -195,6 +195,9 @@ def test_registry_and_defaults():
     assert build_head("ranpac", 12).dim == 120
     assert RanpacHeadOptions().lambdas == DEFAULT_LAMBDAS and len(DEFAULT_LAMBDAS) == 17
     assert head_options("ranpac", lambdas=2.0).lambdas == (2.0,)
+    # YAML 1.1 reads 1e-3 (no dot) as a string: a string that is plainly a number is one, alone or listed
+    assert head_options("ranpac", lambdas=["1e-3", 10]).lambdas == (0.001, 10.0)
+    assert head_options("ranpac", lambdas="1e-3").lambdas == (0.001,)
 
 
 @pytest.mark.parametrize(
@@ -211,6 +214,8 @@ def test_registry_and_defaults():
         ("ranpac", {"lambdas": [1.0, -1.0]}, "'lambdas'"),
         ("ranpac", {"lambdas": ["x"]}, "'lambdas'"),
         ("ranpac", {"lambdas": [float("nan")]}, "'lambdas'"),
+        ("ranpac", {"lambdas": True}, "'lambdas'"),  # validate.is_number: a bool is not a number
+        ("ranpac", {"lambdas": [1.0, True]}, "'lambdas'"),
         ("ranpac", {"val_fraction": 0}, "'val_fraction'"),
         ("ranpac", {"val_fraction": 1.0}, "'val_fraction'"),
     ],

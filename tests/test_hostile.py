@@ -579,10 +579,16 @@ CASES = [
     ),
     Case("timm-num-classes", dry(merged(backbone={"kwargs": {"num_classes": 3}})), 2, "'num_classes' cannot be set"),
     Case("timm-mlp-ratio-nan", dry("backbone: {kwargs: {mlp_ratio: .nan}}\n"), 2, "kwargs.mlp_ratio: must be a finite"),
-    Case("scenario-unknown-option", dry(merged(scenario={"options": {"bogus": 1}})), 2, "unknown option 'bogus'"),
+    Case("scenario-unknown-option", dry(merged(scenario={"options": {"bogus": 1}})), 2, "has no option 'bogus'"),
     Case("scenario-option-typo", dry(merged(scenario={"options": {"nosie": 1}})), 2, "Did you mean 'noise'"),
     Case("scenario-option-inf", dry("scenario: {name: synthetic, options: {noise: .inf}}\n"), 2, "noise: must be a"),
     Case("scenario-option-seed", dry(merged(scenario={"options": {"seed": 1}})), 2, "'seed' is not a scenario option"),
+    Case(
+        "scenario-option-bound",  # values are checked at --dry-run too, by the same parse as build_scenario
+        dry(merged(scenario={"options": {"noise": -1}})),
+        2,
+        "scenario 'synthetic'.noise: must be >= 0, got -1",
+    ),
     Case(
         "strategy-option-inf",
         dry("strategy: {name: replay, options: {mem_size: .inf}}\ntraining: {train_mask: seen}\n"),
@@ -709,6 +715,13 @@ CASES = [
     # --- card.json and weights behind backbone.checkpoint: bounded, schema-checked, header before hash
     Case("card-fields-missing", card_case(rewrite_card(classes=None)), 2, "field 'classes' is missing"),
     Case("card-wrong-type", card_case(rewrite_card(backbone="vit")), 2, "field 'backbone' is missing or not a dict"),
+    Case("card-count-is-bool", card_case(rewrite_card(num_classes=True)), 2, "'num_classes' is missing or not an int"),
+    Case(
+        "card-img-size-is-bool",
+        card_case(rewrite_card(data_config={"img_size": True, "mean": [0.5] * 3, "std": [0.5] * 3})),
+        2,
+        "integer img_size",
+    ),
     Case(
         "card-std-zero",
         card_case(rewrite_card(data_config={"img_size": 16, "mean": [0.5], "std": [0]})),
@@ -768,7 +781,7 @@ CASES = [
     # --- scenario counts and threads, checked by the dry-run instead of failing when the run starts
     Case("experiences-do-not-divide", dry(merged(scenario={"n_experiences": 4})), 2, "does not divide the 6 classes"),
     Case("first-exp-too-big", dry(merged(scenario={"options": {"first_exp_classes": 9}})), 2, "first_exp_classes"),
-    Case("synthetic-classes-1e9", dry(merged(scenario={"options": {"n_classes": 10**9}})), 2, "n_classes must be <="),
+    Case("synthetic-classes-1e9", dry(merged(scenario={"options": {"n_classes": 10**9}})), 2, "n_classes: must be <="),
     Case("synthetic-GiBs", dry(merged(scenario={"options": {"n_train_per_class": 1_000_000}})), 2, "GiB in memory"),
     Case("threads-1000", dry(merged(training={"threads": 1000})), 2, "training.threads: must be <= 256"),
     # --- report: hostile text is drawn and written literally

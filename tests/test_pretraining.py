@@ -275,3 +275,25 @@ def test_planted_links_in_the_output_folder_are_replaced_not_written_through(tmp
         assert (out / name).is_file() and not (out / name).is_symlink()
     assert pretraining.check_output(out, TINY) == ""
     assert not [p for p in out.iterdir() if p.name.startswith(".avl-peft-write-test-") or ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224"])  # mean 0.5 / ImageNet's
+def test_pretraining_normalises_with_the_backbones_data_config(name):
+    """One data config: the card's (and the pretraining inputs') is avl_peft.backbones.data_config, the one a
+    run normalises its scenario images with, grey glyphs replicated to RGB."""
+    from torchvision.transforms import Normalize
+
+    from avl_peft.backbones import data_config
+
+    model = avl_peft.create_backbone(name, num_classes=52, img_size=16, patch_size=8, depth=1)
+    dc, card = data_config(model), pretraining.card_data_config(model)
+    assert card == {
+        "img_size": 16,
+        "in_chans": 3,
+        "grey_to_rgb": True,
+        "mean": list(dc["mean"]),
+        "std": list(dc["std"]),
+    }
+    images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = Normalize(dc["mean"], dc["std"])(images.expand(-1, 3, -1, -1))
+    torch.testing.assert_close(pretraining.to_model_input(images, card), expected, rtol=0, atol=1e-6)

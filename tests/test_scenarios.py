@@ -189,8 +189,45 @@ def test_unknown_option_lists_allowed_and_suggests():
     with pytest.raises(ConfigError) as err:
         build_scenario("synthetic", n_clases=4)
     msg = str(err.value)
-    assert "n_clases" in msg and "Allowed options:" in msg and "Did you mean 'n_classes'?" in msg
-    assert "n_train_per_class" in msg
+    assert "scenario 'synthetic' has no option 'n_clases'" in msg and "Did you mean 'n_classes'?" in msg
+    assert "Allowed:" in msg and "n_train_per_class" in msg
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("digits", {"test_fraction": 1.5}, "scenario 'digits'.test_fraction: must be in [0.01, 0.99], got 1.5"),
+        ("synthetic", {"n_classes": 0}, "scenario 'synthetic'.n_classes: must be >= 1, got 0"),
+        ("glyphs", {"per_class": True}, "scenario 'glyphs'.per_class: must be an integer, got True"),
+        ("core50", {"protocol": "nic"}, "scenario 'core50'.protocol: must be one of nc, ni, got 'nic'"),
+        ("five_datasets", {"order": ["mnist"]}, "scenario 'five_datasets'.order: must be 'fixed'"),
+    ],
+)
+def test_scenario_option_values_are_checked_before_building(name, options, message):
+    """Options are parsed from the builder's Options dataclass (validate.py's messages), before any data is
+    read or downloaded: the same parse serves build_scenario and the config's dry-run."""
+    from avl_peft.cl.scenarios import parse_scenario_options
+
+    with pytest.raises(ConfigError) as err:
+        parse_scenario_options(name, options)
+    assert message in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        build_scenario(name, **options)
+    assert message in str(err.value)
+
+
+def test_scenario_config_records_defaults_and_options_as_written():
+    bench = build_scenario("synthetic", img_size=8, noise=1, n_train_per_class=2, n_test_per_class=1)
+    assert bench.scenario_config["options"] == {
+        "n_classes": 6,
+        "n_train_per_class": 2,
+        "n_test_per_class": 1,
+        "noise": 1,
+        "data_seed": 0,
+        "class_order": None,
+        "first_exp_classes": None,
+    }
+    assert type(bench.scenario_config["options"]["noise"]) is int  # an int stays an int in results.json
 
 
 @pytest.mark.parametrize(
@@ -216,7 +253,7 @@ def test_core50_options_checked_before_any_download(tmp_path):
         build_scenario("core50", protocol="nii", root=tmp_path)
     with pytest.raises(ConfigError, match=r"fixed 9 experiences"):
         build_scenario("core50", n_experiences=5, root=tmp_path)
-    with pytest.raises(ConfigError, match=r"run must be <= 9"):
+    with pytest.raises(ConfigError, match=r"run: must be <= 9"):
         build_scenario("core50", run=10, root=tmp_path)
     with pytest.raises(ConfigError, match=r"task_labels"):
         build_scenario("core50", task_labels=True, root=tmp_path)
@@ -334,7 +371,7 @@ def test_five_datasets_seeded_order_and_task_labels(fake_five):
     assert [e.task_label for e in bench.train_stream] == [0, 1, 2, 3, 4]
     assert bench.scenario_config["options"]["order"] == bench.dataset_order
 
-    with pytest.raises(ConfigError, match="order must be"):
+    with pytest.raises(ConfigError, match="order: must be"):
         build_scenario("five_datasets", root=fake_five, order=["mnist"])
     with pytest.raises(ConfigError, match="exactly 5 experiences"):
         build_scenario("five_datasets", root=fake_five, n_experiences=10)
@@ -429,3 +466,16 @@ def test_cli_unreadable_image_exits_2(fake_five, tmp_path, capsys):
 def test_cli_dataset_cannot_be_downloaded_exits_2(no_network, tmp_path, capsys):
     code, err = _cli_run(tmp_path, capsys, {"name": "split_cifar100", "root": str(tmp_path / "data")})
     assert code == 2 and "CIFAR-100" in err and str(tmp_path / "data") in err
+
+
+def test_every_scenario_declares_its_options_as_knobs():
+    """One config engine: each registered builder takes an Options dataclass (``@takes``), whose checked
+    fields are knobs with a reason; only class_order and five_datasets' order are left to their checkers."""
+    import dataclasses
+
+    unchecked = {"class_order", "order"}
+    for name in SCENARIOS.names():
+        options = SCENARIOS.get(name).Options
+        assert dataclasses.is_dataclass(options), name
+        for field in dataclasses.fields(options):
+            assert field.name in unchecked or field.metadata.get("doc"), (name, field.name)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..validate import check_number, is_int
+from ..validate import check_bool, check_number, is_int
 from ._lowrank import low_rank_linear
 from .base import METHODS, Adapter, AdapterOptions, Frozen
 from .inject import backbone_root
@@ -83,8 +83,7 @@ class CLLoRAOptions(AdapterOptions):
         check_number("kd_temperature", self.kd_temperature, low=0, exclusive_low=True)
         check_number("block_orth", self.block_orth, low=0)
         for key in ("reassign", "block_weights"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
+            check_bool(key, getattr(self, key))
 
 
 def _orthonormal_rows(rank: int, d_in: int, like: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from .outputs import (
     pretrained_model,
     read_card,
 )
-from .training import accuracy, data_config, to_model_input
+from .training import accuracy, card_data_config, to_model_input
 
 __all__ = [
     "CARD",
@@ -49,7 +49,7 @@ __all__ = [
     "accuracy",
     "check_output",
     "config_hash",
-    "data_config",
+    "card_data_config",
     "default_cache_dir",
     "find_or_build",
     "load_pretrain_config",

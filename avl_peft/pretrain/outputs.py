@@ -31,7 +31,7 @@ from ..safeio import (
 )
 from ..safeio.locks import LOCK_NAME, folder_lock
 from ..safeio.safetensors_reader import WEIGHTS_MAX_BYTES, safetensors_shapes
-from ..validate import is_number
+from ..validate import is_int, is_number
 from .config import CARD, CARD_FORMAT, WEIGHTS, config_hash, load_pretrain_config, resolved_precision
 from .training import _create_model, _threads, _train
 
@@ -54,13 +54,13 @@ _CARD_FIELDS: dict[str, type | tuple[type, ...]] = {
     "format": str,
     "name": str,
     "backbone": dict,
-    "num_classes": int,
+    "num_classes": is_int,
     "classes": list,
     "data_config": dict,
     "config_hash": str,
     "model_sha256": str,
-    "test_accuracy": (int, float),
-    "wall_time_s": (int, float),
+    "test_accuracy": is_number,
+    "wall_time_s": is_number,
 }
 
 
@@ -69,8 +69,10 @@ def _card_problem(card: Any) -> str:
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
         return f"{CARD} is not an avl-peft pretrain card ({CARD_FORMAT})"
     for key, kind in _CARD_FIELDS.items():
-        if not isinstance(card.get(key), kind) or isinstance(card.get(key), bool):
-            return f"{CARD} field '{key}' is missing or not a {getattr(kind, '__name__', 'number')}"
+        value = card.get(key)
+        if not (isinstance(value, kind) if isinstance(kind, type) else kind(value)):
+            what = {is_int: "an integer", is_number: "a number"}.get(kind, f"a {getattr(kind, '__name__', kind)}")
+            return f"{CARD} field '{key}' is missing or not {what}"
     bb, dc = card["backbone"], card["data_config"]
     if not isinstance(bb.get("name"), str) or not isinstance(bb.get("kwargs"), dict):
         return f"{CARD} field 'backbone' must hold a name (string) and kwargs (mapping)"
@@ -79,7 +81,7 @@ def _card_problem(card: Any) -> str:
     stats = [dc.get("mean"), dc.get("std")]
     if not all(isinstance(v, list) and v and all(is_number(x) for x in v) for v in stats):
         return f"{CARD} field 'data_config' must hold mean and std lists of numbers"
-    if not isinstance(dc.get("img_size"), int) or not all(x > 0 for x in dc["std"]):
+    if not is_int(dc.get("img_size")) or not all(x > 0 for x in dc["std"]):
         return f"{CARD} field 'data_config' must hold an integer img_size and positive std values"
     return ""
 

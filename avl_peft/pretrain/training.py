@@ -8,11 +8,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones import data_config
 from ..cl.scenarios.glyph_fonts import font_family
 from ..cl.scenarios.glyphs import CLASSES, GlyphDataset, render_filled
 from ..errors import DataError
@@ -29,15 +29,16 @@ def _create_model(cfg: Mapping[str, Any], checkpoint: Path | None = None, patch_
     return avl_peft.create_backbone(bb["name"], checkpoint=checkpoint, num_classes=len(CLASSES), **kwargs)
 
 
-def data_config(model: nn.Module, img_size: int) -> dict[str, Any]:
-    """The input format the weights expect: timm's mean/std for the model, grey replicated to RGB."""
-    resolved = timm.data.resolve_data_config({}, model=model)
+def card_data_config(model: nn.Module) -> dict[str, Any]:
+    """The input format the weights expect, as the card records it: the backbone's own data config
+    (:func:`avl_peft.backbones.data_config`, what a run normalises with), grey glyphs replicated to RGB."""
+    dc = data_config(model)
     return {
-        "img_size": img_size,
+        "img_size": dc["img_size"],
         "in_chans": 3,
         "grey_to_rgb": True,
-        "mean": [float(m) for m in resolved["mean"]],
-        "std": [float(s) for s in resolved["std"]],
+        "mean": [float(m) for m in dc["mean"]],
+        "std": [float(s) for s in dc["std"]],
     }
 
 
@@ -101,7 +102,7 @@ def _train(cfg: Mapping[str, Any], progress: bool) -> tuple[nn.Module, dict[str,
         # is. Starting them at the patch embeddings' scale skips that plateau.
         with torch.no_grad():
             pos_embed.normal_(0.0, tr["pos_embed_std"])
-    dcfg = data_config(model, data["img_size"])
+    dcfg = card_data_config(model)  # img_size is data.img_size: the config refuses a backbone that differs
     common = {
         "seed": seed,
         "img_size": data["img_size"],

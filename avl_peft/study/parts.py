@@ -23,6 +23,7 @@ from ..cl.strategies import StrategySpec
 from ..cl.strategies.state import StateContext, set_trainable
 from ..errors import ConfigError
 from ..instruments.tracker import SubspaceTracker
+from ..validate import is_int
 
 
 @dataclasses.dataclass
@@ -116,7 +117,7 @@ def load_optimizer_state(strategy: Any, saved: dict[str, Any]) -> None:
 def clock_state(strategy: Any) -> dict[str, int]:
     """Avalanche's clock: experience/epoch/iteration counters (EWC, SI… index their state by them)."""
     clock = getattr(strategy, "clock", None)
-    return {} if clock is None else {k: int(v) for k, v in vars(clock).items() if isinstance(v, int)}
+    return {} if clock is None else {k: int(v) for k, v in vars(clock).items() if is_int(v)}
 
 
 def set_clock_state(strategy: Any, state: dict[str, int]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import ConfigError
-from ...validate import check_positive_int, is_int, is_number
+from ...validate import check_positive_int, is_finite, is_int, is_number
 from .moments import MomentOptions
 from .statistics import DEFAULT_LAMBDAS, MAX_RANPAC_DIM, StatisticsHead, default_ranpac_dim
 
@@ -34,13 +33,9 @@ class RanpacHeadOptions(MomentOptions):
             check_positive_int(
                 "ranpac option 'dim'", self.dim, "use e.g. 5000, or leave it out for min(5000, 10·D)", MAX_RANPAC_DIM
             )
-        lambdas = (self.lambdas,) if isinstance(self.lambdas, (int, float)) else self.lambdas
-        try:
-            values = tuple(float(v) for v in lambdas if not isinstance(v, bool))
-            ok = len(values) == len(lambdas) and len(values) > 0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok or not all(math.isfinite(v) and v > 0 for v in values):
+        lambdas = self.lambdas if isinstance(self.lambdas, (list, tuple)) else (self.lambdas,)
+        values = tuple(_as_number(v) for v in lambdas)
+        if not values or not all(is_finite(v) and v > 0 for v in values):
             raise ConfigError(
                 f"ranpac option 'lambdas' must be a positive number or a non-empty list of positive numbers, got "
                 f"{self.lambdas!r}; e.g. [1.0e-4, 1.0e-2, 1.0, 100.0], or leave it out for 1e-8 … 1e8"
@@ -52,6 +47,17 @@ class RanpacHeadOptions(MomentOptions):
                 f"ranpac option 'val_fraction' must be a number strictly between 0 and 1, got {vf!r}; e.g. 0.2"
             )
         object.__setattr__(self, "val_fraction", float(vf))
+
+
+def _as_number(value: object) -> float | None:
+    """A lambda as a float, or None if it is none: YAML 1.1 reads 1e-3 (no dot) as a string, so a string
+    that is plainly a number is one."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return float(value) if is_number(value) else None
 
 
 def _splitmix64(index: np.ndarray, seed: int) -> np.ndarray:

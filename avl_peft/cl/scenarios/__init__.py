@@ -19,6 +19,6 @@ training seed of the caller.
 
 # One module per dataset family; importing them fills the registry.
 from . import cifar, core50, five_datasets, imagenet_r, offline  # noqa: F401
-from .base import SCENARIOS, build_scenario, check_counts, check_scenario_options, scenario_options
+from .base import SCENARIOS, build_scenario, check_counts, parse_scenario_options
 
-__all__ = ["SCENARIOS", "build_scenario", "check_counts", "check_scenario_options", "scenario_options"]
+__all__ = ["SCENARIOS", "build_scenario", "check_counts", "parse_scenario_options"]

@@ -1,20 +1,20 @@
 """What every scenario shares: the registry, the common arguments, class orders, fetching, transforms.
 
-A builder is registered with ``@SCENARIOS.register(name, description)``, takes a :class:`Common` and its own
-keyword-only options (checked against its signature by :func:`build_scenario`) and returns
+A builder is registered with ``@SCENARIOS.register(name, description)`` over ``@takes(Options)``, where
+``Options`` is a dataclass of :func:`~avl_peft.options.knob` fields like a method's or a strategy's; it is
+called with a :class:`Common` and its parsed ``Options`` (:func:`parse_scenario_options`) and returns
 ``(benchmark, derived)`` where ``derived`` holds option values it resolved itself (e.g. CORe50's run).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import pickle
 import tarfile
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from avalanche.benchmarks.datasets import default_dataset_location
@@ -23,11 +23,28 @@ from PIL import Image
 from torchvision import transforms
 
 from ...errors import ConfigError, DataError
-from ...registry import Registry, suggest
+from ...options import as_dict, knob, parse_options
+from ...registry import Registry
 from ...validate import check_bool, check_int
 
 Built = tuple[CLScenario, dict[str, Any]]
 SCENARIOS: Registry[Callable[..., Built]] = Registry("scenario")
+F = TypeVar("F", bound=Callable[..., Built])
+
+
+def takes(options: type) -> Callable[[F], F]:
+    """Declare the ``Options`` dataclass a scenario builder takes (put it under ``@SCENARIOS.register``)."""
+
+    def deco(builder: F) -> F:
+        builder.Options = options  # type: ignore[attr-defined]
+        return builder
+
+    return deco
+
+
+def first_exp_classes_knob() -> Any:
+    return knob(None, "classes of the first experience, the rest split evenly (null: all equal)", minimum=1)
+
 
 # Exceptions that mean "the data could not be read or fetched" (no network, corrupt archive, ...).
 # URLError, socket errors and timeouts are OSErrors; torchvision raises RuntimeError for bad checksums.
@@ -138,46 +155,39 @@ CLASS_COUNTS: dict[str, tuple[Callable[[dict[str, Any], int], int], int]] = {}
 UPSTREAM_OPTIONS: dict[str, Callable[[int, int], dict[str, Any]]] = {}
 
 
-def check_counts(name: str, n_experiences: int | None, options: dict[str, Any], img_size: int) -> None:
-    """The dry-run's check of a scenario's counts: sizes within bounds and experiences splitting the classes."""
+def check_counts(name: str, n_experiences: int | None, options: Any, img_size: int) -> None:
+    """The dry-run's check of a scenario's counts: sizes within bounds and experiences splitting the classes.
+
+    ``options`` are the parsed ones (:func:`parse_scenario_options`)."""
     if name not in CLASS_COUNTS:
         return
     count, default = CLASS_COUNTS[name]
     n_classes = count(options, img_size)
     try:
         check_split(
-            name, n_classes, default if n_experiences is None else n_experiences, options.get("first_exp_classes")
+            name,
+            n_classes,
+            default if n_experiences is None else n_experiences,
+            getattr(options, "first_exp_classes", None),
         )
     except ConfigError as e:
         raise ConfigError(f"scenario: {e}") from None
 
 
-def scenario_options(name: str) -> list[str]:
-    """The options scenario ``name`` takes: its builder's keyword-only parameters, sorted."""
-    params = inspect.signature(SCENARIOS.get(name)).parameters
-    return sorted(p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY)
+def parse_scenario_options(name: str, options: Any, *, where: str = "scenario.options") -> Any:
+    """Scenario ``name``'s ``Options``, parsed from ``options`` (names, types and bounds checked, with
+    did-you-mean) before anything is built or downloaded: the one check a config and a builder share.
 
-
-def check_scenario_options(name: str, options: Any, *, where: str = "scenario.options") -> None:
-    """Refuse option names scenario ``name`` does not take, before anything is built or downloaded.
-
-    Only the names are checked here (against the builder's signature); values are checked by the builder.
     The arguments every scenario shares (``seed``, ``img_size``, ...) are not options: the run sets them.
     """
-    if not isinstance(options, dict):
-        raise ConfigError(f"{where}: must be a mapping of option names to values, got {options!r}")
-    allowed = scenario_options(name)
-    for key in options:
-        if not isinstance(key, str):
-            raise ConfigError(f"{where}: option names must be strings, got {key!r}")
-        if key in _COMMON_ARGUMENTS:
-            raise ConfigError(f"{where}: '{key}' is not a scenario option; a run sets it from {_COMMON_ARGUMENTS[key]}")
-        if key not in allowed:
-            listed = ", ".join(allowed) if allowed else "none"
-            raise ConfigError(
-                f"{where}: unknown option '{key}' for scenario '{name}'. Allowed options: {listed}."
-                + suggest(key, allowed)
-            )
+    cls = SCENARIOS.get(name).Options  # type: ignore[attr-defined]
+    if isinstance(options, dict):
+        for key in options:
+            if key in _COMMON_ARGUMENTS:
+                raise ConfigError(
+                    f"{where}: '{key}' is not a scenario option; a run sets it from {_COMMON_ARGUMENTS[key]}"
+                )
+    return parse_options(cls, f"scenario '{name}'", options)
 
 
 # Arguments of build_scenario that every scenario shares, and where a run takes them from.
@@ -218,16 +228,13 @@ def build_scenario(
     """
     builder = SCENARIOS.get(name)
     cfg = Common(name, n_experiences, seed, img_size, mean, std, root, task_labels)
-    check_scenario_options(name, options)
-    params = inspect.signature(builder).parameters
-    allowed = scenario_options(name)
+    parsed = parse_scenario_options(name, options)
 
-    benchmark, derived = builder(cfg, **options)
+    benchmark, derived = builder(cfg, parsed)
 
     # Callers record the order in their results; NCScenario may hold numpy ints or tuples.
     benchmark.classes_order = [int(c) for c in benchmark.classes_order]
-    resolved = {k: v.default for k, v in params.items() if k in allowed}
-    resolved.update(options)
+    resolved = as_dict(parsed)
     resolved.update(derived)  # values the builder resolved itself, e.g. CORe50's run
     benchmark.scenario_config = {
         "name": name,

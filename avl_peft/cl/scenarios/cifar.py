@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from avalanche.benchmarks.classic import SplitCIFAR100
 
-from ...validate import check_bool
-from .base import CLASS_COUNTS, SCENARIOS, Built, Common, class_order_for, experiences_for, fetch, image_transform
+from ...options import knob
+from .base import (
+    CLASS_COUNTS,
+    SCENARIOS,
+    Built,
+    Common,
+    class_order_for,
+    experiences_for,
+    fetch,
+    image_transform,
+    takes,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CIFAROptions:
+    augment: bool = knob(True, "random horizontal flips of training images")
+    class_order: Sequence[int] | None = None  # class ids in arrival order (null: seeded); class_order_for checks it
 
 
 @SCENARIOS.register("split_cifar100", "CIFAR-100 split into equal class groups (Avalanche SplitCIFAR100); 10 exps")
-def _split_cifar100(cfg: Common, *, augment: bool = True, class_order: Sequence[int] | None = None) -> Built:
-    augment = check_bool("augment", augment)
+@takes(CIFAROptions)
+def _split_cifar100(cfg: Common, o: CIFAROptions) -> Built:
+    augment, class_order = o.augment, o.class_order
     n_exp = experiences_for(cfg, 100, 10)
     order = class_order_for(cfg, 100, class_order)
     folder = cfg.folder("cifar100")

@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from avalanche.benchmarks.classic import CORe50
 
 from ...errors import ConfigError
-from ...validate import check_bool, check_choice, check_int
-from .base import SCENARIOS, Built, Common, fetch, image_transform
+from ...options import knob
+from .base import SCENARIOS, Built, Common, fetch, image_transform, takes
 
 _CORE50_EXPERIENCES = {"nc": 9, "ni": 8}
+PROTOCOLS = tuple(_CORE50_EXPERIENCES)
+
+
+@dataclasses.dataclass(frozen=True)
+class CORe50Options:
+    protocol: str = knob("nc", "nc: new classes per experience; ni: new instances of every class", choices=PROTOCOLS)
+    # CORe50 ships 10 fixed orders ("runs"); deriving the run from the seed makes seeds differ.
+    run: int | None = knob(None, "which of the 10 fixed orders (null: seed % 10)", minimum=0, maximum=9)
+    mini: bool = knob(False, "the 32x32 version")
+    object_level: bool = knob(True, "50 objects as classes (false: 10 categories)")
+    augment: bool = knob(True, "random horizontal flips of training images")
 
 
 @SCENARIOS.register("core50", "CORe50 objects, NC (9 exps) or NI (8 exps) protocol (Avalanche CORe50); run = seed % 10")
-def _core50(
-    cfg: Common,
-    *,
-    protocol: str = "nc",
-    run: int | None = None,
-    mini: bool = False,
-    object_level: bool = True,
-    augment: bool = True,
-) -> Built:
+@takes(CORe50Options)
+def _core50(cfg: Common, o: CORe50Options) -> Built:
     from avalanche.benchmarks.datasets.core50 import core50_data
 
-    protocol = check_choice("protocol", protocol, sorted(_CORE50_EXPERIENCES))
-    # CORe50 ships 10 fixed orders ("runs"); deriving the run from the seed makes seeds differ.
-    run = cfg.seed % 10 if run is None else check_int("run", run, minimum=0, maximum=9)
-    mini = check_bool("mini", mini)
-    object_level = check_bool("object_level", object_level)
-    augment = check_bool("augment", augment)
+    protocol, mini, object_level, augment = o.protocol, o.mini, o.object_level, o.augment
+    run = cfg.seed % 10 if o.run is None else o.run
     n_exp = _CORE50_EXPERIENCES[protocol]
     if cfg.n_experiences is not None and cfg.n_experiences != n_exp:
         raise ConfigError(

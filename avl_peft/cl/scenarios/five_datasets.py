@@ -4,6 +4,7 @@ one dataset per experience, 10 classes each (experience k owns classes 10k..10k+
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, MNIST, SVHN, FashionMNIST
 
 from ...errors import ConfigError, DataError
+from ...options import knob
 from ...safeio.images import class_folders, image_files, open_image
-from ...validate import check_number
-from .base import SCENARIOS, Built, Common, fetch, image_transform
+from .base import SCENARIOS, Built, Common, fetch, image_transform, takes
 
 # notMNIST letters are 28x28: 128x128 leaves room for a rescaled copy, and bounds the memory of the whole set
 # (every image is kept decoded) at 16 KB per file.
@@ -193,18 +194,31 @@ def _dataset_order(cfg: Common, order: Any) -> list[str]:
         return list(_FIVE)
     if order == "seeded":
         return [_FIVE[i] for i in np.random.default_rng(cfg.seed).permutation(len(_FIVE))]
-    if isinstance(order, (list, tuple)) and sorted(order) == sorted(_FIVE):
-        return [str(o) for o in order]
-    raise ConfigError(
-        f"order must be 'fixed' ({', '.join(_FIVE)}), 'seeded' (shuffled by seed) "
-        f"or a list of those 5 names, got {order!r}"
+    return [str(o) for o in order]
+
+
+@dataclasses.dataclass(frozen=True)
+class FiveDatasetsOptions:
+    order: Any = "fixed"  # 'fixed', 'seeded' or a list of the 5 names: a union no knob types, checked below
+    notmnist_test_fraction: float = knob(
+        0.2, "share of each notMNIST letter held out for testing", minimum=0.01, maximum=0.99
     )
+
+    def __post_init__(self) -> None:
+        order = self.order
+        names = isinstance(order, (list, tuple)) and all(isinstance(o, str) for o in order)
+        if order not in ("fixed", "seeded") and not (names and sorted(order) == sorted(_FIVE)):
+            raise ConfigError(
+                f"scenario 'five_datasets'.order: must be 'fixed' ({', '.join(_FIVE)}), 'seeded' (shuffled by "
+                f"seed) or a list of those 5 names, got {order!r}"
+            )
 
 
 @SCENARIOS.register("five_datasets", "CIFAR-10, MNIST, Fashion-MNIST, SVHN, notMNIST: one dataset per exp, 50 classes")
-def _five_datasets(cfg: Common, *, order: Any = "fixed", notmnist_test_fraction: float = 0.2) -> Built:
-    names = _dataset_order(cfg, order)
-    test_fraction = check_number("notmnist_test_fraction", notmnist_test_fraction, low=0.01, high=0.99)
+@takes(FiveDatasetsOptions)
+def _five_datasets(cfg: Common, o: FiveDatasetsOptions) -> Built:
+    names = _dataset_order(cfg, o.order)
+    test_fraction = o.notmnist_test_fraction
     if cfg.n_experiences not in (None, 5):
         raise ConfigError(
             f"five_datasets has exactly 5 experiences (one per dataset); n_experiences must be 5 or unset, "

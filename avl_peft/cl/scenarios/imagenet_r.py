@@ -12,6 +12,7 @@ transform; an unreadable or oversized image fails with a DataError naming the fi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ...errors import DataError
+from ...options import knob
 from ...safeio.images import ImageFolder, class_folders
-from ...validate import check_bool, check_int, check_number
-from .base import CLASS_COUNTS, SCENARIOS, Built, Common, class_order_for, experiences_for, image_transform
+from .base import CLASS_COUNTS, SCENARIOS, Built, Common, class_order_for, experiences_for, image_transform, takes
 
 N_CLASSES = 200
 URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
@@ -78,18 +79,18 @@ def split_files(folder: ImageFolder, test_fraction: float, seed: int) -> tuple[l
     return train, test
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageNetROptions:
+    test_fraction: float = knob(0.2, "share of each class held out for testing", minimum=0.01, maximum=0.99)
+    split_seed: int = knob(0, "seed of the train/test split (fixed across runs)", minimum=0)
+    augment: bool = knob(True, "random horizontal flips of training images")
+    class_order: Sequence[int] | None = None  # class ids in arrival order (null: seeded); class_order_for checks it
+
+
 @SCENARIOS.register("imagenet_r", "ImageNet-R, 200 classes, local folder <root>/imagenet-r, 80/20 split; 10 exps")
-def _imagenet_r(
-    cfg: Common,
-    *,
-    test_fraction: float = 0.2,
-    split_seed: int = 0,
-    augment: bool = True,
-    class_order: Sequence[int] | None = None,
-) -> Built:
-    test_fraction = check_number("test_fraction", test_fraction, low=0.01, high=0.99)
-    split_seed = check_int("split_seed", split_seed, minimum=0)
-    augment = check_bool("augment", augment)
+@takes(ImageNetROptions)
+def _imagenet_r(cfg: Common, o: ImageNetROptions) -> Built:
+    test_fraction, split_seed, augment, class_order = o.test_fraction, o.split_seed, o.augment, o.class_order
     n_exp = experiences_for(cfg, N_CLASSES, 10)
     order = class_order_for(cfg, N_CLASSES, class_order)
     folder = read_folder(cfg.folder("imagenet-r"))

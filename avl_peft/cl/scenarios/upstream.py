@@ -21,7 +21,7 @@ from torchvision.transforms import InterpolationMode
 from ...errors import ConfigError, DataError
 from ...safeio.images import ImageFolder, check_image
 from ...validate import check_int
-from .base import CLASS_COUNTS, SCENARIOS, UPSTREAM_OPTIONS, build_scenario
+from .base import CLASS_COUNTS, SCENARIOS, UPSTREAM_OPTIONS, build_scenario, parse_scenario_options
 
 IMAGEFOLDER = "imagefolder:"
 
@@ -146,5 +146,7 @@ def upstream_images(dataset: str, per_class: int, reference: bool, img_size: int
             f"upstream.dataset: unknown dataset '{dataset}'; use a scenario ({', '.join(SCENARIOS.names())}) "
             "or imagefolder:<path>"
         )
-    n_classes = CLASS_COUNTS[dataset][0]({}, img_size) if dataset in CLASS_COUNTS else 0
+    n_classes = (
+        CLASS_COUNTS[dataset][0](parse_scenario_options(dataset, {}), img_size) if dataset in CLASS_COUNTS else 0
+    )
     return n_classes * per_class * (2 if reference else 1)

@@ -23,7 +23,7 @@ from ...cl.heads import HEADS, head_options
 from ...cl.loss import TRAIN_MASKS
 from ...cl.plugin import POLICIES, check_policy
 from ...cl.precision import PRECISIONS, check_precision
-from ...cl.scenarios import SCENARIOS, check_counts, check_scenario_options
+from ...cl.scenarios import check_counts, parse_scenario_options
 from ...cl.strategies import STRATEGIES, strategy_options
 from ...cl.training import OPTIMIZERS, check_base_session, check_device
 from ...errors import ConfigError
@@ -66,9 +66,13 @@ class Scenario:
     root: str | None = knob(None, "dataset folder (null: the scenario's default)")
     options: dict = knob({}, "scenario-specific options")
 
+    @functools.cached_property
+    def parsed_options(self) -> Any:
+        """The scenario's ``Options``, parsed by the scenarios module (as ``build_scenario`` does)."""
+        return parse_scenario_options(self.name, self.options)
+
     def check(self) -> None:
-        SCENARIOS.get(self.name)
-        check_scenario_options(self.name, self.options)
+        self.parsed_options  # noqa: B018 -- parsing is the check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +230,7 @@ class RunConfig:
             section.check()
         _check_backbone(cfg["backbone"])
         img_size = data_config(meta_model(cfg["backbone"]))["img_size"]
-        check_counts(self.scenario.name, self.scenario.n_experiences, self.scenario.options, img_size)
+        check_counts(self.scenario.name, self.scenario.n_experiences, self.scenario.parsed_options, img_size)
         if self.budget is not None:
             _check_budget(cfg)
         self.training.check()

@@ -21,6 +21,7 @@ from typing import Any
 
 from ...errors import ConfigError
 from ...registry import suggest
+from ...validate import is_int, is_number
 from . import stats
 from .runs import REPORT_METRICS, Run
 
@@ -263,9 +264,9 @@ def _search_lines(runs: list[Run]) -> list[str]:
         trials = block.get("trials") if isinstance(block.get("trials"), list) else []
         validation = block.get("validation") if isinstance(block.get("validation"), dict) else {}
         score = block.get("chosen_score")
-        score_text = f"{score:.4f}" if isinstance(score, (int, float)) else "n/a"
+        score_text = f"{score:.4f}" if is_number(score) else "n/a"
         tied = block.get("tied")
-        if isinstance(tied, int) and tied > 1:
+        if is_int(tied) and tied > 1:
             score_text += f" ({tied} tied: first in grid order)"
         rows.append(
             f"| {run.run_id} | {chosen} | {block.get('metric', '?')} {score_text} | {len(trials)} | "
