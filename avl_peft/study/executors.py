@@ -14,7 +14,6 @@ Every executor takes the runs to do and returns one summary per run; each run wr
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing as mp
 import os
 from collections.abc import Callable
@@ -26,9 +25,9 @@ from tqdm.auto import tqdm
 
 from .. import threads
 from ..errors import ConfigError
-from ..options import knob
 from ..registry import Registry
 from .attempt import record_failure, run_one
+from .config.executor import EXECUTOR_NAMES, ExecutorOptions
 
 EXECUTORS: Registry[Callable[..., list[dict[str, Any]]]] = Registry("executor")
 
@@ -150,13 +149,6 @@ def ray_executor(
     return out
 
 
-# After the registrations: the executor names are the registry's.
-@dataclasses.dataclass(frozen=True)
-class ExecutorOptions:
-    """The study's ``executor`` section; each executor reads the settings it uses and ignores the rest."""
-
-    name: str = knob("sequential", "where runs execute", choices=tuple(EXECUTORS.names()))
-    workers: int = knob(2, "processes of the local executor", minimum=1, maximum=1024)
-    ray_address: str | None = knob(None, "Ray cluster address (null: start Ray locally)")
-    num_cpus: int | float = knob(1, "CPUs Ray reserves per run", minimum=0, maximum=1024)
-    num_gpus: int | float = knob(0, "GPUs Ray reserves per run (fractions share a GPU)", minimum=0, maximum=1024)
+# The config describes executors by name (config/executor.py, below this module); the two lists must agree.
+if set(EXECUTORS.names()) != set(EXECUTOR_NAMES):
+    raise RuntimeError(f"executors registered {sorted(EXECUTORS.names())} but the config knows {EXECUTOR_NAMES}")

@@ -32,6 +32,7 @@ from .. import atomic
 from ..errors import ConfigError, DataError
 from ..safeio import load_json, safe_component
 from ..validate import is_number
+from .config.schema import STUDY_ONLY, field_at, parse_run, set_dotted
 from .experiment import run_experiment
 from .report.claims import LOWER_IS_BETTER
 from .results import TRIALS
@@ -40,8 +41,6 @@ NOT_SEARCHABLE = ("seed", "search", "validation", "scenario")  # what the select
 
 
 def _searched_keys(space: Any) -> list[str]:
-    from .config.schema import STUDY_ONLY, field_at  # not at import: the config package imports the runner
-
     if not isinstance(space, dict):
         raise ConfigError("search: must be a mapping of dotted keys to lists of candidates, e.g. training.lr: [1e-3]")
     for key, values in space.items():
@@ -71,7 +70,6 @@ def trials(cfg: dict) -> list[tuple[str, dict[str, Any]]]:
 
 def apply(cfg: dict, values: dict[str, Any]) -> dict:
     """The run's config with ``values`` set, validated like any run."""
-    from .config.schema import parse_run, set_dotted
 
     out = copy.deepcopy(cfg)
     for key, value in values.items():

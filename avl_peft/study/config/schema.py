@@ -32,10 +32,10 @@ from ...options import all_keys, knob, option_names, parse_options
 from ...options import field_at as _field_at
 from ...registry import suggest
 from ...validate import check_finite_tree
-from ..executors import ExecutorOptions
 from ..upstream import HEADS as UPSTREAM_HEADS
 from ..upstream import check_upstream
 from .backbone_checks import _check_backbone, _check_budget, meta_model
+from .executor import ExecutorOptions
 
 # Values training.head took before it chose the classifier; refused with the new spelling (Training.check).
 LEGACY_HEADS = ("incremental", "multi")
