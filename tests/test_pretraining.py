@@ -246,7 +246,7 @@ def test_checkpoint_folder_must_be_a_complete_output_of_this_backbone(tmp_path, 
 
 
 def test_results_record_which_weights_a_run_started_from(built, tmp_path):
-    from avl_peft.study.experiment import weights_provenance
+    from avl_peft.study.records import weights_provenance
 
     bb = {"name": "vit_tiny_patch16_224", "pretrained": False}
     card = json.loads((built / "card.json").read_text())
