@@ -30,7 +30,7 @@ import itertools
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import special  # t and normal quantiles (scipy comes with scikit-learn)
+from scipy import special  # t and normal quantiles
 
 LEVEL = 0.95  # the confidence level of every interval
 ALPHA = 0.05  # the family-wise error rate of every test
