@@ -24,6 +24,7 @@ from ...registry import suggest
 from ...validate import is_int, is_number
 from . import stats
 from .runs import REPORT_METRICS, Run
+from .table import markdown_cell
 
 # metric -> how to read it off a run; fractions (shown in %) except retention.
 METRICS: dict[str, Callable[[Run], float | None]] = {
@@ -99,6 +100,15 @@ def _p(p: float | None) -> str:
     return "n/a" if p is None else f"{p:.3g}"
 
 
+def _section(title: str, blurb: list[str], head: list[str], rows: list[list[str]]) -> list[str]:
+    """A report.md section: a title, a paragraph saying how to read it, and a table (cells escaped)."""
+    if not rows:
+        return []
+    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table += ["| " + " | ".join(markdown_cell(cell) for cell in row) + " |" for row in rows]
+    return [f"## {title}", "", *blurb, "", *table, ""]
+
+
 def _interval_lines(groups: dict[Key, dict[int, Run]], labels: dict[Key, str]) -> list[str]:
     metrics = [m for m in METRICS if any(_values(g, m) for g in groups.values())]
     rows = []
@@ -113,22 +123,13 @@ def _interval_lines(groups: dict[Key, dict[int, Run]], labels: dict[Key, str]) -
                 continue
             mean, low, high = stats.bootstrap_ci(values)
             cells.append(f"{_fmt(metric, mean)} [{_fmt(metric, low)}, {_fmt(metric, high)}]")
-        rows.append("| " + " | ".join(cells) + " |")
-    if not rows:
-        return []
-    head = ["configuration", "seeds", *metrics]
-    return [
-        "## Confidence intervals",
-        "",
+        rows.append(cells)
+    blurb = [
         "Mean [95 % bootstrap interval] over seeds (accuracies in %, retention as a ratio; expanded percentile",
         "bootstrap, `avl_peft/study/report/stats.py`). Below 5 seeds no interval can reach 95 % coverage: a",
         "bootstrap interval stays inside the values' range, which holds the mean with probability 1 − 2^(1−n).",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-        *rows,
-        "",
     ]
+    return _section("Confidence intervals", blurb, ["configuration", "seeds", *metrics], rows)
 
 
 def _compare(a: dict[int, Run], b: dict[int, Run], metric: str) -> stats.Comparison | None:
@@ -161,22 +162,14 @@ def _pair_lines(groups: dict[Key, dict[int, Run]], labels: dict[Key, str], metri
                 _p(p_holm),
                 "yes" if p_holm <= stats.ALPHA else "no",
             ]
-            rows.append("| " + " | ".join(cells) + " |")
-    if not rows:
-        return []
+            rows.append(cells)
     head = ["A vs B", "metric", "seeds", "A − B", "95 % CI", "p", "p (Holm)", "significant?"]
-    return [
-        "## Paired comparisons",
-        "",
+    blurb = [
         "On the seeds both configurations share: mean difference A − B, paired bootstrap interval, exact sign-flip",
         "permutation p (two-sided), Holm-adjusted over the pairs of each metric; significant at 0.05. With n",
         "shared seeds the smallest possible p is 2^(1−n) (0.25 at 3 seeds, 0.0625 at 5).",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-        *rows,
-        "",
     ]
+    return _section("Paired comparisons", blurb, head, rows)
 
 
 def _match(side: str, claim: dict, groups: dict[Key, dict[int, Run]], labels: dict[Key, str]) -> list[Key]:
@@ -238,20 +231,14 @@ def _claim_lines(claims: list[dict], runs: list[Run]) -> list[str]:
             cells = [text, str(entry["n"]), diff, _p(entry["p_holm"]), f"**{entry['verdict']}**"]
         else:
             cells = [text, "0", "n/a", "n/a", f"**{entry['verdict']}** ({entry['note']})"]
-        rows.append("| " + " | ".join(cells) + " |")
-    return [
-        "## Claims",
-        "",
+        rows.append(cells)
+    blurb = [
         'Each claim tested one-sided in its direction (lower is better for forgetting metrics; "better by" is',
         "the mean margin in the claimed direction, negative when the data point the other way) with the exact",
         "sign-flip test on shared seeds, Holm over the claims: **holds** if significant at 0.05, **does not hold**",
         "if the opposite direction is, else **inconclusive**.",
-        "",
-        "| claim | seeds | better by [95 % CI] | p (Holm) | verdict |",
-        "|---|---|---|---|---|",
-        *rows,
-        "",
     ]
+    return _section("Claims", blurb, ["claim", "seeds", "better by [95 % CI]", "p (Holm)", "verdict"], rows)
 
 
 def _search_lines(runs: list[Run]) -> list[str]:
@@ -268,23 +255,14 @@ def _search_lines(runs: list[Run]) -> list[str]:
         tied = block.get("tied")
         if is_int(tied) and tied > 1:
             score_text += f" ({tied} tied: first in grid order)"
-        rows.append(
-            f"| {run.run_id} | {chosen} | {block.get('metric', '?')} {score_text} | {len(trials)} | "
-            f"{validation.get('experiences', '?')}, {validation.get('fraction', '?')} |"
-        )
-    if not rows:
-        return []
-    return [
-        "## Validation-selected hyper-parameters",
-        "",
+        split = f"{validation.get('experiences', '?')}, {validation.get('fraction', '?')}"
+        rows.append([run.run_id, chosen, f"{block.get('metric', '?')} {score_text}", str(len(trials)), split])
+    blurb = [
         "Chosen per run on a validation split carved from its training data (never the test set); "
-        "`results.json` → `search` has every trial. A tie means the split could not tell the candidates apart.",
-        "",
-        "| run | chosen | validation score | trials | experiences, fraction |",
-        "|---|---|---|---|---|",
-        *rows,
-        "",
+        "`results.json` → `search` has every trial. A tie means the split could not tell the candidates apart."
     ]
+    head = ["run", "chosen", "validation score", "trials", "experiences, fraction"]
+    return _section("Validation-selected hyper-parameters", blurb, head, rows)
 
 
 def statistics_sections(runs: list[Run], claims: list[dict] | None = None) -> list[str]:

@@ -82,7 +82,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
             cells.append(f"**failed**: {_shorten(str(row.get('error') or ''), _MARKDOWN_ERROR_CHARS)}")
         else:
             cells.append("ok")
-        lines.append("| " + " | ".join(_markdown_cell(cell) for cell in cells) + " |")
+        lines.append("| " + " | ".join(markdown_cell(cell) for cell in cells) + " |")
     return "\n".join(lines)
 
 
@@ -226,7 +226,7 @@ def _hardware_lines(runs: list[Run]) -> list[str]:
     if not seen:
         return []
     lines = [
-        f"{_markdown_cell(machine)}; precision {_markdown_cell(precision)} ({count} run{'s' * (count != 1)})"
+        f"{markdown_cell(machine)}; precision {markdown_cell(precision)} ({count} run{'s' * (count != 1)})"
         for (machine, precision), count in sorted(seen.items())
     ]
     if len(lines) == 1:
@@ -264,5 +264,6 @@ def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _markdown_cell(text: str) -> str:
+def markdown_cell(text: str) -> str:
+    """A table cell: pipes escaped, line breaks flattened (run ids and labels come from user configs)."""
     return text.replace("|", "\\|").replace("\n", " ")
