@@ -37,7 +37,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"{args.config}: valid, {len(runs)} run(s) -> {out}")
         for rid, cfg, action in runs:
             n_trials = len(search_trials(cfg)) if cfg.get("search") else 0  # chosen on validation first
-            extra = f"  (+ {n_trials} validation trials)" if n_trials else ""
+            shared = n_trials and cfg["validation"]["per"] == "variant"  # trained once for all the variant's seeds
+            extra = f"  (+ {n_trials} {'shared ' if shared else ''}validation trials)" if n_trials else ""
             print(f"  {'skip' if action == 'skip' else 'run '}  {rid}{extra}")
         return 0
     summary = run_study(

@@ -95,6 +95,20 @@ def test_config_hash_is_stable_and_sensitive():
     assert output_dir(TINY, "/c") == Path("/c") / f"tiny-{config_hash(TINY)}"
 
 
+def test_threads_null_follows_the_thread_policy_and_keys_the_cache_as_resolved(monkeypatch, tmp_path):
+    policy = {**TINY, "training": {**TINY["training"], "threads": None}}
+    assert load_pretrain_config({})["training"]["threads"] is None  # the default: the machine's cores
+    for n in (1, 3):
+        monkeypatch.setenv("OMP_NUM_THREADS", str(n))  # the user's setting for the process wins
+        assert pretraining.config.resolved_threads(load_pretrain_config(policy)) == n
+        assert config_hash(policy) == config_hash({**TINY, "training": {**TINY["training"], "threads": n}})
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(pretraining.config, "default_threads", lambda workers=1: 2)  # a 2-core machine
+    assert config_hash(policy) != config_hash(TINY)  # 2 threads, not TINY's 1: other rounding, other cache
+    card = json.loads((pretrain(policy, tmp_path / "out", progress=False) / "card.json").read_text())
+    assert card["threads"] == 2 and card["hardware"]["threads"] == 2 and card["config"]["training"]["threads"] is None
+
+
 def test_config_hash_includes_the_font_list(monkeypatch):
     before = config_hash(TINY)
     real = pretraining.config.font_manifest

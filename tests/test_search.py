@@ -143,6 +143,65 @@ def test_a_changed_trial_config_is_not_reused(monkeypatch, tmp_path):
     assert len(calls) == 4  # three trials with the new epochs, then the final run
 
 
+def test_per_variant_selection_is_shared_by_the_seeds_and_trained_once(monkeypatch, tmp_path):
+    study = validate_study({**STUDY, "grid": {"seed": [3, 4, 5]}, "validation": {"fraction": 0.25, "per": "variant"}})
+    runs = expand(study)
+    seeds = []
+    calls = _fake_runs(monkeypatch)
+    real_fake = search.run_experiment
+
+    def fake(cfg, run_dir, **kw):
+        seeds.append(cfg["seed"])
+        return real_fake(cfg, run_dir, **kw)
+
+    monkeypatch.setattr(search, "run_experiment", fake)
+    blocks = [
+        search.run_with_search(cfg, tmp_path / rid, run_id=rid, progress=False, resume=False)["search"]
+        for rid, cfg in runs
+    ]
+    # three trials, once, at the selection seed (validation.seed null: 0); then each seed's own final run
+    assert [(lr, val) for _, lr, val in calls] == [(0.01, True), (0.001, True), (0.0001, True)] + [(0.001, False)] * 3
+    assert seeds == [0, 0, 0, 3, 4, 5]
+    assert all(b["chosen"] == {"training.lr": 0.001} and b["per"] == "variant" and b["seed"] == 0 for b in blocks)
+    assert len(list((tmp_path / "search-trials").glob("*/trial.json"))) == 3  # in the study folder, not a run's
+    assert not any((tmp_path / rid / "search-trials").exists() for rid, _ in runs)
+
+
+def test_a_shared_trial_held_by_another_run_is_waited_for_not_trained_twice(monkeypatch, tmp_path):
+    import threading
+
+    from avl_peft.safeio.locks import folder_lock
+
+    study = validate_study({**STUDY, "validation": {"fraction": 0.25, "per": "variant", "seed": 7}})
+    [(rid, cfg)] = expand(study)
+    (tid, values), *_ = search.trials(cfg)
+    trial_cfg = search.trial_config(cfg, values)
+    assert trial_cfg["seed"] == 7
+    digest = search._digest(trial_cfg)
+    folder = tmp_path / "search-trials" / f"{digest[:16]}-{tid}"
+    held, release = threading.Event(), threading.Event()
+
+    def other_worker():  # holds trial 0 while "training" it, then writes its result
+        with folder_lock(folder, blocking=True) as mine:
+            assert mine
+            held.set()
+            release.wait(10)
+            record = {"id": tid, "values": values, "config_sha256": digest, "seed": 7, "score": 0.5, "train_s": 1}
+            (folder / "trial.json").write_text(json.dumps(record))
+
+    thread = threading.Thread(target=other_worker)
+    thread.start()
+    assert held.wait(10)
+    calls = _fake_runs(monkeypatch)
+    timer = threading.Timer(0.3, release.set)
+    timer.start()
+    out = search.run_with_search(cfg, tmp_path / rid, run_id=rid, progress=False, resume=False)
+    thread.join()
+    # trials 1 and 2 first, trial 0 read from the other worker's file (not trained here), then the final run
+    assert [(lr, val) for _, lr, val in calls] == [(0.001, True), (0.0001, True), (0.001, False)]
+    assert [t["score"] for t in out["search"]["trials"]][0] == 0.5
+
+
 @pytest.mark.slow
 def test_study_with_search_end_to_end(tmp_path):
     torch.manual_seed(0)

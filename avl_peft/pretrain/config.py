@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..hardware import bf16_native
 from ..options import knob, parse_options
 from ..safeio import load_yaml
+from ..threads import default_threads
 from ..validate import check_finite
 
 CARD = "card.json"
@@ -71,7 +72,9 @@ class PretrainTraining:
     pos_embed_std: float = knob(0.6, "std of the position embedding init (0: keep timm's 0.02)", minimum=0, maximum=10)
     patch_drop: float = knob(0.25, "share of patch tokens dropped", minimum=0, maximum=1, exclusive_max=True)
     precision: str = knob("auto", "autocast dtype (auto: bf16 where the CPU has it natively)", choices=PRECISIONS)
-    threads: int = knob(1, "torch CPU threads while training", minimum=1, maximum=MAX_THREADS)
+    threads: int | None = knob(
+        None, "torch CPU threads (null: the cores given, or OMP_NUM_THREADS)", minimum=1, maximum=MAX_THREADS
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,16 +178,26 @@ def resolved_precision(cfg: Mapping[str, Any]) -> str:
     return "bf16" if bf16_native(torch.device("cpu")) else "fp32"
 
 
+def resolved_threads(cfg: Mapping[str, Any]) -> int:
+    """``training.threads`` as this process trains with it: null is the thread policy's number for a process
+    that has the machine's cores to itself (``avl_peft/threads.py``: ``OMP_NUM_THREADS``, else the cores
+    this process is given). The pretrain runs alone: before a study's runs, whose workers wait on its lock."""
+    threads = cfg["training"]["threads"]
+    return default_threads(1) if threads is None else threads
+
+
 def config_hash(cfg: Mapping[str, Any]) -> str:
     """16 hex digits of sha256 over the validated config (canonical JSON) and the recipe version.
 
-    Every key counts, ``training.threads`` included: a thread count may change float rounding. The
-    precision counts as resolved (:func:`resolved_precision`): bf16 and fp32 builds are different weights,
-    so one machine's cache is not taken for the other's, and ``auto`` shares the cache of what it resolves to.
-    The font list of ``data.fonts`` counts too (file, family, style, size): other fonts, other weights.
+    Every key counts, ``training.threads`` included, as resolved (:func:`resolved_threads`): a thread count
+    may change float rounding. The precision counts as resolved too (:func:`resolved_precision`): bf16 and
+    fp32 builds are different weights, so one machine's cache is not taken for the other's, and ``auto``
+    shares the cache of what it resolves to. The font list of ``data.fonts`` counts too (file, family,
+    style, size): other fonts, other weights.
     """
     cfg = load_pretrain_config(cfg)
     cfg["training"]["precision"] = resolved_precision(cfg)
+    cfg["training"]["threads"] = resolved_threads(cfg)
     fonts = font_manifest(cfg["data"]["fonts"])
     blob = json.dumps({"recipe": RECIPE_VERSION, "config": cfg, "fonts": fonts}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

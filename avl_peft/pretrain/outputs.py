@@ -32,7 +32,7 @@ from ..safeio import (
 from ..safeio.locks import LOCK_NAME, folder_lock
 from ..safeio.safetensors_reader import WEIGHTS_MAX_BYTES, safetensors_shapes
 from ..validate import is_int, is_number
-from .config import CARD, CARD_FORMAT, WEIGHTS, config_hash, load_pretrain_config, resolved_precision
+from .config import CARD, CARD_FORMAT, WEIGHTS, config_hash, load_pretrain_config, resolved_precision, resolved_threads
 from .training import _create_model, _threads, _train
 
 
@@ -190,7 +190,7 @@ def pretrain(
             _note(f"rebuilding '{out}': {why}")
         (out / CARD).unlink(missing_ok=True)  # from here on the folder must not look complete (a link: removed)
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]), _threads(cfg["training"]["threads"]):
+        with torch.random.fork_rng(devices=[]), _threads(resolved_threads(cfg)):
             model, facts = _train(cfg, progress)
             hardware = hardware_info("cpu")  # inside: records the threads the build trained with
         from safetensors.torch import save
@@ -212,7 +212,7 @@ def pretrain(
             "model_file": WEIGHTS,
             "model_sha256": hashlib.sha256(blob).hexdigest(),
             "versions": _versions(),
-            "threads": cfg["training"]["threads"],
+            "threads": resolved_threads(cfg),
             "precision": resolved_precision(cfg),
             "hardware": hardware,
             "wall_time_s": round(time.perf_counter() - start, 2),

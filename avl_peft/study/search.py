@@ -13,6 +13,15 @@ Trials are resumable: each finished trial writes ``search-trials/<trial>/trial.j
 hash of its config) and its training folder is removed; with ``--resume`` a trial whose ``trial.json``
 matches is not run again, and an interrupted trial continues from its last finished experience.
 Trials train without the subspace and upstream measurements (the selection does not read them).
+
+``validation.per: variant`` is the usual protocol of a comparison over seeds: choose once per method, then
+run every seed with the choice. Trials then run with ``seed: validation.seed`` (0 when null) in place of the
+run's seed — model initialisation, data order and split — so the runs of a variant that differ only in their
+seed have identical trials. They live in the study folder (``<out>/search-trials/<hash>-<trial>/``), keyed by
+the hash of the trial's config, each under its own lock: the first run to reach a trial trains it, a run
+that finds it held tries its other trials first and then waits, and every later run reads the finished
+``trial.json``. A shared trial is reused whenever its config is unchanged (``--force`` reruns runs, not
+selections; delete ``<out>/search-trials`` to choose afresh).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from tqdm.auto import tqdm
 from .. import atomic
 from ..errors import ConfigError, DataError
 from ..safeio import load_json, safe_component
+from ..safeio.locks import folder_lock
 from ..validate import is_number
 from .config.schema import STUDY_ONLY, field_at, parse_run, set_dotted
 from .experiment import run_experiment
@@ -79,9 +89,18 @@ def apply(cfg: dict, values: dict[str, Any]) -> dict:
     return copy.deepcopy(run.mapping)  # a plain mapping the trial may change
 
 
+def selection_seed(cfg: dict) -> int:
+    """The seed every trial of a ``validation.per: variant`` selection runs with."""
+    seed = cfg["validation"]["seed"]
+    return 0 if seed is None else seed
+
+
 def trial_config(cfg: dict, values: dict[str, Any]) -> dict:
-    """A trial: the run with ``values``, no search of its own, no subspace or upstream measurement."""
+    """A trial: the run with ``values``, no search of its own, no subspace or upstream measurement; with
+    ``validation.per: variant`` also the selection's seed in place of the run's."""
     out = apply(cfg, values)
+    if cfg["validation"]["per"] == "variant":
+        out["seed"] = selection_seed(cfg)
     out["search"] = {}
     out["subspace"]["enabled"] = False
     out["upstream"]["dataset"] = None
@@ -121,44 +140,84 @@ def _finished_trial(folder: Path, digest: str) -> dict | None:
     return None
 
 
-def run_search(cfg: dict, run_dir: Path, *, run_id: str, resume: bool, progress: bool) -> dict[str, Any]:
-    """Run (or, with ``resume``, reuse) every trial of ``cfg['search']``; return results.json's search block."""
-    root = Path(run_dir) / TRIALS
+def _run_trial(
+    trial_cfg: dict, folder: Path, *, tid: str, values: dict, digest: str, run_id: str, resume: bool, progress: bool
+) -> dict[str, Any]:
+    validation, metric = trial_cfg["validation"], trial_cfg["validation"]["metric"]
+    out = run_experiment(
+        trial_cfg, folder / "run", run_id=f"{run_id}/{tid}", progress=progress, resume=resume, validation=validation
+    )
+    score = out["metrics"].get(metric)
+    if score is None:
+        raise ConfigError(f"validation.metric: trial {tid} of {run_id} has no '{metric}'")
+    record = {
+        "id": tid,
+        "values": values,
+        "config_sha256": digest,
+        "seed": trial_cfg["seed"],
+        "score": float(score),
+        "metrics": out["metrics"],
+        "validation": out.get("validation"),
+        "train_s": out["timing"]["train_s"],
+    }
+    atomic.write_json(folder / "trial.json", record)  # written whole or not at all
+    shutil.rmtree(folder / "run", ignore_errors=True)  # checkpoints and TensorBoard files of a trial
+    return record
+
+
+def _own_trials(cfg: dict, run_dir: Path, *, run_id: str, resume: bool, progress: bool) -> list[dict[str, Any]]:
+    """``validation.per: run``: the trials live in the run's folder and belong to it."""
+    root = run_dir / TRIALS
     if not resume and root.exists():
         shutil.rmtree(root)  # a fresh run starts its selection afresh, as its training does
-    validation = cfg["validation"]
-    metric = validation["metric"]
-    done: list[dict[str, Any]] = []
+    done = []
     for tid, values in trials(cfg):
         trial_cfg = trial_config(cfg, values)
         digest, folder = _digest(trial_cfg), root / tid
         record = _finished_trial(folder, digest) if resume else None
         if record is None:
-            out = run_experiment(
-                trial_cfg,
-                folder / "run",
-                run_id=f"{run_id}/{tid}",
-                progress=progress,
-                resume=resume,
-                validation=validation,
-            )
-            score = out["metrics"].get(metric)
-            if score is None:
-                raise ConfigError(f"validation.metric: trial {tid} of {run_id} has no '{metric}'")
-            record = {
-                "id": tid,
-                "values": values,
-                "config_sha256": digest,
-                "score": float(score),
-                "metrics": out["metrics"],
-                "validation": out.get("validation"),
-                "train_s": out["timing"]["train_s"],
-            }
-            atomic.write_json(folder / "trial.json", record)  # written whole or not at all
-            shutil.rmtree(folder / "run", ignore_errors=True)  # checkpoints and TensorBoard files of a trial
+            kw = {"tid": tid, "values": values, "digest": digest, "run_id": run_id, "resume": resume}
+            record = _run_trial(trial_cfg, folder, progress=progress, **kw)
         elif progress:
-            tqdm.write(f"{run_id}: trial {tid} already finished ({metric} {record['score']:.4f}); not run again")
+            tqdm.write(f"{run_id}: trial {tid} already finished (score {record['score']:.4f}); not run again")
         done.append(record)
+    return done
+
+
+def _shared_trials(cfg: dict, study_dir: Path, *, run_id: str, progress: bool) -> list[dict[str, Any]]:
+    """``validation.per: variant``: the trials live in the study folder, shared by the variant's seeds."""
+    todo = []
+    for tid, values in trials(cfg):
+        trial_cfg = trial_config(cfg, values)
+        digest = _digest(trial_cfg)
+        todo.append((tid, values, trial_cfg, digest, study_dir / TRIALS / f"{digest[:16]}-{tid}"))
+    records: dict[str, dict[str, Any]] = {}
+    for blocking in (False, True):  # first the trials nobody holds, then wait for the ones another run trains
+        for tid, values, trial_cfg, digest, folder in todo:
+            if tid in records:
+                continue
+            with folder_lock(folder, blocking=blocking, what="search trial folder") as mine:
+                if not mine:
+                    continue
+                record = _finished_trial(folder, digest)
+                if record is None:
+                    kw = {"tid": tid, "values": values, "digest": digest, "run_id": run_id}
+                    # resume=True: a trial cut short by a kill continues; the folder's hash names its config
+                    record = _run_trial(trial_cfg, folder, resume=True, progress=progress, **kw)
+                elif progress:
+                    tqdm.write(f"{run_id}: shared trial {tid} already chosen on (score {record['score']:.4f})")
+                records[tid] = record
+    return [records[tid] for tid, *_ in todo]
+
+
+def run_search(cfg: dict, run_dir: Path, *, run_id: str, resume: bool, progress: bool) -> dict[str, Any]:
+    """Run (or reuse) every trial of ``cfg['search']``; return results.json's search block."""
+    validation = cfg["validation"]
+    metric = validation["metric"]
+    if validation["per"] == "variant":
+        done = _shared_trials(cfg, Path(run_dir).parent, run_id=run_id, progress=progress)
+    else:
+        done = _own_trials(cfg, Path(run_dir), run_id=run_id, resume=resume, progress=progress)
     pick = min if metric in LOWER_IS_BETTER else max
     best = pick(range(len(done)), key=lambda i: (done[i]["score"], -i) if pick is max else (done[i]["score"], i))
     return {
@@ -166,6 +225,8 @@ def run_search(cfg: dict, run_dir: Path, *, run_id: str, resume: bool, progress:
         "metric": metric,
         "direction": "lower" if metric in LOWER_IS_BETTER else "higher",
         "validation": done[best].get("validation") or dict(validation),
+        "per": validation["per"],
+        "seed": done[best].get("seed"),  # the trials' seed (the selection's, with per: variant)
         "trials": [{k: r[k] for k in ("id", "values", "score", "train_s")} for r in done],
         "chosen": done[best]["values"],
         "chosen_score": done[best]["score"],

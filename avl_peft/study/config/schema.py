@@ -189,6 +189,7 @@ class Validation:
     seed: int | None = knob(None, "seed of the split (null: the run's seed)", minimum=0, maximum=2**32 - 1)
     experiences: str = knob("first", "choose on the first experience or all (sees ahead)", choices=("first", "all"))
     metric: str = knob("acc", "maximised (forgetting: minimised)", choices=("acc", *SEARCH_METRICS))
+    per: str = knob("run", "a selection per run, or per variant (at validation.seed)", choices=("run", "variant"))
 
 
 def _section(cls: type) -> Any:
