@@ -1,8 +1,14 @@
 """Executors: a local process pool and Ray give the sequential runner's results, and isolate failures."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 from conftest import make_tiny_study
 
 from avl_peft.errors import ConfigError
@@ -77,3 +83,56 @@ def test_ray_executor_without_ray_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(ConfigError, match=r"pip install 'avl-peft\[ray\]'"):
         run_study(validate_study(GRID), tmp_path, progress=False, executor="ray")
+
+
+def _children(pid: int) -> set[int]:
+    """Direct child processes of ``pid`` (Linux /proc)."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has stopped; only its exit status is left to collect
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_pool_workers_stop_when_the_study_process_is_killed(tmp_path):
+    """`kill -9` of the CLI alone (not its process group) must not leave its workers training unseen."""
+    study = make_tiny_study(
+        scenario={"name": "synthetic", "n_experiences": 2, "options": {"n_train_per_class": 3000}},
+        training={"epochs": 20},
+        grid={"seed": [0, 1]},
+    )
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    cmd = [sys.executable, "-m", "avl_peft", "run", str(config), "--out", str(tmp_path / "out"), "--quiet"]
+    proc = subprocess.Popen(
+        [*cmd, "--executor", "local", "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((tmp_path / "out").glob("*/config.yaml"))) < 2:
+            assert proc.poll() is None, "the study ended before both workers started a run"
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        started = [w for w in workers if "spawn_main" in Path(f"/proc/{w}/cmdline").read_text()]
+        assert len(started) == 2, f"expected 2 pool workers, found {workers}"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(w) for w in started):
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in started), "a worker kept running after the study's process was killed"
+    assert not list((tmp_path / "out").glob("*/results.json"))  # they were stopped mid-run, not finished

@@ -27,7 +27,7 @@ WEIGHTS = "model.safetensors"
 CARD_FORMAT = "avl-peft-pretrain/1"
 # Part of the config hash: bump when the recipe or the glyph renderer changes what a config produces,
 # so caches built by older code are not mistaken for current ones.
-RECIPE_VERSION = 2  # 2: held-out font families, fill-layout samples, lr 1e-3, 512 images/letter
+RECIPE_VERSION = 2  # 2: held-out font families, fill-layout samples (values in the config are hashed as given)
 # More threads than any machine has cores only slows training (1,000 threads: steps 50-90x slower).
 MAX_THREADS = 256
 # The held-out test set is rendered whole: 52 x test_per_class x img_size^2 float32 values at most this size.
@@ -47,7 +47,7 @@ class PretrainBackbone:
 @dataclasses.dataclass(frozen=True)
 class PretrainData:
     dataset: str = knob("glyphs", "upstream dataset", choices=("glyphs",))
-    train_per_class: int = knob(512, "training images per letter and epoch", minimum=1, maximum=100_000)
+    train_per_class: int = knob(768, "training images per letter and epoch", minimum=1, maximum=100_000)
     test_per_class: int = knob(40, "held-out-family test images per letter", minimum=1, maximum=10_000)
     img_size: int = knob(32, "image side in pixels; must match the backbone", minimum=8, maximum=512)
     test_fraction: float = knob(
@@ -63,7 +63,7 @@ class PretrainData:
 @dataclasses.dataclass(frozen=True)
 class PretrainTraining:
     epochs: int = knob(1, "passes over the training images", minimum=1, maximum=10_000)
-    batch_size: int = knob(32, "images per step", minimum=1, maximum=65_536)
+    batch_size: int = knob(64, "images per step", minimum=1, maximum=65_536)
     lr: float = knob(1e-3, "peak AdamW learning rate", minimum=0, maximum=10, exclusive_min=True)
     weight_decay: float = knob(0.05, "AdamW decay (not on biases, norms, tokens)", minimum=0, maximum=1)
     # shares of a whole: 1 would warm up, smooth or drop everything

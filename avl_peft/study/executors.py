@@ -14,8 +14,11 @@ Every executor takes the runs to do and returns one summary per run; each run wr
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
+import signal
+import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -62,7 +65,23 @@ def sequential(
     return out
 
 
-def _pool_init(gpu_queue: Any, workers: int) -> None:
+def _die_with(parent: int) -> None:
+    """Linux: this worker gets SIGTERM when the study's process dies (``kill`` of the CLI alone, an OOM kill),
+    instead of training on unseen for the rest of its run. Finished experiences are on disk (``--resume``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl here: the worker stops when it next reports instead
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _pool_init(gpu_queue: Any, workers: int, parent: int | None = None) -> None:
+    if parent is not None:
+        _die_with(parent)
     if gpu_queue is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
     threads.configure(workers)  # the workers split this machine's cores (avl_peft.threads)
@@ -97,7 +116,8 @@ def local(
         for i in range(workers):
             gpu_queue.put(i % torch.cuda.device_count())
     out = []
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init, initargs=(gpu_queue, workers)) as pool:
+    init = (gpu_queue, workers, os.getpid())
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init, initargs=init) as pool:
         futures = {
             pool.submit(_pool_run, rid, cfg, str(out_dir), resume, force, (planned or {}).get(rid)): (rid, cfg)
             for rid, cfg in todo
