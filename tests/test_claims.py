@@ -93,3 +93,33 @@ def test_one_seed_gives_no_statistics(tmp_path):
     build_report(tmp_path)
     report = (tmp_path / "report.md").read_text()
     assert "## Confidence intervals" not in report and "## Paired comparisons" not in report
+
+
+def test_a_selection_shared_by_seeds_is_one_row_with_every_candidate(tmp_path):
+    trials = [
+        {"id": "t0", "values": {"training.lr": 0.001}, "score": 0.8},
+        {"id": "t1", "values": {"training.lr": 0.0003}, "score": 0.9},
+    ]
+    shared = {
+        "per": "variant",
+        "seed": 0,
+        "chosen": {"training.lr": 0.0003},
+        "chosen_score": 0.9,
+        "metric": "acc",
+        "trials": trials,
+        "validation": {"experiences": "all", "fraction": 0.2},
+        "tied": 1,
+    }
+    for seed in range(3):
+        _write(tmp_path, "lora", seed, 0.5, 0.9)
+        path = tmp_path / f"lora-prototype-s{seed}" / "results.json"
+        data = json.loads(path.read_text())
+        data["search"] = shared if seed < 2 else {**shared, "per": "run", "seed": 2}
+        path.write_text(json.dumps(data))
+    build_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    rows = [line for line in report.splitlines() if "0.001: 0.800; 0.0003: 0.900" in line]
+    assert len(rows) == 2  # seeds 0 and 1 share one selection; seed 2 chose on its own
+    assert rows[0].startswith("| lora (2 runs) | training.lr = 0.0003 | acc 0.9000 |")
+    assert "per variant, seed 0; all, 0.2" in rows[0]
+    assert rows[1].startswith("| lora-prototype-s2 |") and "per run; all, 0.2" in rows[1]

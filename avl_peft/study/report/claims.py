@@ -241,13 +241,37 @@ def _claim_lines(claims: list[dict], runs: list[Run]) -> list[str]:
     return _section("Claims", blurb, ["claim", "seeds", "better by [95 % CI]", "p (Holm)", "verdict"], rows)
 
 
+def _trial_text(trials: list) -> str:
+    """Every trial as ``value: score`` (several searched keys: ``k=v, k=v: score``), in grid order."""
+    parts = []
+    for trial in trials:
+        if not isinstance(trial, dict) or not isinstance(trial.get("values"), dict):
+            continue
+        values = trial["values"]
+        name = ", ".join(f"{k}={v}" for k, v in values.items()) if len(values) != 1 else str(*values.values())
+        score = trial.get("score")
+        parts.append(f"{name}: {score:.3f}" if is_number(score) else f"{name}: n/a")
+    return "; ".join(parts)
+
+
 def _search_lines(runs: list[Run]) -> list[str]:
-    rows = []
+    """One row per selection: per run (``validation.per: run``), or one for all the runs of a configuration
+    that share it (``per: variant``: the same trials, chosen once)."""
+    labels = _labels(list(_groups(runs)))
+    selections: dict[Any, tuple[Run, list[str]]] = {}
     for run in sorted(runs, key=lambda r: r.run_id):
         block = run.search
         if run.status != "finished" or not isinstance(block, dict) or not isinstance(block.get("chosen"), dict):
             continue
-        chosen = ", ".join(f"{k} = {v}" for k, v in block["chosen"].items())
+        trials = block.get("trials") if isinstance(block.get("trials"), list) else []
+        if block.get("per") == "variant":
+            key: Any = (run.key, repr(block.get("chosen")), _trial_text(trials))
+        else:
+            key = run.run_id
+        selections.setdefault(key, (run, []))[1].append(run.run_id)
+    rows = []
+    for run, ids in selections.values():
+        block = run.search
         trials = block.get("trials") if isinstance(block.get("trials"), list) else []
         validation = block.get("validation") if isinstance(block.get("validation"), dict) else {}
         score = block.get("chosen_score")
@@ -255,13 +279,24 @@ def _search_lines(runs: list[Run]) -> list[str]:
         tied = block.get("tied")
         if is_int(tied) and tied > 1:
             score_text += f" ({tied} tied: first in grid order)"
-        split = f"{validation.get('experiences', '?')}, {validation.get('fraction', '?')}"
-        rows.append([run.run_id, chosen, f"{block.get('metric', '?')} {score_text}", str(len(trials)), split])
+        shared = block.get("per") == "variant"
+        who = f"{labels.get(run.key, run.method)} ({len(ids)} runs)" if shared else run.run_id
+        how = f"per variant, seed {block.get('seed', '?')}" if shared else "per run"
+        rows.append(
+            [
+                who,
+                ", ".join(f"{k} = {v}" for k, v in block["chosen"].items()),
+                f"{block.get('metric', '?')} {score_text}",
+                _trial_text(trials),
+                f"{how}; {validation.get('experiences', '?')}, {validation.get('fraction', '?')}",
+            ]
+        )
     blurb = [
-        "Chosen per run on a validation split carved from its training data (never the test set); "
-        "`results.json` → `search` has every trial. A tie means the split could not tell the candidates apart."
+        "Chosen on a validation split carved from the training data (never the test set), per run or once per",
+        "configuration for all its seeds (`validation.per`); `results.json` → `search` has every trial. A tie means",
+        "the split could not tell the candidates apart; a choice at either end of the grid may lie outside it.",
     ]
-    head = ["run", "chosen", "validation score", "trials", "experiences, fraction"]
+    head = ["runs", "chosen", "validation score", "every candidate: score", "selection; experiences, fraction"]
     return _section("Validation-selected hyper-parameters", blurb, head, rows)
 
 
