@@ -123,3 +123,27 @@ def test_a_selection_shared_by_seeds_is_one_row_with_every_candidate(tmp_path):
     assert rows[0].startswith("| lora (2 runs) | training.lr = 0.0003 | acc 0.9000 |")
     assert "per variant, seed 0; all, 0.2" in rows[0]
     assert rows[1].startswith("| lora-prototype-s2 |") and "per run; all, 0.2" in rows[1]
+
+
+def test_pairs_that_cannot_reach_significance_are_said_so_and_ranks_sort_as_numbers(tmp_path):
+    # 6 configurations = 15 pairs per metric; at 8 seeds the best Holm-adjusted p is 15 * 2^-7 = 0.117.
+    ranks = [1, 2, 4, 8, 16, 64]
+    for rank in ranks:
+        for seed in SEEDS:
+            _write(tmp_path, f"lora-r{rank}", seed, 0.5 + rank / 1000 + seed / 100, 0.9)
+            path = tmp_path / f"lora-r{rank}-prototype-s{seed}" / "results.json"
+            data = json.loads(path.read_text())
+            data["run"].update(method="lora", options={"rank": rank})
+            path.write_text(json.dumps(data))
+    build_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "with 15 pairs per metric the smallest Holm-adjusted p" in report and "is 0.117" in report
+    assert "run ≥ 10 seeds for 15 pairs" in report  # 15 * 2^-9 = 0.029
+    intervals = report.split("## Confidence intervals")[1].split("## Paired comparisons")[0]
+    order = [line.split(" | ")[0].lstrip("| ") for line in intervals.splitlines() if line.startswith("| lora")]
+    assert order == [f"lora (rank={r})" for r in ranks]
+
+
+def test_a_design_that_can_reach_significance_gets_no_warning(planted):
+    build_report(planted)  # 3 pairs at 8 seeds: 3 * 2^-7 = 0.023
+    assert "No pair here can reach significance" not in (planted / "report.md").read_text()

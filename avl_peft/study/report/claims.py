@@ -24,7 +24,7 @@ from ...registry import suggest
 from ...validate import is_int, is_number
 from . import stats
 from .runs import REPORT_METRICS, Run
-from .table import markdown_cell
+from .table import markdown_cell, natural_key
 
 # metric -> how to read it off a run; fractions (shown in %) except retention.
 METRICS: dict[str, Callable[[Run], float | None]] = {
@@ -88,6 +88,11 @@ def _labels(keys: list[Key]) -> dict[Key, str]:
     return labels
 
 
+def _order(key: Key) -> tuple:
+    """The main table's order: method, then options read naturally (rank=4 before rank=16), strategy, head."""
+    return key[0], natural_key(key[1]), key[2], key[3]
+
+
 def _values(group: dict[int, Run], metric: str) -> dict[int, float]:
     return {seed: v for seed, run in group.items() if (v := METRICS[metric](run)) is not None}
 
@@ -112,7 +117,7 @@ def _section(title: str, blurb: list[str], head: list[str], rows: list[list[str]
 def _interval_lines(groups: dict[Key, dict[int, Run]], labels: dict[Key, str]) -> list[str]:
     metrics = [m for m in METRICS if any(_values(g, m) for g in groups.values())]
     rows = []
-    for key, group in sorted(groups.items(), key=lambda kv: labels[kv[0]]):
+    for key, group in sorted(groups.items(), key=lambda kv: _order(kv[0])):
         if len(group) < 2:
             continue
         cells = [labels[key], str(len(group))]
@@ -142,15 +147,17 @@ def _compare(a: dict[int, Run], b: dict[int, Run], metric: str) -> stats.Compari
 
 def _pair_lines(groups: dict[Key, dict[int, Run]], labels: dict[Key, str], metrics: list[str]) -> list[str]:
     rows = []
+    floor = 1.0  # the smallest Holm-adjusted p any pair could reach with these seeds and this many pairs
     for metric in metrics:
         found = []
-        for ka, kb in itertools.combinations(sorted(groups, key=lambda k: labels[k]), 2):
+        for ka, kb in itertools.combinations(sorted(groups, key=_order), 2):
             if ka[2:] != kb[2:]:  # same strategy and head: compare methods, not classifiers
                 continue
             comparison = _compare(groups[ka], groups[kb], metric)
             if comparison is not None:
                 found.append((ka, kb, comparison))
         adjusted = stats.holm([c.p for _, _, c in found])
+        floor = min([floor, *(len(found) * stats.min_p(c.n) for _, _, c in found)])
         for (ka, kb, c), p_holm in zip(found, adjusted):
             cells = [
                 f"{labels[ka]} vs {labels[kb]}",
@@ -169,6 +176,15 @@ def _pair_lines(groups: dict[Key, dict[int, Run]], labels: dict[Key, str], metri
         "permutation p (two-sided), Holm-adjusted over the pairs of each metric; significant at 0.05. With n",
         "shared seeds the smallest possible p is 2^(1−n) (0.25 at 3 seeds, 0.0625 at 5).",
     ]
+    if rows and floor > stats.ALPHA:
+        pairs = max(sum(1 for row in rows if row[1] == metric) for metric in metrics)
+        needed = next(n for n in itertools.count(2) if pairs * stats.min_p(n) <= stats.ALPHA)
+        blurb += [
+            "",
+            f"**No pair here can reach significance:** with {pairs} pairs per metric the smallest Holm-adjusted p",
+            f"these seeds allow is {floor:.3g}. Declare the comparisons you mean to test as `claims` (Holm over",
+            f"fewer tests, one-sided), or run ≥ {needed} seeds for {pairs} pairs.",
+        ]
     return _section("Paired comparisons", blurb, head, rows)
 
 
@@ -259,7 +275,7 @@ def _search_lines(runs: list[Run]) -> list[str]:
     that share it (``per: variant``: the same trials, chosen once)."""
     labels = _labels(list(_groups(runs)))
     selections: dict[Any, tuple[Run, list[str]]] = {}
-    for run in sorted(runs, key=lambda r: r.run_id):
+    for run in sorted(runs, key=lambda r: (_order(r.key), natural_key(r.run_id))):
         block = run.search
         if run.status != "finished" or not isinstance(block, dict) or not isinstance(block.get("chosen"), dict):
             continue

@@ -97,7 +97,7 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
     rows.sort(
         key=lambda r: (
             r["method"],
-            _natural(r["options"]),
+            natural_key(r["options"]),
             r["strategy"],
             r["head"],
             r["status"] != "finished",
@@ -107,7 +107,7 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
     return rows
 
 
-def _natural(text: str) -> tuple:
+def natural_key(text: str) -> tuple:
     """Sort key reading digit runs as numbers: rank=4 before rank=16."""
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text or ""))
 
