@@ -120,7 +120,7 @@ def test_a_selection_shared_by_seeds_is_one_row_with_every_candidate(tmp_path):
     report = (tmp_path / "report.md").read_text()
     rows = [line for line in report.splitlines() if "0.001: 0.800; 0.0003: 0.900" in line]
     assert len(rows) == 2  # seeds 0 and 1 share one selection; seed 2 chose on its own
-    assert rows[0].startswith("| lora (2 runs) | training.lr = 0.0003 | acc 0.9000 |")
+    assert rows[0].startswith("| lora (2 runs) | training.lr = 0.0003 | acc 0.9000 |")  # 2 candidates: no end
     assert "per variant, seed 0; all, 0.2" in rows[0]
     assert rows[1].startswith("| lora-prototype-s2 |") and "per run; all, 0.2" in rows[1]
 
@@ -147,3 +147,18 @@ def test_pairs_that_cannot_reach_significance_are_said_so_and_ranks_sort_as_numb
 def test_a_design_that_can_reach_significance_gets_no_warning(planted):
     build_report(planted)  # 3 pairs at 8 seeds: 3 * 2^-7 = 0.023
     assert "No pair here can reach significance" not in (planted / "report.md").read_text()
+
+
+def test_a_choice_at_the_end_of_its_grid_is_marked(tmp_path):
+    grid = [0.003, 0.001, 0.0003, 0.0001]
+    for seed, chosen in enumerate([0.0001, 0.001]):
+        _write(tmp_path, f"m{seed}", seed, 0.5, 0.9)
+        path = tmp_path / f"m{seed}-prototype-s{seed}" / "results.json"
+        data = json.loads(path.read_text())
+        trials = [{"id": f"t{i}", "values": {"training.lr": lr}, "score": 0.5} for i, lr in enumerate(grid)]
+        data["search"] = {"chosen": {"training.lr": chosen}, "chosen_score": 0.5, "metric": "acc", "trials": trials}
+        path.write_text(json.dumps(data))
+    build_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| m0-prototype-s0 | training.lr = 0.0001 (grid end) |" in report
+    assert "| m1-prototype-s1 | training.lr = 0.001 |" in report

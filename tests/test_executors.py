@@ -131,7 +131,7 @@ def test_pool_workers_stop_when_the_study_process_is_killed(tmp_path):
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    deadline = time.time() + 30
+    deadline = time.time() + 90  # dying takes CPU time: seconds on a loaded machine at nice 19
     while time.time() < deadline and any(_alive(w) for w in started):
         time.sleep(0.1)
     assert not any(_alive(w) for w in started), "a worker kept running after the study's process was killed"

@@ -2,7 +2,8 @@
 head, task-aware ACC and upstream retention, mean ± sample std over the seeds that finished.
 
 Rows group run folders by their id without the seed; the recorded "neither" runs of the equal-budget study
-(benchmarks/study/runs, RanPAC head, same config) are read alongside.
+(RanPAC head, same config; its first recording, kept in study_runs/ from commit 202db2d since
+benchmarks/study/ was re-recorded without the RanPAC head) are read alongside.
 Run:  python benchmarks/alignment/summarize.py > benchmarks/alignment/summary.md
 """
 
@@ -16,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "runs", HERE.parent / "study" / "runs"]
+SOURCES = [HERE / "runs", HERE / "study_runs"]
 
 
 def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -33,13 +34,11 @@ def main() -> None:
     for root in SOURCES:
         for path in sorted(root.glob("*/results.json")):
             name = path.parent.name
-            if root.parent.name == "study" and "headranpac" not in name:
-                continue  # the equal-budget study's prototype-head runs are another head
             data = json.loads(path.read_text())
             if data.get("status") != "finished":
                 continue
             key = re.sub(r"-s\d+$", "", name)
-            groups[f"{root.parent.name}: {key}"].append(data)
+            groups[f"{'study' if root.name == 'study_runs' else 'alignment'}: {key}"].append(data)
     print("| runs | seeds | ACC, RanPAC head | ACC, linear head | TIL ACC | upstream retention | train s (mean) |")
     print("|---|---|---|---|---|---|---|")
     for key, runs in sorted(groups.items()):

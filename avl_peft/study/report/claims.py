@@ -270,6 +270,15 @@ def _trial_text(trials: list) -> str:
     return "; ".join(parts)
 
 
+def _at_grid_end(chosen: dict, trials: list) -> bool:
+    """True when a one-key search of ≥ 3 candidates chose its first or last value: the best may lie beyond."""
+    if len(chosen) != 1:
+        return False
+    [(key, value)] = chosen.items()
+    grid = [t["values"].get(key) for t in trials if isinstance(t, dict) and isinstance(t.get("values"), dict)]
+    return len(grid) >= 3 and value in (grid[0], grid[-1])
+
+
 def _search_lines(runs: list[Run]) -> list[str]:
     """One row per selection: per run (``validation.per: run``), or one for all the runs of a configuration
     that share it (``per: variant``: the same trials, chosen once)."""
@@ -295,13 +304,16 @@ def _search_lines(runs: list[Run]) -> list[str]:
         tied = block.get("tied")
         if is_int(tied) and tied > 1:
             score_text += f" ({tied} tied: first in grid order)"
+        chosen = ", ".join(f"{k} = {v}" for k, v in block["chosen"].items())
+        if _at_grid_end(block["chosen"], trials):
+            chosen += " (grid end)"
         shared = block.get("per") == "variant"
         who = f"{labels.get(run.key, run.method)} ({len(ids)} runs)" if shared else run.run_id
         how = f"per variant, seed {block.get('seed', '?')}" if shared else "per run"
         rows.append(
             [
                 who,
-                ", ".join(f"{k} = {v}" for k, v in block["chosen"].items()),
+                chosen,
                 f"{block.get('metric', '?')} {score_text}",
                 _trial_text(trials),
                 f"{how}; {validation.get('experiences', '?')}, {validation.get('fraction', '?')}",
@@ -310,7 +322,8 @@ def _search_lines(runs: list[Run]) -> list[str]:
     blurb = [
         "Chosen on a validation split carved from the training data (never the test set), per run or once per",
         "configuration for all its seeds (`validation.per`); `results.json` → `search` has every trial. A tie means",
-        "the split could not tell the candidates apart; a choice at either end of the grid may lie outside it.",
+        "the split could not tell the candidates apart; a choice marked (grid end) is the first or last value of the",
+        "grid, and the best value may lie beyond it: widen the grid.",
     ]
     head = ["runs", "chosen", "validation score", "every candidate: score", "selection; experiences, fraction"]
     return _section("Validation-selected hyper-parameters", blurb, head, rows)
