@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "runs", HERE / "study_runs"]
+SOURCES = {"alignment": HERE / "runs", "study": HERE / "study_runs"}  # row label: run folders
 
 
 def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -31,14 +31,14 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
 
 def main() -> None:
     groups: dict[str, list[dict]] = defaultdict(list)
-    for root in SOURCES:
+    for label, root in SOURCES.items():
         for path in sorted(root.glob("*/results.json")):
             name = path.parent.name
             data = json.loads(path.read_text())
             if data.get("status") != "finished":
                 continue
             key = re.sub(r"-s\d+$", "", name)
-            groups[f"{'study' if root.name == 'study_runs' else 'alignment'}: {key}"].append(data)
+            groups[f"{label}: {key}"].append(data)
     print("| runs | seeds | ACC, RanPAC head | ACC, linear head | TIL ACC | upstream retention | train s (mean) |")
     print("|---|---|---|---|---|---|---|")
     for key, runs in sorted(groups.items()):

@@ -257,12 +257,18 @@ def _claim_lines(claims: list[dict], runs: list[Run]) -> list[str]:
     return _section("Claims", blurb, ["claim", "seeds", "better by [95 % CI]", "p (Holm)", "verdict"], rows)
 
 
-def _trial_text(trials: list) -> str:
+def _trials(block: dict) -> list[dict]:
+    """A search block's well-formed trials (a dict with a ``values`` dict), in grid order."""
+    trials = block.get("trials")
+    if not isinstance(trials, list):
+        return []
+    return [t for t in trials if isinstance(t, dict) and isinstance(t.get("values"), dict)]
+
+
+def _trial_text(trials: list[dict]) -> str:
     """Every trial as ``value: score`` (several searched keys: ``k=v, k=v: score``), in grid order."""
     parts = []
     for trial in trials:
-        if not isinstance(trial, dict) or not isinstance(trial.get("values"), dict):
-            continue
         values = trial["values"]
         name = ", ".join(f"{k}={v}" for k, v in values.items()) if len(values) != 1 else str(*values.values())
         score = trial.get("score")
@@ -270,12 +276,12 @@ def _trial_text(trials: list) -> str:
     return "; ".join(parts)
 
 
-def _at_grid_end(chosen: dict, trials: list) -> bool:
+def _at_grid_end(chosen: dict, trials: list[dict]) -> bool:
     """True when a one-key search of ≥ 3 candidates chose its first or last value: the best may lie beyond."""
     if len(chosen) != 1:
         return False
     [(key, value)] = chosen.items()
-    grid = [t["values"].get(key) for t in trials if isinstance(t, dict) and isinstance(t.get("values"), dict)]
+    grid = [t["values"].get(key) for t in trials]
     return len(grid) >= 3 and value in (grid[0], grid[-1])
 
 
@@ -288,7 +294,7 @@ def _search_lines(runs: list[Run]) -> list[str]:
         block = run.search
         if run.status != "finished" or not isinstance(block, dict) or not isinstance(block.get("chosen"), dict):
             continue
-        trials = block.get("trials") if isinstance(block.get("trials"), list) else []
+        trials = _trials(block)
         if block.get("per") == "variant":
             key: Any = (run.key, repr(block.get("chosen")), _trial_text(trials))
         else:
@@ -297,7 +303,7 @@ def _search_lines(runs: list[Run]) -> list[str]:
     rows = []
     for run, ids in selections.values():
         block = run.search
-        trials = block.get("trials") if isinstance(block.get("trials"), list) else []
+        trials = _trials(block)
         validation = block.get("validation") if isinstance(block.get("validation"), dict) else {}
         score = block.get("chosen_score")
         score_text = f"{score:.4f}" if is_number(score) else "n/a"
